@@ -106,5 +106,17 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 # ---------------------------------------------------------------------------------------------------------
 
 
+@cli.command("demo")
+@click.option("--out", default="glied-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for every stage's outputs; a second run reuses what exists.")
+@click.option("--images", type=int, default=3000, show_default=True, help="Size of the shapes world.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo_cmd(out: str, images: int, seed: int) -> None:
+    """The main job: the whole pipeline on the embedded synthetic shapes world."""
+    from glied.pipeline.demo import DemoConfig, run_demo
+
+    run_demo(out, DemoConfig(images=images, seed=seed))
+
+
 if __name__ == "__main__":
     main()
