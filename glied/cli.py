@@ -135,17 +135,21 @@ def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, voca
 @click.option("--top-k", "top_ks", type=click.IntRange(min=1), multiple=True,
               help="Cut(s) for precision/recall; repeatable (default 5, 10, 50).")
 @click.option("--images", type=click.Path(), default=None, help="Image folder (default: prepared images_root).")
+@click.option("--words", type=click.Path(), default=None,
+              help="Also report the mAP over these words (one per line, or a json list).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Metrics json (default RUN/metrics_<split>.json).")
 @click.option("--device", default="cpu", show_default=True)
-def evaluate_attributes_cmd(run, data, split, top_ks, images, out, device) -> None:
+def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device) -> None:
     """Per-word AP, mAP and precision/recall at top-k of a MIL run on a held-out split."""
     from glied.pipeline.attributes import evaluate_attributes
 
-    m = evaluate_attributes(run, data, split=split, top_ks=top_ks or (5, 10, 50), images=images, out=out,
-                            device=device, log=click.echo)
+    m = evaluate_attributes(run, data, split=split, top_ks=top_ks or (5, 10, 50), images=images, words=words,
+                            out=out, device=device, log=click.echo)
     click.echo(f"{split}: {m['n_images']} images, {m['n_words_evaluated']} words with positives, "
                f"mAP {m['mAP']:.4f}")
+    for name, sub in m["subsets"].items():
+        click.echo(f"  {name}: mAP {sub['mAP']:.4f} over {sub['n_words']} words")
     for k, pr in m["at_k"].items():
         click.echo(f"  top-{k}: precision {pr['precision']:.4f}, recall {pr['recall']:.4f}")
     click.echo(f"  {1000 * m['seconds_per_image']:.1f} ms per image (model only) -> {m['written_to']}")

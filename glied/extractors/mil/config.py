@@ -35,6 +35,7 @@ class MilConfig:
         resize_mode: ``pad`` (longer side to ``input_size``, zero-pad bottom/right, as Fang's 565 padding) or
             ``stretch`` (plain resize to ``input_size`` x ``input_size``).
         small_widths: channel widths of the ``small`` trunk's stages (ignored by the ResNet presets).
+        small_blocks: residual blocks per stage of the ``small`` trunk (same length as ``small_widths``).
         head_bias: ``prior`` (each word's bias matched to its training label frequency over the map's cells)
             or ``fang`` (-6.58 for every word).
         head_init_std: std of the 1x1 head's weights (Fang: 0.001).
@@ -48,6 +49,7 @@ class MilConfig:
     input_size: int = 128
     resize_mode: str = "stretch"
     small_widths: tuple[int, ...] = (32, 64, 128)
+    small_blocks: tuple[int, ...] = (1, 1, 1)
     head_bias: str = "prior"
     head_init_std: float = 0.001
     dropout: float = 0.0
@@ -67,6 +69,9 @@ class MilConfig:
             raise ConfigError(f"head_bias must be 'prior' or 'fang' (got {self.head_bias!r})")
         if not self.small_widths or any(w < 1 for w in self.small_widths):
             raise ConfigError(f"small_widths must be positive (got {self.small_widths})")
+        if len(self.small_blocks) != len(self.small_widths) or any(b < 1 for b in self.small_blocks):
+            raise ConfigError(f"small_blocks {self.small_blocks} must give >= 1 block for each of the "
+                              f"{len(self.small_widths)} stages")
 
     @classmethod
     def preset(cls, name: str, vocab_size: int, **overrides) -> "MilConfig":
