@@ -52,6 +52,15 @@ def test_train_then_evaluate_end_to_end(prep, capsys):
     m = json.loads((prep / "run" / "metrics_test.json").read_text())
     assert m["split"] == "test" and set(m["at_k"]) == {"3", "7"} and 0 <= m["mAP"] <= 1
     assert m["n_words_evaluated"] == len(m["ap"]) and "mAP" in out
+    concepts = m["subsets"]["concepts"]  # shapes world: shape, colour and size names from instances.json
+    assert 0 < concepts["n_words"] <= 17 and "concepts: mAP" in out
+    words = prep / "words.txt"
+    words.write_text("a\nred\nnot-a-word\n")
+    code, out, err = run(capsys, "evaluate-attributes", "--run", str(prep / "run"), "--data", str(prep / "p"),
+                         "--words", str(words), "--split", "val", "--out", str(prep / "m.json"))
+    assert code == 0, err
+    sub = json.loads((prep / "m.json").read_text())["subsets"]["words"]
+    assert "not-a-word" in sub["missing"] and sub["n_words"] + len(sub["missing"]) == 3
     # a second training into the same folder without --resume refuses and keeps the run
     before = (prep / "run" / "model.pt").read_bytes()
     code, _, err = run(capsys, "train-attributes", "--data", str(prep / "p"), "--out", str(prep / "run"),
