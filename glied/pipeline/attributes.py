@@ -56,6 +56,10 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
     root = _images_root(prep, images)
     if config not in TRAIN_DEFAULTS:
         raise ConfigError(f"unknown --config {config!r}; use one of {', '.join(TRAIN_DEFAULTS)}")
+    if backbone_weights is not None and not Path(backbone_weights).is_file():
+        from glied.errors import WeightsError
+        raise WeightsError(f"{backbone_weights}: backbone weights file not found; pass an existing torchvision "
+                           "ResNet state dict, or leave --backbone-weights out to start from random weights")
     d_epochs, d_batch, d_lr = TRAIN_DEFAULTS[config]
     tcfg = MilTrainConfig(epochs=epochs or d_epochs, batch_size=batch_size or d_batch, lr=lr or d_lr,
                           vocab_size=vocab_size, stopwords=stopwords, empty_label_policy=empty_policy,
