@@ -114,10 +114,16 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch (default: torch's; 1 is fastest for the small model on a busy machine).")
 def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, vocab_size, input_size, stopwords,
-                         empty_policy, backbone_weights, resume, seed, device) -> None:
+                         empty_policy, backbone_weights, resume, seed, device, threads) -> None:
     """Train the MIL attribute-word detector (Fang et al. 2015) from the captions of prepared data."""
     from glied.pipeline.attributes import train_attributes
+
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
 
     s = train_attributes(data, out, images=images, config=config, epochs=epochs, batch_size=batch_size, lr=lr,
                          vocab_size=vocab_size, input_size=input_size, stopwords=stopwords,
@@ -140,9 +146,14 @@ def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, voca
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Metrics json (default RUN/metrics_<split>.json).")
 @click.option("--device", default="cpu", show_default=True)
-def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device) -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
+def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device, threads) -> None:
     """Per-word AP, mAP and precision/recall at top-k of a MIL run on a held-out split."""
     from glied.pipeline.attributes import evaluate_attributes
+
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
 
     m = evaluate_attributes(run, data, split=split, top_ks=top_ks or (5, 10, 50), images=images, words=words,
                             out=out, device=device, log=click.echo)
