@@ -96,6 +96,89 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 # ---------------------------------------------------------------------------------------------------------
 
 
+@cli.command("extract")
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Feature cache folder (created or resumed).")
+@click.option("--detector", default=None, help="Bottom-up weights file or train-detector run folder.")
+@click.option("--extractor-module", default=None, metavar="MOD:FACTORY",
+              help="Use factory(weights=, device=, precision=) from 'pkg.mod:factory' or 'file.py:factory' "
+                   "as the region extractor (your own model; also the tests' hook).")
+@click.option("--attributes", default=None, help="MIL attribute-word run or checkpoint (optional).")
+@click.option("--top-k", type=int, default=None, help="Attribute words kept per image (default: the run's).")
+@click.option("--images-root", type=click.Path(file_okay=False), default=None,
+              help="Folder that the paths in a json or list INPUT are relative to.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding threads (0: none).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of the features in the cache.")
+@click.option("--shard", default=None, metavar="I/N", help="Only the images of shard I of N (0-based).")
+@click.option("--boxes", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Extract at given boxes: COCO annotations json or {image_id: [[x1,y1,x2,y2], ...]}.")
+@click.option("--max-side", type=int, default=2000, show_default=True,
+              help="Downscale larger photos to this long side before the model (0: never).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, images_root, batch_size, workers,
+                device, precision, dtype, shard, boxes, max_side, quiet) -> None:
+    """Extract region features (+ attribute words) of every image of INPUT into the cache OUT.
+
+    INPUT: a folder (recursive), a text file listing paths, a Karpathy or COCO json, or a prepared folder.
+    Resumable: images already in OUT are skipped; bad images are listed in OUT/failures.jsonl.
+    """
+    from glied.datasets.inputs import parse_shard
+    from glied.pipeline.extract import build_attribute_extractor, build_region_extractor, extract, resolve_device
+
+    sh = parse_shard(shard)
+    dev = resolve_device(device)
+    region = build_region_extractor(detector, extractor_module, dev, precision)
+    attr = build_attribute_extractor(attributes, dev, top_k)
+    s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
+                images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
+                boxes=boxes, max_side=max_side or None, progress=not quiet)
+    click.echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.2f} images/s); "
+               f"{s.already} already in {out}; {s.failed} failed"
+               + (f" (listed in {s.failures_path})" if s.failed else ""))
+
+
+@cli.command("merge-caches")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def merge_caches_cmd(out, inputs) -> None:
+    """Join the shard caches INPUTS into OUT (their identities must match)."""
+    from glied.pipeline.features_io import merge_caches
+
+    n, dup = merge_caches(out, list(inputs))
+    click.echo(f"merged {n} entries into {out}" + (f" ({dup} duplicate ids skipped)" if dup else ""))
+
+
+@cli.command("import-features")
+@click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Feature cache folder to create.")
+@click.option("--box-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="ImageCaptioning layout: folder of <id>.npy boxes beside the <id>.npz features.")
+@click.option("--name", default=None, help="Extractor name to record (default: from the source format).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
+def import_features_cmd(src, out, box_dir, name, dtype) -> None:
+    """Import bottom-up TSV files (.tsv, .tsv.0, ...) or per-image npz folders into a feature cache."""
+    from glied.pipeline.features_io import import_features
+
+    n = import_features(list(src), out, box_dir=box_dir, name=name, dtype=dtype)
+    click.echo(f"imported {n} images into {out}")
+
+
+@cli.command("export-features")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV file to write.")
+def export_features_cmd(cache, out) -> None:
+    """Write a feature cache as a bottom-up TSV (image_id, image_w, image_h, num_boxes, boxes, features)."""
+    from glied.pipeline.features_io import export_tsv
+
+    n = export_tsv(cache, out)
+    click.echo(f"wrote {n} images to {out}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GLIED decoder: train, evaluate (issue 6)
 # ---------------------------------------------------------------------------------------------------------
