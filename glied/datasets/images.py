@@ -54,12 +54,24 @@ class ImageLoadError(InputError):
 @dataclass
 class LoadedImage:
     """A decoded photo. ``image`` is BGR uint8 (h, w, 3), possibly downscaled; ``orig_w``/``orig_h`` is the
-    size of the EXIF-oriented original; ``scale`` = w / orig_w (1.0 when not downscaled)."""
+    size of the EXIF-oriented original; ``scale_x`` = w / orig_w, ``scale_y`` = h / orig_h (1.0 when not
+    downscaled; they differ slightly because sizes are rounded to whole pixels)."""
 
     image: np.ndarray
     orig_w: int
     orig_h: int
-    scale: float
+
+    @property
+    def scale_x(self) -> float:
+        return self.image.shape[1] / self.orig_w
+
+    @property
+    def scale_y(self) -> float:
+        return self.image.shape[0] / self.orig_h
+
+    @property
+    def scale(self) -> float:
+        return self.scale_x
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -175,8 +187,7 @@ def decode_image(path: str | os.PathLike, max_side: int | None = None, min_side:
         s = max_side / max(w, h)
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
         bgr = cv2.resize(bgr, (nw, nh), interpolation=cv2.INTER_AREA)
-        w = nw
-    return LoadedImage(image=bgr, orig_w=int(w0), orig_h=int(h0), scale=w / w0)
+    return LoadedImage(image=bgr, orig_w=int(w0), orig_h=int(h0))
 
 
 def load_image(path: str | os.PathLike, max_side: int | None = None, min_side: int = MIN_SIDE) -> np.ndarray:

@@ -152,8 +152,8 @@ def load_boxes(path: str) -> dict[str, np.ndarray]:
 def _rescale(r: RegionFeatures, im: LoadedImage) -> RegionFeatures:
     """Map regions found on a downscaled image back to original pixels and the original size."""
     boxes = np.asarray(r.boxes, np.float32)
-    if im.scale != 1.0:
-        boxes = boxes / np.float32(im.scale)
+    if (im.scale_x, im.scale_y) != (1.0, 1.0):
+        boxes = boxes / np.array([im.scale_x, im.scale_y] * 2, np.float32)  # (R, 4) / (4,)
     return RegionFeatures(boxes=boxes, features=r.features, obj_ids=r.obj_ids, obj_scores=r.obj_scores,
                           attr_ids=r.attr_ids, attr_scores=r.attr_scores, image_w=im.orig_w, image_h=im.orig_h)
 
@@ -205,7 +205,7 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                     return
                 ims = [b[1].image for b in batch]
                 if given is not None:
-                    bx = [given[it.id] * np.float32(li.scale) for it, li in batch]
+                    bx = [given[it.id] * np.array([li.scale_x, li.scale_y] * 2, np.float32) for it, li in batch]
                     regs = region_extractor.extract_given_boxes(ims, bx)
                 else:
                     regs = region_extractor.extract(ims)
