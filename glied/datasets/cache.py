@@ -174,6 +174,7 @@ class FeatureCache:
         if e is None:
             raise InputError(f"image id {key!r} is not in feature cache {self.root} ({len(self)} entries); "
                              f"extract it first with `glied extract ... --out {self.root}`")
+        e = cs.Entry(*e)
         buf = self._files.view(e.file, e.offset + e.nbytes)
         return e, cs.unpack_arrays(buf, e.offset, e.layout)
 
@@ -196,7 +197,7 @@ class FeatureCache:
         """Ids whose stored bytes no longer match their checksum (empty list: all intact)."""
         bad = []
         for k in (self.ids() if ids is None else ids):
-            e = self._index.entries[str(k)]
+            e = cs.Entry(*self._index.entries[str(k)])
             buf = self._files.view(e.file, e.offset + e.nbytes)
             if zlib.crc32(memoryview(buf)[e.offset:e.offset + e.nbytes]) != e.crc:
                 bad.append(str(k))
@@ -247,7 +248,7 @@ class CacheWriter:
             self._dim = int(self.manifest["extractor"]["feature_dim"])
             rd = cs.recover(self.root)
             self.recovered_bytes = rd.bad_tail_bytes
-            self._committed = set(rd.entries)
+            self._committed = rd.entries            # id -> entry; used as a set of finished ids
             self._open_files(rd)
         except BaseException:
             self._lock.close()
@@ -259,7 +260,7 @@ class CacheWriter:
 
     def _open_files(self, rd: cs.IndexReader) -> None:
         nums = [int(n[:-4]) for n in os.listdir(os.path.join(self.root, cs.DATA_DIR)) if n.endswith(".bin")]
-        nums += [e.file for e in rd.entries.values()]
+        nums += [e[1] for e in rd.entries.values()]
         self._num = max(nums, default=0)
         self._data = open(os.path.join(self.root, cs.data_file_name(self._num)), "ab")
         self._pos = self._data.tell()
@@ -306,10 +307,9 @@ class CacheWriter:
             self._data.write(b"\0" * pad)
             self._pos += pad
         self._data.write(blob)
-        rec = {"id": key, "f": self._num, "o": self._pos, "n": len(blob), "c": zlib.crc32(blob),
-               "w": int(r.image_w), "h": int(r.image_h), "a": layout}
+        self._pending.append(cs.encode_index_line(key, self._num, self._pos, len(blob), zlib.crc32(blob),
+                                                  int(r.image_w), int(r.image_h), layout))
         self._pos += len(blob)
-        self._pending.append(cs.encode_index_line(rec))
         self._pending_ids.add(key)
         if len(self._pending) >= self.commit_every or time.monotonic() - self._last_commit >= self.commit_seconds:
             self.commit()
@@ -332,7 +332,7 @@ class CacheWriter:
         self._index.write(b"".join(self._pending))
         self._index.flush()
         os.fsync(self._index.fileno())
-        self._committed |= self._pending_ids
+        self._committed.update(dict.fromkeys(self._pending_ids))
         self._pending, self._pending_ids = [], set()
 
     def close(self) -> None:

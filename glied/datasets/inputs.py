@@ -19,15 +19,16 @@ import json
 import os
 import unicodedata
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from glied.datasets.images import IMAGE_EXTENSIONS
 from glied.errors import InputError
 
 
-@dataclass(frozen=True)
-class InputImage:
+class InputImage(NamedTuple):
+    """One image to extract: its stable id and the path to read it from."""
+
     id: str
     path: str
 
@@ -64,11 +65,16 @@ def from_folder(root: str | os.PathLike) -> list[InputImage]:
 
 def from_list(path: str, images_root: str | None) -> list[InputImage]:
     root = os.path.abspath(images_root or os.path.dirname(os.path.abspath(path)))
+    prefix = os.path.join(root, "")
+    nfc = unicodedata.normalize
     items = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             s = line.strip()
             if not s or s.startswith("#"):
+                continue
+            if s[0] != "/" and "/." not in "/" + s and "//" not in s and s[-1] != "/" and "\\" not in s:
+                items.append(InputImage(nfc("NFC", s), prefix + s))   # fast path: already a clean relative path
                 continue
             p = os.path.normpath(os.path.join(root, s))
             rel = os.path.relpath(p, root)
