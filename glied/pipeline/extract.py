@@ -32,7 +32,7 @@ from glied.datasets import inputs as inp
 from glied.datasets.cache import FAILURES, CacheWriter, make_manifest
 from glied.datasets.images import ImageLoadError, LoadedImage, decode_image
 from glied.errors import ConfigError, InputError
-from glied.records import RegionFeatures
+from glied.records import AttributeWords, RegionFeatures
 
 DEFAULT_MAX_SIDE = 2000     # decode huge photos at most this long (the detector works at <= 1000)
 
@@ -162,11 +162,12 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
             images_root: str | None = None, dtype: str = "float16", shard: tuple[int, int] = (0, 1),
             batch_size: int = 4, workers: int = 2, boxes: str | dict | None = None,
             max_side: int | None = DEFAULT_MAX_SIDE, progress: bool = True, log=None,
-            commit_every: int = 256, commit_seconds: float = 2.0) -> ExtractSummary:
+            commit_every: int = 256, commit_seconds: float = 2.0, keep_word_maps: bool = False) -> ExtractSummary:
     """Extract every image of ``input_path`` (shard ``shard``) not yet in cache ``out``; see module docstring.
 
-    Returns an :class:`ExtractSummary`. Raises ConfigError when ``out`` holds features of another extractor
-    identity (the message says what differs); committed entries are never rewritten.
+    Attribute word maps (V, h, w) are large (often more than the regions) and are dropped unless
+    ``keep_word_maps``. Returns an :class:`ExtractSummary`. Raises ConfigError when ``out`` holds features
+    of another extractor identity (the message says what differs); committed entries are never rewritten.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -211,6 +212,8 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                     regs = region_extractor.extract(ims)
                 words = attribute_extractor.predict(ims) if attribute_extractor is not None else [None] * len(ims)
                 for (it, li), r, w in zip(batch, regs, words):
+                    if w is not None and w.word_map is not None and not keep_word_maps:
+                        w = AttributeWords(word_ids=w.word_ids, probs=w.probs)
                     writer.put(it.id, _rescale(r, li), w)
                 n_done += len(batch)
                 if bar is not None:

@@ -89,7 +89,7 @@ def test_shapes_world_and_bad_files(world, tmp_path, capsys):
         got = c.regions(i)
         np.testing.assert_array_equal(got.features, ref.features.astype(np.float16))
         np.testing.assert_array_equal(got.boxes, ref.boxes)
-        assert len(c.attributes(i)) == 3
+        assert len(c.attributes(i)) == 3 and c.attributes(i).word_map is None     # maps dropped by default
     # huge: decoded at <= 1000 px, boxes and size mapped back to original pixels
     h = c.regions("odd/huge.jpg")
     assert (h.image_w, h.image_h) == (3000, 2000)
