@@ -92,7 +92,8 @@ def bench_size_and_reads(root: str, n_images: int, runs: int) -> None:
     print(f"random batch of 50, warm, records only (zero-copy views): min {min(rates_views):,.0f} / median "
           f"{statistics.median(rates_views):,.0f} images/s")
     print(f"random batch of 50, warm, copied into a padded (50, R_max, 2048) float16 batch: min "
-          f"{min(rates_batch):,.0f} / median {statistics.median(rates_batch):,.0f} images/s (target >= 5,000)")
+          f"{min(rates_batch):,.0f} / median {statistics.median(rates_batch):,.0f} images/s "
+          f"(target >= 5,000)")
 
 
 def bench_resume(root: str, n_entries: int, runs: int) -> None:
@@ -105,7 +106,8 @@ def bench_resume(root: str, n_entries: int, runs: int) -> None:
     t0 = time.perf_counter()
     with CacheWriter(root, m, commit_every=4096) as w:
         for i in range(n_entries):
-            w.put(f"train2014/COCO_train2014_{i:012d}.jpg", _regions(rng, int(rng.integers(10, 101)) // 10, 8))
+            n = int(rng.integers(10, 101)) // 10
+            w.put(f"train2014/COCO_train2014_{i:012d}.jpg", _regions(rng, n, 8))
     build_s = time.perf_counter() - t0
     lst = os.path.join(os.path.dirname(root), "list.txt")
     with open(lst, "w") as f:

@@ -10,8 +10,9 @@ threads, extract, write + fsync). Runs alternate A/B so both see the same machin
 Extractors: ``bottomup`` = ``glied.extractors.bottomup.load_region_extractor(--detector)`` when that module
 and weights exist; ``resnet`` = a stand-in with a detector-like cost defined here (torchvision ResNet-18 with
 random weights: layer1..3 on the image resized to short side 600 / long <= 1000, RoIAlign 7x7 of 16 grid
-boxes, layer4 per RoI, mean pool -> 512-d); ``grid`` = the tiny test extractor of the test suite (decode-bound,
-shows the stage's own overhead). ``auto`` = bottomup if available, else resnet. The script prints which.
+boxes, layer4 per RoI, mean pool -> 512-d); ``grid`` = the tiny test extractor of the test suite
+(decode-bound, shows the stage's own overhead). ``auto`` = bottomup if available, else resnet. The script
+prints which.
 """
 from __future__ import annotations
 
@@ -60,12 +61,12 @@ class ResNetStandIn:
                 s = min(600 / min(h, w), 1000 / max(h, w))
                 x = torch.from_numpy(im).permute(2, 0, 1)[None].float()                     # (1, 3, H, W)
                 x = torch.nn.functional.interpolate(x, size=(round(h * s), round(w * s)), mode="bilinear")
-                f = self.trunk(x - 114.0)                                                  # (1, 256, H/16, W/16)
+                f = self.trunk(x - 114.0)                                  # (1, 256, H/16, W/16)
                 xs, ys = np.linspace(0, w, 5), np.linspace(0, h, 5)
                 boxes = np.array([[xs[i], ys[j], xs[i + 1], ys[j + 1]] for j in range(4) for i in range(4)],
                                  np.float32)
                 rois = torch.cat([torch.zeros(16, 1), torch.from_numpy(boxes) * s], 1)     # (16, 5)
-                p = self.tv.ops.roi_align(f, rois, (7, 7), spatial_scale=1 / 16, aligned=True)    # (16, 256, 7, 7)
+                p = self.tv.ops.roi_align(f, rois, (7, 7), spatial_scale=1 / 16, aligned=True)  # (16,256,7,7)
                 feats = self.head(p).mean((2, 3)).numpy()                                 # (16, 512)
                 out.append(RegionFeatures(boxes=boxes, features=feats, obj_ids=np.zeros(16, np.int64),
                                           obj_scores=np.ones(16, np.float32), attr_ids=np.zeros(16, np.int64),
@@ -87,7 +88,8 @@ def make_extractor(kind: str, detector: str | None):
         kind = "resnet"
     if kind == "resnet":
         return "resnet18 stand-in (no bottom-up detector available)", ResNetStandIn()
-    spec = importlib.util.spec_from_file_location("grid_extractor", os.path.join(ROOT, "tests/pipeline/grid_extractor.py"))
+    path = os.path.join(ROOT, "tests", "pipeline", "grid_extractor.py")
+    spec = importlib.util.spec_from_file_location("grid_extractor", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return "grid test extractor", mod.GridRegionExtractor()
@@ -141,9 +143,11 @@ def main() -> None:
         print(f"extractor: {name}; {n} JPEGs 640x480; batch {a.batch_size}, {a.workers} decode threads, "
               f"torch {torch.__version__} with {torch.get_num_threads()} threads; {a.runs} runs, alternating")
         print(f"detector alone : min {n / max(alone):.2f}..{n / min(alone):.2f} images/s, "
-              f"median {n / statistics.median(alone):.2f} images/s ({statistics.median(alone) / n:.3f} s/image)")
+              f"median {n / statistics.median(alone):.2f} images/s "
+              f"({statistics.median(alone) / n:.3f} s/image)")
         print(f"whole stage    : min {n / max(whole):.2f}..{n / min(whole):.2f} images/s, "
-              f"median {n / statistics.median(whole):.2f} images/s ({statistics.median(whole) / n:.3f} s/image)")
+              f"median {n / statistics.median(whole):.2f} images/s "
+              f"({statistics.median(whole) / n:.3f} s/image)")
         print(f"whole / detector time: median {statistics.median(whole) / statistics.median(alone):.3f}x, "
               f"min/min {min(whole) / min(alone):.3f}x (target <= 1.1x)")
     finally:

@@ -123,15 +123,17 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
               help="Make finished entries durable (fsync) at least this often.")
 @click.option("--keep-word-maps", is_flag=True, help="Also store the attribute words' per-cell maps (large).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, images_root, batch_size, workers,
-                device, precision, dtype, shard, boxes, max_side, commit_seconds, keep_word_maps, quiet) -> None:
+def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, images_root, batch_size,
+                workers, device, precision, dtype, shard, boxes, max_side, commit_seconds, keep_word_maps,
+                quiet) -> None:
     """Extract region features (+ attribute words) of every image of INPUT into the cache OUT.
 
     INPUT: a folder (recursive), a text file listing paths, a Karpathy or COCO json, or a prepared folder.
     Resumable: images already in OUT are skipped; bad images are listed in OUT/failures.jsonl.
     """
     from glied.datasets.inputs import parse_shard
-    from glied.pipeline.extract import build_attribute_extractor, build_region_extractor, extract, resolve_device
+    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, extract,
+                                        resolve_device)
 
     sh = parse_shard(shard)
     dev = resolve_device(device)
@@ -159,7 +161,8 @@ def merge_caches_cmd(out, inputs) -> None:
 
 @cli.command("import-features")
 @click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Feature cache folder to create.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Feature cache folder to create.")
 @click.option("--box-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="ImageCaptioning layout: folder of <id>.npy boxes beside the <id>.npz features.")
 @click.option("--name", default=None, help="Extractor name to record (default: from the source format).")

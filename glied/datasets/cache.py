@@ -97,7 +97,8 @@ def _short(v) -> str:
 def _read_manifest(root: str) -> dict:
     p = os.path.join(root, MANIFEST)
     if not os.path.isdir(root):
-        raise InputError(f"feature cache {root} does not exist; create it with `glied extract ... --out {root}`")
+        raise InputError(f"feature cache {root} does not exist; "
+                         f"create it with `glied extract ... --out {root}`")
     try:
         with open(p, encoding="utf-8") as f:
             m = json.load(f)
@@ -221,7 +222,8 @@ class CacheWriter:
     def __init__(self, path: str | os.PathLike, manifest: dict, *, commit_every: int = 256,
                  commit_seconds: float = 2.0, max_file_bytes: int = 1 << 30):
         self.root = os.fspath(path)
-        self.commit_every, self.commit_seconds, self.max_file_bytes = commit_every, commit_seconds, max_file_bytes
+        self.commit_every, self.commit_seconds = commit_every, commit_seconds
+        self.max_file_bytes = max_file_bytes
         os.makedirs(os.path.join(self.root, cs.DATA_DIR), exist_ok=True)
         self._lock = open(os.path.join(self.root, "lock"), "a+")
         try:
@@ -235,8 +237,9 @@ class CacheWriter:
                 have = _read_manifest(self.root)
                 diffs = diff_identity(identity_of(have), identity_of(manifest))
                 if diffs:
-                    raise ConfigError(f"feature cache {self.root} was written by a different extractor setup: "
-                                      + "; ".join(diffs[:6]) + ". Use a new --out folder or the same settings")
+                    raise ConfigError(f"feature cache {self.root} was written by a different extractor "
+                                      f"setup: " + "; ".join(diffs[:6])
+                                      + ". Use a new --out folder or the same settings")
                 self.manifest = have
             else:
                 if manifest.get("format") != FORMAT:
@@ -311,7 +314,8 @@ class CacheWriter:
                                                   int(r.image_w), int(r.image_h), layout))
         self._pos += len(blob)
         self._pending_ids.add(key)
-        if len(self._pending) >= self.commit_every or time.monotonic() - self._last_commit >= self.commit_seconds:
+        if (len(self._pending) >= self.commit_every
+                or time.monotonic() - self._last_commit >= self.commit_seconds):
             self.commit()
 
     def _roll(self) -> None:

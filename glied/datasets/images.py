@@ -138,7 +138,8 @@ def _quiet_bomb_warning() -> None:
         _WARNING_FILTER_SET = True
 
 
-def decode_image(path: str | os.PathLike, max_side: int | None = None, min_side: int = MIN_SIDE) -> LoadedImage:
+def decode_image(path: str | os.PathLike, max_side: int | None = None,
+                 min_side: int = MIN_SIDE) -> LoadedImage:
     """Decode ``path`` into a :class:`LoadedImage` (BGR uint8, EXIF-oriented, long side <= ``max_side``).
 
     Raises :class:`ImageLoadError` with one clear reason for: missing/unreadable file, zero bytes, not an

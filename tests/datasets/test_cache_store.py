@@ -1,4 +1,5 @@
-"""Feature cache: round trip, identity checks, missing ids, torn-tail repair, locking, roll-over, checksums."""
+"""Feature cache: round trip, identity checks, missing ids, torn-tail repair, locking, roll-over,
+checksums."""
 from __future__ import annotations
 
 import os
@@ -34,7 +35,8 @@ def _same(a: RegionFeatures, b: RegionFeatures, dtype=np.float32) -> None:
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_round_trip_with_attributes(tmp_path, dtype):
     rng = np.random.default_rng(0)
-    attrs = {"name": "w", "config": {}, "weights_fingerprint": "x", "vocab": ["red", "blue", "big"], "top_k": 2}
+    attrs = {"name": "w", "config": {}, "weights_fingerprint": "x", "vocab": ["red", "blue", "big"],
+             "top_k": 2}
     m = make_manifest(IDENT, dtype, attrs)
     data = {f"img/{i}.jpg": _regions(rng, int(rng.integers(0, 12))) for i in range(30)}
     words = AttributeWords(word_ids=np.array([2, 0]), probs=np.array([0.9, 0.4], np.float32),
