@@ -191,6 +191,8 @@ def decode_image(path: str | os.PathLike, max_side: int | None = None,
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         kind = "truncated" if "truncated" in msg.lower() or isinstance(e, EOFError) else "corrupt"
         raise ImageLoadError(path, kind, f"{kind} {fmt} file ({msg})") from None
+    except Exception as e:  # noqa: BLE001 - a decoder plugin choking on odd bytes (struct.error, IndexError...)
+        raise ImageLoadError(path, "corrupt", f"corrupt {fmt} file ({type(e).__name__}: {e})") from None
     if orientation in (5, 6, 7, 8):
         w0, h0 = h0, w0
     h, w = rgb.shape[:2]
