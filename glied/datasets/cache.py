@@ -194,6 +194,39 @@ class FeatureCache:
         return AttributeWords(word_ids=a["word_ids"].astype(np.int64), probs=a["word_probs"],
                               word_map=a.get("word_map"))
 
+    def batch(self, ids) -> dict[str, np.ndarray]:
+        """A padded training batch of the images ``ids`` (one copy, no per-image arrays kept).
+
+        Returns {"features": (B, R, D) cache dtype, "boxes": (B, R, 4) float32, "mask": (B, R) bool (True =
+        a real region), "image_wh": (B, 2) int32}, R = the most regions of any image in the batch; padding is
+        zero. With attribute words also {"word_ids": (B, K) int64 padded with -1, "word_probs": (B, K)}.
+        """
+        recs = [self._arrays(i) for i in ids]
+        b = len(recs)
+        r = max((a["features"].shape[0] for _, a in recs), default=0)
+        d = self.feature_dim
+        feats = np.empty((b, r, d), self.dtype)                  # (B, R, D)
+        boxes = np.zeros((b, r, 4), np.float32)                  # (B, R, 4)
+        mask = np.zeros((b, r), bool)                            # (B, R)
+        wh = np.zeros((b, 2), np.int32)                          # (B, 2)
+        for j, (e, a) in enumerate(recs):
+            n = a["features"].shape[0]
+            feats[j, :n] = a["features"]
+            feats[j, n:] = 0
+            boxes[j, :n] = a["boxes"]
+            mask[j, :n] = True
+            wh[j] = (e.image_w, e.image_h)
+        out = {"features": feats, "boxes": boxes, "mask": mask, "image_wh": wh}
+        if recs and "word_ids" in recs[0][1]:
+            k = max(a["word_ids"].shape[0] for _, a in recs)
+            out["word_ids"] = np.full((b, k), -1, np.int64)      # (B, K)
+            out["word_probs"] = np.zeros((b, k), np.float32)     # (B, K)
+            for j, (_, a) in enumerate(recs):
+                n = a["word_ids"].shape[0]
+                out["word_ids"][j, :n] = a["word_ids"]
+                out["word_probs"][j, :n] = a["word_probs"]
+        return out
+
     def verify(self, ids=None) -> list[str]:
         """Ids whose stored bytes no longer match their checksum (empty list: all intact)."""
         bad = []
