@@ -121,16 +121,19 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
               help="Downscale larger photos to this long side before the model (0: never).")
 @click.option("--commit-seconds", type=float, default=2.0, show_default=True,
               help="Make finished entries durable (fsync) at least this often.")
+@click.option("--keep-word-maps", is_flag=True, help="Also store the attribute words' per-cell maps (large).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, images_root, batch_size, workers,
-                device, precision, dtype, shard, boxes, max_side, commit_seconds, quiet) -> None:
+def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, images_root, batch_size,
+                workers, device, precision, dtype, shard, boxes, max_side, commit_seconds, keep_word_maps,
+                quiet) -> None:
     """Extract region features (+ attribute words) of every image of INPUT into the cache OUT.
 
     INPUT: a folder (recursive), a text file listing paths, a Karpathy or COCO json, or a prepared folder.
     Resumable: images already in OUT are skipped; bad images are listed in OUT/failures.jsonl.
     """
     from glied.datasets.inputs import parse_shard
-    from glied.pipeline.extract import build_attribute_extractor, build_region_extractor, extract, resolve_device
+    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, extract,
+                                        resolve_device)
 
     sh = parse_shard(shard)
     dev = resolve_device(device)
@@ -138,7 +141,8 @@ def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, 
     attr = build_attribute_extractor(attributes, dev, top_k)
     s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
                 images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
-                boxes=boxes, max_side=max_side or None, progress=not quiet, commit_seconds=commit_seconds)
+                boxes=boxes, max_side=max_side or None, progress=not quiet, commit_seconds=commit_seconds,
+                keep_word_maps=keep_word_maps)
     click.echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.2f} images/s); "
                f"{s.already} already in {out}; {s.failed} failed"
                + (f" (listed in {s.failures_path})" if s.failed else ""))
@@ -157,7 +161,8 @@ def merge_caches_cmd(out, inputs) -> None:
 
 @cli.command("import-features")
 @click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Feature cache folder to create.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Feature cache folder to create.")
 @click.option("--box-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="ImageCaptioning layout: folder of <id>.npy boxes beside the <id>.npz features.")
 @click.option("--name", default=None, help="Extractor name to record (default: from the source format).")

@@ -47,7 +47,8 @@ def _b64(s: str, dtype, n: int, path: str, iid: str, name: str) -> np.ndarray:
     except (ValueError, TypeError):
         raise InputError(f"{path}: image {iid}: field {name} is not valid base64") from None
     if n and a.size % n:
-        raise InputError(f"{path}: image {iid}: field {name} has {a.size} values, not a multiple of {n} boxes")
+        raise InputError(f"{path}: image {iid}: field {name} has {a.size} values, "
+                         f"not a multiple of {n} boxes")
     return a.reshape(n, -1) if n else a.reshape(0, 0)
 
 
@@ -84,13 +85,12 @@ def read_tsv(path: str) -> Iterator[tuple[str, RegionFeatures]]:
                 d = dict(zip(LXMERT_FIELDS, row))
                 iid, w, h = d["img_id"], d["img_w"], d["img_h"]
                 n = int(d["num_boxes"])
-                extra = {"obj_ids": _b64(d["objects_id"], np.int64, n, path, iid, "objects_id").reshape(n),
-                         "obj_scores": _b64(d["objects_conf"], np.float32, n, path, iid, "objects_conf").reshape(n),
-                         "attr_ids": _b64(d["attrs_id"], np.int64, n, path, iid, "attrs_id").reshape(n),
-                         "attr_scores": _b64(d["attrs_conf"], np.float32, n, path, iid, "attrs_conf").reshape(n)}
+                extra = {k: _b64(d[f], dt, n, path, iid, f).reshape(n) for k, f, dt in (
+                    ("obj_ids", "objects_id", np.int64), ("obj_scores", "objects_conf", np.float32),
+                    ("attr_ids", "attrs_id", np.int64), ("attr_scores", "attrs_conf", np.float32))}
             else:
-                raise InputError(f"{path}: line {lineno} has {len(row)} tab-separated fields; expected the 6 of "
-                                 f"a bottom-up TSV ({', '.join(TSV_FIELDS)}) or LXMERT's 10")
+                raise InputError(f"{path}: line {lineno} has {len(row)} tab-separated fields; expected "
+                                 f"the 6 of a bottom-up TSV ({', '.join(TSV_FIELDS)}) or LXMERT's 10")
             try:
                 n = int(d["num_boxes"])
                 w, h = int(float(w)), int(float(h))
@@ -112,7 +112,8 @@ def write_tsv(path: str, items) -> int:
         for iid, r in items:
             w.writerow({"image_id": iid, "image_w": int(r.image_w), "image_h": int(r.image_h),
                         "num_boxes": len(r),
-                        "boxes": base64.b64encode(np.ascontiguousarray(r.boxes, np.float32).tobytes()).decode(),
+                        "boxes": base64.b64encode(
+                            np.ascontiguousarray(r.boxes, np.float32).tobytes()).decode(),
                         "features": base64.b64encode(
                             np.ascontiguousarray(r.features, np.float32).tobytes()).decode()})
             n += 1
@@ -123,7 +124,8 @@ def read_npz_dir(folder: str, box_dir: str | None = None) -> Iterator[tuple[str,
     """Per-image npz files of ``folder`` (MILVLG or ImageCaptioning layout), sorted by file name."""
     names = sorted(n for n in os.listdir(folder) if n.endswith(".npz"))
     if not names:
-        raise InputError(f"{folder}: no .npz files (expected one per image: MILVLG or ImageCaptioning layout)")
+        raise InputError(f"{folder}: no .npz files (expected one per image: MILVLG or ImageCaptioning "
+                         f"layout)")
     for name in names:
         p = os.path.join(folder, name)
         iid = name[:-4]

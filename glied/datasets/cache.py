@@ -97,7 +97,8 @@ def _short(v) -> str:
 def _read_manifest(root: str) -> dict:
     p = os.path.join(root, MANIFEST)
     if not os.path.isdir(root):
-        raise InputError(f"feature cache {root} does not exist; create it with `glied extract ... --out {root}`")
+        raise InputError(f"feature cache {root} does not exist; "
+                         f"create it with `glied extract ... --out {root}`")
     try:
         with open(p, encoding="utf-8") as f:
             m = json.load(f)
@@ -193,6 +194,39 @@ class FeatureCache:
         return AttributeWords(word_ids=a["word_ids"].astype(np.int64), probs=a["word_probs"],
                               word_map=a.get("word_map"))
 
+    def batch(self, ids) -> dict[str, np.ndarray]:
+        """A padded training batch of the images ``ids`` (one copy, no per-image arrays kept).
+
+        Returns {"features": (B, R, D) cache dtype, "boxes": (B, R, 4) float32, "mask": (B, R) bool (True =
+        a real region), "image_wh": (B, 2) int32}, R = the most regions of any image in the batch; padding is
+        zero. With attribute words also {"word_ids": (B, K) int64 padded with -1, "word_probs": (B, K)}.
+        """
+        recs = [self._arrays(i) for i in ids]
+        b = len(recs)
+        r = max((a["features"].shape[0] for _, a in recs), default=0)
+        d = self.feature_dim
+        feats = np.empty((b, r, d), self.dtype)                  # (B, R, D)
+        boxes = np.zeros((b, r, 4), np.float32)                  # (B, R, 4)
+        mask = np.zeros((b, r), bool)                            # (B, R)
+        wh = np.zeros((b, 2), np.int32)                          # (B, 2)
+        for j, (e, a) in enumerate(recs):
+            n = a["features"].shape[0]
+            feats[j, :n] = a["features"]
+            feats[j, n:] = 0
+            boxes[j, :n] = a["boxes"]
+            mask[j, :n] = True
+            wh[j] = (e.image_w, e.image_h)
+        out = {"features": feats, "boxes": boxes, "mask": mask, "image_wh": wh}
+        if recs and "word_ids" in recs[0][1]:
+            k = max(a["word_ids"].shape[0] for _, a in recs)
+            out["word_ids"] = np.full((b, k), -1, np.int64)      # (B, K)
+            out["word_probs"] = np.zeros((b, k), np.float32)     # (B, K)
+            for j, (_, a) in enumerate(recs):
+                n = a["word_ids"].shape[0]
+                out["word_ids"][j, :n] = a["word_ids"]
+                out["word_probs"][j, :n] = a["word_probs"]
+        return out
+
     def verify(self, ids=None) -> list[str]:
         """Ids whose stored bytes no longer match their checksum (empty list: all intact)."""
         bad = []
@@ -221,7 +255,8 @@ class CacheWriter:
     def __init__(self, path: str | os.PathLike, manifest: dict, *, commit_every: int = 256,
                  commit_seconds: float = 2.0, max_file_bytes: int = 1 << 30):
         self.root = os.fspath(path)
-        self.commit_every, self.commit_seconds, self.max_file_bytes = commit_every, commit_seconds, max_file_bytes
+        self.commit_every, self.commit_seconds = commit_every, commit_seconds
+        self.max_file_bytes = max_file_bytes
         os.makedirs(os.path.join(self.root, cs.DATA_DIR), exist_ok=True)
         self._lock = open(os.path.join(self.root, "lock"), "a+")
         try:
@@ -235,8 +270,9 @@ class CacheWriter:
                 have = _read_manifest(self.root)
                 diffs = diff_identity(identity_of(have), identity_of(manifest))
                 if diffs:
-                    raise ConfigError(f"feature cache {self.root} was written by a different extractor setup: "
-                                      + "; ".join(diffs[:6]) + ". Use a new --out folder or the same settings")
+                    raise ConfigError(f"feature cache {self.root} was written by a different extractor "
+                                      f"setup: " + "; ".join(diffs[:6])
+                                      + ". Use a new --out folder or the same settings")
                 self.manifest = have
             else:
                 if manifest.get("format") != FORMAT:
@@ -311,7 +347,8 @@ class CacheWriter:
                                                   int(r.image_w), int(r.image_h), layout))
         self._pos += len(blob)
         self._pending_ids.add(key)
-        if len(self._pending) >= self.commit_every or time.monotonic() - self._last_commit >= self.commit_seconds:
+        if (len(self._pending) >= self.commit_every
+                or time.monotonic() - self._last_commit >= self.commit_seconds):
             self.commit()
 
     def _roll(self) -> None:

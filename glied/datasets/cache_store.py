@@ -125,7 +125,8 @@ def parse_layout_code(code: str) -> tuple:
 
 def encode_index_line(image_id: str, file: int, offset: int, nbytes: int, crc: int, w: int, h: int,
                       layout: list) -> bytes:
-    """One index line: "<crc32 of the body, hex8> <json [id, file, offset, nbytes, data crc32, w, h, layout]>"."""
+    """One index line: "<crc32 of the body, hex8> <json [id, file, offset, nbytes, data crc32, w, h,
+    layout]>"."""
     body = json.dumps([image_id, file, offset, nbytes, crc, w, h, layout_code(layout)],
                       separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return b"%08x " % zlib.crc32(body) + body + b"\n"

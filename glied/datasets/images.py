@@ -124,7 +124,22 @@ def _to_rgb_uint8(im) -> np.ndarray:
     return np.asarray(im)
 
 
-def decode_image(path: str | os.PathLike, max_side: int | None = None, min_side: int = MIN_SIDE) -> LoadedImage:
+_WARNING_FILTER_SET = False
+
+
+def _quiet_bomb_warning() -> None:
+    """Our own MAX_PIXELS check replaces Pillow's DecompressionBombWarning (which would print for every large
+    photo). Installed once, process-wide, because warnings.catch_warnings is not thread-safe."""
+    global _WARNING_FILTER_SET
+    if not _WARNING_FILTER_SET:
+        from PIL import Image
+
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _WARNING_FILTER_SET = True
+
+
+def decode_image(path: str | os.PathLike, max_side: int | None = None,
+                 min_side: int = MIN_SIDE) -> LoadedImage:
     """Decode ``path`` into a :class:`LoadedImage` (BGR uint8, EXIF-oriented, long side <= ``max_side``).
 
     Raises :class:`ImageLoadError` with one clear reason for: missing/unreadable file, zero bytes, not an
@@ -134,6 +149,7 @@ def decode_image(path: str | os.PathLike, max_side: int | None = None, min_side:
     import cv2
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    _quiet_bomb_warning()
     path = os.fspath(path)
     try:
         size = os.path.getsize(path)
@@ -150,9 +166,7 @@ def decode_image(path: str | os.PathLike, max_side: int | None = None, min_side:
         what = "a text file" if _looks_like_text(head) else f"unknown bytes {head[:8].hex(' ')}"
         raise ImageLoadError(path, "not_image", f"not an image: {what} ({size} bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+        with Image.open(path) as im:
             w0, h0 = im.size
             orientation = im.getexif().get(0x0112, 1)
             if w0 * h0 > 4 * MAX_PIXELS and fmt != "JPEG":
@@ -177,6 +191,8 @@ def decode_image(path: str | os.PathLike, max_side: int | None = None, min_side:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         kind = "truncated" if "truncated" in msg.lower() or isinstance(e, EOFError) else "corrupt"
         raise ImageLoadError(path, kind, f"{kind} {fmt} file ({msg})") from None
+    except Exception as e:  # noqa: BLE001 - a decoder plugin choking on odd bytes (struct.error, IndexError...)
+        raise ImageLoadError(path, "corrupt", f"corrupt {fmt} file ({type(e).__name__}: {e})") from None
     if orientation in (5, 6, 7, 8):
         w0, h0 = h0, w0
     h, w = rgb.shape[:2]

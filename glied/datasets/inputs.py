@@ -74,7 +74,7 @@ def from_list(path: str, images_root: str | None) -> list[InputImage]:
             if not s or s.startswith("#"):
                 continue
             if s[0] != "/" and "/." not in "/" + s and "//" not in s and s[-1] != "/" and "\\" not in s:
-                items.append(InputImage(nfc("NFC", s), prefix + s))   # fast path: already a clean relative path
+                items.append(InputImage(nfc("NFC", s), prefix + s))   # fast path: a clean relative path
                 continue
             p = os.path.normpath(os.path.join(root, s))
             rel = os.path.relpath(p, root)
@@ -138,8 +138,8 @@ def _from_prepared_list(src: Path, data: list, images_root: str | None) -> list[
     try:
         items = [InputImage(str(im["id"]), str(Path(images_root) / im["file"])) for im in data]
     except (TypeError, KeyError):
-        raise InputError(f"{src}: expected a list of {{'id', 'file'}} objects (glied prepare's images.json)") \
-            from None
+        raise InputError(f"{src}: expected a list of {{'id', 'file'}} objects "
+                         f"(glied prepare's images.json)") from None
     return _check_unique(items, str(src))
 
 
@@ -147,7 +147,7 @@ def enumerate_inputs(inp: str | os.PathLike, images_root: str | None = None) -> 
     """All images of INPUT (see module docstring), sorted by id; raises InputError with the fix."""
     p = os.fspath(inp)
     if os.path.isdir(p):
-        if os.path.isfile(os.path.join(p, "images.json")) and os.path.isfile(os.path.join(p, "manifest.json")):
+        if all(os.path.isfile(os.path.join(p, n)) for n in ("images.json", "manifest.json")):
             return from_json(os.path.join(p, "images.json"), images_root)
         return from_folder(p)
     if not os.path.exists(p):

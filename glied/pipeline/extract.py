@@ -32,7 +32,7 @@ from glied.datasets import inputs as inp
 from glied.datasets.cache import FAILURES, CacheWriter, make_manifest
 from glied.datasets.images import ImageLoadError, LoadedImage, decode_image
 from glied.errors import ConfigError, InputError
-from glied.records import RegionFeatures
+from glied.records import AttributeWords, RegionFeatures
 
 DEFAULT_MAX_SIDE = 2000     # decode huge photos at most this long (the detector works at <= 1000)
 
@@ -55,7 +55,8 @@ def load_factory(spec: str):
     """'pkg.module:factory' or 'path/to/file.py:factory' -> the callable (ConfigError if not found)."""
     mod_name, sep, attr = spec.rpartition(":")
     if not sep or not mod_name or not attr:
-        raise ConfigError(f"--extractor-module {spec!r}: expected 'package.module:factory' or 'file.py:factory'")
+        raise ConfigError(f"--extractor-module {spec!r}: expected 'package.module:factory' or "
+                          f"'file.py:factory'")
     try:
         if mod_name.endswith(".py"):
             if not os.path.isfile(mod_name):
@@ -124,7 +125,8 @@ def attribute_identity(attr_extractor, top_k: int | None) -> dict | None:
 
 
 def load_boxes(path: str) -> dict[str, np.ndarray]:
-    """Given boxes: COCO annotations json (bbox x,y,w,h) or {image_id: [[x1,y1,x2,y2], ...]} -> {id: (N,4)}."""
+    """Given boxes: COCO annotations json (bbox x,y,w,h) or {image_id: [[x1,y1,x2,y2], ...]}
+    -> {id: (N, 4) float32 x1,y1,x2,y2}."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -155,18 +157,22 @@ def _rescale(r: RegionFeatures, im: LoadedImage) -> RegionFeatures:
     if (im.scale_x, im.scale_y) != (1.0, 1.0):
         boxes = boxes / np.array([im.scale_x, im.scale_y] * 2, np.float32)  # (R, 4) / (4,)
     return RegionFeatures(boxes=boxes, features=r.features, obj_ids=r.obj_ids, obj_scores=r.obj_scores,
-                          attr_ids=r.attr_ids, attr_scores=r.attr_scores, image_w=im.orig_w, image_h=im.orig_h)
+                          attr_ids=r.attr_ids, attr_scores=r.attr_scores, image_w=im.orig_w,
+                          image_h=im.orig_h)
 
 
-def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=None, top_k: int | None = None,
-            images_root: str | None = None, dtype: str = "float16", shard: tuple[int, int] = (0, 1),
+def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=None,
+            top_k: int | None = None, images_root: str | None = None, dtype: str = "float16",
+            shard: tuple[int, int] = (0, 1),
             batch_size: int = 4, workers: int = 2, boxes: str | dict | None = None,
             max_side: int | None = DEFAULT_MAX_SIDE, progress: bool = True, log=None,
-            commit_every: int = 256, commit_seconds: float = 2.0) -> ExtractSummary:
+            commit_every: int = 256, commit_seconds: float = 2.0,
+            keep_word_maps: bool = False) -> ExtractSummary:
     """Extract every image of ``input_path`` (shard ``shard``) not yet in cache ``out``; see module docstring.
 
-    Returns an :class:`ExtractSummary`. Raises ConfigError when ``out`` holds features of another extractor
-    identity (the message says what differs); committed entries are never rewritten.
+    Attribute word maps (V, h, w) are large (often more than the regions) and are dropped unless
+    ``keep_word_maps``. Returns an :class:`ExtractSummary`. Raises ConfigError when ``out`` holds features
+    of another extractor identity (the message says what differs); committed entries are never rewritten.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -181,7 +187,8 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
     n_fail = n_done = 0
     try:
         if writer.recovered_bytes:
-            log(f"{out}: repaired a torn index tail ({writer.recovered_bytes} bytes) left by an interrupted run")
+            log(f"{out}: repaired a torn index tail ({writer.recovered_bytes} bytes) "
+                f"left by an interrupted run")
         todo = [it for it in items if it.id not in writer]
         already = len(items) - len(todo)
         with open(fail_path, "w", encoding="utf-8") as ff:
@@ -205,12 +212,16 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                     return
                 ims = [b[1].image for b in batch]
                 if given is not None:
-                    bx = [given[it.id] * np.array([li.scale_x, li.scale_y] * 2, np.float32) for it, li in batch]
+                    bx = [given[it.id] * np.array([li.scale_x, li.scale_y] * 2, np.float32)  # (N, 4)
+                          for it, li in batch]
                     regs = region_extractor.extract_given_boxes(ims, bx)
                 else:
                     regs = region_extractor.extract(ims)
-                words = attribute_extractor.predict(ims) if attribute_extractor is not None else [None] * len(ims)
+                words = ([None] * len(ims) if attribute_extractor is None
+                         else attribute_extractor.predict(ims))
                 for (it, li), r, w in zip(batch, regs, words):
+                    if w is not None and w.word_map is not None and not keep_word_maps:
+                        w = AttributeWords(word_ids=w.word_ids, probs=w.probs)
                     writer.put(it.id, _rescale(r, li), w)
                 n_done += len(batch)
                 if bar is not None:

@@ -80,7 +80,8 @@ def export_tsv(cache: str, out: str) -> int:
 
 
 def merge_caches(out: str, inputs: list[str]) -> tuple[int, int]:
-    """Copy every entry of the caches ``inputs`` into ``out``; identities must match. -> (written, duplicates).
+    """Copy every entry of the caches ``inputs`` into ``out`` (identities must match).
+    Returns (entries written, duplicates skipped).
 
     A duplicate id (already in ``out`` or in an earlier input) is skipped, so a merge can be re-run.
     """

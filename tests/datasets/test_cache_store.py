@@ -1,4 +1,5 @@
-"""Feature cache: round trip, identity checks, missing ids, torn-tail repair, locking, roll-over, checksums."""
+"""Feature cache: round trip, identity checks, missing ids, torn-tail repair, locking, roll-over,
+checksums."""
 from __future__ import annotations
 
 import os
@@ -34,7 +35,8 @@ def _same(a: RegionFeatures, b: RegionFeatures, dtype=np.float32) -> None:
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_round_trip_with_attributes(tmp_path, dtype):
     rng = np.random.default_rng(0)
-    attrs = {"name": "w", "config": {}, "weights_fingerprint": "x", "vocab": ["red", "blue", "big"], "top_k": 2}
+    attrs = {"name": "w", "config": {}, "weights_fingerprint": "x", "vocab": ["red", "blue", "big"],
+             "top_k": 2}
     m = make_manifest(IDENT, dtype, attrs)
     data = {f"img/{i}.jpg": _regions(rng, int(rng.integers(0, 12))) for i in range(30)}
     words = AttributeWords(word_ids=np.array([2, 0]), probs=np.array([0.9, 0.4], np.float32),
@@ -156,3 +158,19 @@ def test_lock_rollover_duplicates_and_refresh(tmp_path):
     with pytest.raises(ValueError, match=r"\(R, 16\)"):
         with CacheWriter(root, make_manifest(IDENT, "float32")) as w2:
             w2.put("x", _regions(rng, 2, d=8))
+
+
+def test_padded_batch(tmp_path):
+    rng = np.random.default_rng(4)
+    attrs = {"name": "w", "config": {}, "weights_fingerprint": "x", "vocab": ["a", "b", "c"], "top_k": 3}
+    data = {str(i): _regions(rng, n, w=10 + i) for i, n in enumerate([3, 7, 0])}
+    with CacheWriter(tmp_path / "c", make_manifest(IDENT, "float16", attrs)) as w:
+        for k, r in data.items():
+            w.put(k, r, AttributeWords(word_ids=np.arange(int(k) + 1), probs=np.ones(int(k) + 1, np.float32)))
+    b = FeatureCache.open(tmp_path / "c").batch(["1", "0", "2"])
+    assert b["features"].shape == (3, 7, 16) and b["features"].dtype == np.float16
+    np.testing.assert_array_equal(b["features"][1, :3], data["0"].features.astype(np.float16))
+    assert (b["features"][1, 3:] == 0).all() and b["mask"].sum(1).tolist() == [7, 3, 0]
+    np.testing.assert_array_equal(b["boxes"][0], data["1"].boxes)
+    assert b["image_wh"][:, 0].tolist() == [11, 10, 12]
+    assert b["word_ids"].tolist() == [[0, 1, -1], [0, -1, -1], [0, 1, 2]]

@@ -86,7 +86,8 @@ class WordExtractor:
             b, g, r = (im.reshape(-1, 3).mean(0) / 255.0).tolist()
             p = np.array([r, g, b, 1 - (r + g + b) / 3, (r + g + b) / 3], np.float32)
             order = np.argsort(-p, kind="stable")[: self.top_k]
-            out.append(AttributeWords(word_ids=order.astype(np.int64), probs=p[order]))
+            out.append(AttributeWords(word_ids=order.astype(np.int64), probs=p[order],
+                                      word_map=np.ones((len(self.vocab), 2, 2), np.float32)))
         return out
 
 

@@ -62,7 +62,8 @@ def test_multipart_tsv_and_float16(tmp_path):
     assert import_features([str(tmp_path / "f.tsv")], str(tmp_path / "c"), dtype="float16", name="butd") == 5
     c = FeatureCache.open(tmp_path / "c")
     assert c.manifest["extractor"]["name"] == "butd" and len(c) == 5
-    np.testing.assert_array_equal(c.regions(str(rows[4]["image_id"])).features, rows[4]["features"].astype(np.float16))
+    np.testing.assert_array_equal(c.regions(str(rows[4]["image_id"])).features,
+                                  rows[4]["features"].astype(np.float16))
     with pytest.raises(InputError, match="no such TSV"):
         import_features([str(tmp_path / "g.tsv")], str(tmp_path / "d"))
 

@@ -1,5 +1,5 @@
-"""`glied extract` end to end with a real (small) torch extractor: the shapes world plus a folder of bad files,
-resume, shards + merge, given boxes, identity mismatch, CLI errors."""
+"""`glied extract` end to end with a real (small) torch extractor: the shapes world plus a folder of bad
+files, resume, shards + merge, given boxes, identity mismatch, CLI errors."""
 from __future__ import annotations
 
 import importlib.util
@@ -21,7 +21,8 @@ from glied.pipeline.data import make_shapes_world
 from glied.pipeline.extract import extract
 from glied.pipeline.features_io import merge_caches
 
-_spec = importlib.util.spec_from_file_location("grid_extractor", Path(__file__).with_name("grid_extractor.py"))
+_spec = importlib.util.spec_from_file_location("grid_extractor",
+                                               Path(__file__).with_name("grid_extractor.py"))
 ge = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ge)
 
@@ -82,14 +83,15 @@ def test_shapes_world_and_bad_files(world, tmp_path, capsys):
     assert all(f["path"].startswith(str(folder)) and f["reason"] for f in fails)
     assert sum(1 for line in err.splitlines() if line.startswith("skipped ")) == 4
     c = FeatureCache.open(out)
-    assert c.manifest["attributes"]["vocab"] == ge.WordExtractor.vocab and c.manifest["attributes"]["top_k"] == 3
+    attrs = c.manifest["attributes"]
+    assert attrs["vocab"] == ge.WordExtractor.vocab and attrs["top_k"] == 3
     # normal images: the stored entry is the extractor's output on the decoded image, in float16
     for i in ("000000.jpg", "000004.jpg", "odd/cmyk.jpg", "odd/grey16.png", "odd/rgba.png"):
         ref = ext.extract([load_image(folder / i)])[0]
         got = c.regions(i)
         np.testing.assert_array_equal(got.features, ref.features.astype(np.float16))
         np.testing.assert_array_equal(got.boxes, ref.boxes)
-        assert len(c.attributes(i)) == 3
+        assert len(c.attributes(i)) == 3 and c.attributes(i).word_map is None     # maps dropped by default
     # huge: decoded at <= 1000 px, boxes and size mapped back to original pixels
     h = c.regions("odd/huge.jpg")
     assert (h.image_w, h.image_h) == (3000, 2000)

@@ -23,7 +23,8 @@ FACTORY = f"{Path(__file__).with_name('grid_extractor.py')}:make_extractor"
 
 def _cmd(images: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "glied", "extract", str(images), "--out", str(out), "--extractor-module",
-            FACTORY, "--device", "cpu", "--batch-size", "2", "--workers", "2", "--commit-seconds", "0.3", "--quiet"]
+            FACTORY, "--device", "cpu", "--batch-size", "2", "--workers", "2", "--commit-seconds", "0.3",
+            "--quiet"]
 
 
 def _env(delay: float) -> dict:
@@ -74,7 +75,8 @@ def _check_equal(clean: FeatureCache, got: FeatureCache) -> None:
 
 
 def _run(images: Path, out: Path) -> None:
-    r = subprocess.run(_cmd(images, out), env=_env(0.0), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(images, out), env=_env(0.0), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -86,7 +88,8 @@ def _clean_in_process(images: Path, out: Path) -> FeatureCache:
 
     from glied.pipeline.extract import extract
 
-    spec = importlib.util.spec_from_file_location("grid_extractor_k", Path(__file__).with_name("grid_extractor.py"))
+    spec = importlib.util.spec_from_file_location("grid_extractor_k",
+                                                  Path(__file__).with_name("grid_extractor.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     threads = torch.get_num_threads()
