@@ -77,6 +77,9 @@ class ImageTransform(nn.Module):
         if h0 < 1 or w0 < 1:
             raise InputError(f"{name}: empty image ({h0}x{w0})")
         h, w = resized_hw(h0, w0, self.cfg.min_size, self.cfg.max_size)
+        if min(h, w) < 2 * self.cfg.feature_stride:
+            raise InputError(f"{name}: {w0}x{h0} is too elongated: resized to {w}x{h}, its short side is under "
+                             f"{2 * self.cfg.feature_stride} px (crop or pad the image)")
         arr = resize_bgr(np.ascontiguousarray(image), (h, w), self.cfg.resizer)
         return self.from_resized(arr), ImageInfo((h0, w0), (h, w), (w / w0, h / h0))
 

@@ -62,9 +62,12 @@ class RoIHeads(nn.Module):
     def features(self, res4: torch.Tensor, rois: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Pool + res5 + mean over the PxP map, chunk by chunk: (K, D) region features."""
         chunk = chunk or self.cfg.res5_chunk
+        res4 = res4.contiguous()     # RoIPool reads NCHW; convert once, not per chunk
         outs = []
         for s in range(0, rois.shape[0], chunk):
             pooled = self.pool(res4, rois[s:s + chunk])         # (k, C4, P, P)
+            if getattr(self, "channels_last", False):
+                pooled = pooled.contiguous(memory_format=torch.channels_last)
             outs.append(self.res5(pooled).mean(dim=(2, 3)))    # (k, D)
         if not outs:
             return res4.new_zeros((0, self.cfg.feature_dim))
