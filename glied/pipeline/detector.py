@@ -26,30 +26,38 @@ def _write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def model_config_for(preset: str, num_classes: int, num_attributes: int, input_size: int | None = None) -> dict:
+def model_config_for(preset: str, num_classes: int, num_attributes: int, input_size: int | None = None,
+                     model_overrides: dict | None = None) -> dict:
     """The model config dict of a named preset sized to the data's classes and attributes."""
     from glied.extractors.bottomup.config import BottomUpConfig
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown detector config {preset!r}; trainable presets: {', '.join(PRESETS)}")
-    kwargs = {"num_classes": num_classes, "num_attributes": num_attributes}
+    kwargs = dict(model_overrides or {})
     if input_size is not None:
-        kwargs["input_size"] = input_size
-    return BottomUpConfig.small(**kwargs).to_dict()
+        kwargs.update(min_size=input_size, max_size=input_size)
+    return BottomUpConfig.small(num_classes, num_attributes, **kwargs).to_dict()
 
 
 def train_detector(annotations: str, images: str, out: str, *, preset: str = "small", epochs: int | None = None,
                    batch_size: int | None = None, lr: float | None = None, resume: bool = False, seed: int = 0,
                    split: str | None = "train", split_file: str | None = None, input_size: int | None = None,
-                   max_images: int | None = None, log: Callable[[str], None] = print, model=None) -> dict:
+                   max_images: int | None = None, threads: int | None = None,
+                   overrides: dict | None = None, model_overrides: dict | None = None,
+                   log: Callable[[str], None] = print, model=None) -> dict:
     """Train a detector into the run directory ``out``; returns a summary dict (epochs, iterations, seconds).
 
     ``split`` selects the training images (their ``split`` field or the Karpathy ``split_file``); None trains on
-    every image. ``model`` injects a ready module (tests); otherwise it is built from the preset (or, with
-    ``resume``, from the checkpoint).
+    every image. ``overrides`` sets other TrainConfig fields (e.g. roi_batch_per_image). ``threads`` sets torch's
+    intra-op threads (on a CPU shared with other jobs, 1 thread can be several times faster than 2).
+    ``model`` injects a ready module (tests); otherwise it is built from the preset (or, with ``resume``, from
+    the checkpoint).
     """
     import numpy as np
     import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     from glied.extractors.bottomup.data import DetectionDataset, make_batch
     from glied.extractors.bottomup.training import (
@@ -86,15 +94,15 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
                 state["vocab"]["attribute_names"] != vocab["attribute_names"]:
             raise ConfigError(f"{ckpt_path} was trained on other classes or attributes than {annotations}")
         tcfg = TrainConfig.from_dict(state["train_config"])
-        overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
-        tcfg = TrainConfig.from_dict({**tcfg.to_dict(), **overrides})
+        changes = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
+        tcfg = TrainConfig.from_dict({**tcfg.to_dict(), **(overrides or {}), **changes})
         model_cfg = state["model_config"]
         model = model if model is not None else model_from_checkpoint(state)
     else:
-        overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
-        tcfg = TrainConfig(seed=seed, **overrides)
+        changes = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
+        tcfg = TrainConfig.from_dict({**(overrides or {}), "seed": seed, **changes})
         if model is None:
-            model_cfg = model_config_for(preset, data.num_classes, data.num_attributes, input_size)
+            model_cfg = model_config_for(preset, data.num_classes, data.num_attributes, input_size, model_overrides)
             from glied.extractors.bottomup.config import BottomUpConfig
             from glied.extractors.bottomup.model import BottomUpDetector
 
@@ -133,6 +141,7 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
                     g["lr"] = lr_at(it, total, tcfg)
                 losses = detector_losses(model, imgs, sizes, targets, tcfg, gen)
                 loss = sum(losses.values())
+                losses = {k: v.detach() for k, v in losses.items()}
                 if not torch.isfinite(loss):
                     raise ConfigError(f"training diverged at iteration {it} (loss {loss.item()}); "
                                       f"lower the learning rate (--lr)")
@@ -145,10 +154,10 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
                     sums[k] = sums.get(k, 0.0) + float(v)
                 if it % tcfg.log_every == 0 or b == iters_per_epoch - 1:
                     rec = {"epoch": epoch + 1, "iter": it, "lr": optimizer.param_groups[0]["lr"],
-                           "loss": float(loss), **{k: round(float(v), 4) for k, v in losses.items()}}
+                           "loss": loss.item(), **{k: round(float(v), 4) for k, v in losses.items()}}
                     logf.write(json.dumps(rec) + "\n")
                     logf.flush()
-                    log(f"epoch {epoch + 1}/{tcfg.epochs} iter {it}/{total} loss {float(loss):.3f} "
+                    log(f"epoch {epoch + 1}/{tcfg.epochs} iter {it}/{total} loss {loss.item():.3f} "
                         + " ".join(f"{k} {float(v):.3f}" for k, v in losses.items()))
             seconds = time.perf_counter() - t_epoch
             summary = {"epoch": epoch + 1, "iter": it, "seconds": round(seconds, 1),

@@ -234,7 +234,7 @@ def make_batch(records: list[DetectionRecord], transform, flips: list[bool] | No
     """Load, optionally mirror, transform and zero-pad a batch for training.
 
     ``transform`` is the model's own (``model.transform``): BGR uint8 (H, W, 3) -> ((1, 3, h, w) float tensor,
-    (sx, sy) scale from original to input pixels). Returns ``images`` (B, 3, Hp, Wp) padded to a multiple of
+    info with ``scale_xy`` = (sx, sy) from original to input pixels; a plain (sx, sy) pair works too). Returns ``images`` (B, 3, Hp, Wp) padded to a multiple of
     ``size_divisor``, ``sizes`` [(h, w)] of each image inside the batch, and ``targets`` [{"boxes" (G, 4) in
     input pixels, "classes" (G,), "attributes" (G, L)}].
     """
@@ -245,8 +245,8 @@ def make_batch(records: list[DetectionRecord], transform, flips: list[bool] | No
         img, boxes = read_image(rec), rec.boxes
         if flips is not None and flips[k]:
             img, boxes = hflip(img, boxes)
-        x, scale = transform(img)  # (1, 3, h, w)
-        sx, sy = (float(v) for v in scale)
+        x, info = transform(img)  # (1, 3, h, w)
+        sx, sy = (float(v) for v in getattr(info, "scale_xy", info))
         tensors.append(x[0])
         sizes.append((int(x.shape[2]), int(x.shape[3])))
         scaled = torch.from_numpy(boxes * np.array([sx, sy, sx, sy], dtype=np.float32))

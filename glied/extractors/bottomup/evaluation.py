@@ -138,7 +138,7 @@ def to_coco_results(image_id: int, det: dict, category_ids: list[int]) -> list[d
 
 
 def detect(model, images: list[np.ndarray], *, score_thresh: float = 0.05, nms_thresh: float = 0.5,
-           max_dets: int = 100, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0)) -> list[dict]:
+           max_dets: int = 100) -> list[dict]:
     """Detections of a batch of BGR uint8 images (H, W, 3), boxes in original pixels.
 
     Returns per image {"boxes" (D, 4) float32, "scores" (D,), "classes" (D,) int64 in 0..C-1,
@@ -147,15 +147,15 @@ def detect(model, images: list[np.ndarray], *, score_thresh: float = 0.05, nms_t
     import torch
     from torchvision.ops import batched_nms
 
-    from glied.extractors.bottomup.training import decode_boxes
+    from glied.extractors.bottomup import boxes as box_ops
 
     model.eval()
     with torch.inference_mode():
         xs, scales, sizes = [], [], []
         for img in images:
-            x, scale = model.transform(img)  # (1, 3, h, w)
+            x, info = model.transform(img)  # (1, 3, h, w)
             xs.append(x[0])
-            scales.append(tuple(float(v) for v in scale))
+            scales.append(tuple(float(v) for v in info.scale_xy))
             sizes.append((int(x.shape[2]), int(x.shape[3])))
         hp = -(-max(h for h, _ in sizes) // 16) * 16
         wp = -(-max(w for _, w in sizes) // 16) * 16
@@ -164,9 +164,9 @@ def detect(model, images: list[np.ndarray], *, score_thresh: float = 0.05, nms_t
             batch[k, :, : x.shape[1], : x.shape[2]] = x
         res4 = model.backbone(batch)  # (B, C4, Hf, Wf)
         objectness, deltas = model.rpn.head(res4)
-        proposals = model.rpn.propose(objectness, deltas, sizes)  # list of (P, 4)
+        proposals = [p for p, _ in model.rpn.propose(objectness, deltas, sizes)]  # list of (P, 4)
         rois = torch.cat([torch.cat([torch.full((len(p), 1), float(i)), p], 1) for i, p in enumerate(proposals)])
-        feats = model.roi_heads.res5(model.roi_heads.pool(res4, rois)).mean(dim=(2, 3))  # (K, D)
+        feats = model.roi_heads.features(res4, rois)  # (K, D)
         cls_logits, box_deltas = model.roi_heads.box_predictor(feats)  # (K, C+1), (K, 4C)
         probs = torch.softmax(cls_logits, dim=1)
         num_classes = probs.shape[1] - 1
@@ -175,12 +175,9 @@ def detect(model, images: list[np.ndarray], *, score_thresh: float = 0.05, nms_t
             sl = slice(start, start + len(p))
             start += len(p)
             n = len(p)
-            boxes = decode_boxes(box_deltas[sl].reshape(n * num_classes, 4),
-                                 p.repeat_interleave(num_classes, 0), bbox_reg_weights)  # (P*C, 4)
-            h, w = sizes[i]
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            boxes = boxes.view(n, num_classes, 4)  # (P, C, 4)
+            boxes = box_ops.decode(box_deltas[sl], p, model.cfg.roi_bbox_weights,
+                                   model.cfg.bbox_scale_clamp)  # (P, 4C)
+            boxes = box_ops.clip(boxes.reshape(n * num_classes, 4), sizes[i]).view(n, num_classes, 4)  # (P, C, 4)
             scores = probs[sl, :num_classes]  # (P, C)
             prop_idx, cls = torch.nonzero(scores > score_thresh, as_tuple=True)
             b, s = boxes[prop_idx, cls], scores[prop_idx, cls]

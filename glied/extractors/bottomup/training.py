@@ -53,14 +53,11 @@ class TrainConfig:
     roi_batch_per_image: int = 64
     roi_positive_fraction: float = 0.25
     roi_smooth_l1_beta: float = 1.0
-    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     attr_loss_weight: float = 1.0
     log_every: int = 20
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["bbox_reg_weights"] = list(self.bbox_reg_weights)
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -68,9 +65,6 @@ class TrainConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown training settings {sorted(unknown)}")
-        d = dict(d)
-        if "bbox_reg_weights" in d:
-            d["bbox_reg_weights"] = tuple(float(v) for v in d["bbox_reg_weights"])
         return cls(**d)
 
     def validate(self) -> None:
@@ -85,7 +79,8 @@ class TrainConfig:
 def encode_boxes(reference: torch.Tensor, target: torch.Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
     """Deltas (N, 4) (dx, dy, dw, dh) turning ``reference`` boxes (N, 4) into ``target`` boxes (N, 4).
 
-    Continuous convention (width = x2 - x1, centre = x1 + w / 2), as the model's decoder; scaled by ``weights``.
+    Continuous convention (width = x2 - x1, centre = x1 + w / 2), the inverse of the model's ``boxes.decode``;
+    scaled by ``weights``; degenerate widths are clamped to 1e-3 so that a bad box cannot make a NaN target.
     """
     wx, wy, ww, wh = weights
     rw = (reference[:, 2] - reference[:, 0]).clamp(min=1e-3)
@@ -97,19 +92,6 @@ def encode_boxes(reference: torch.Tensor, target: torch.Tensor, weights=(1.0, 1.
     tx = target[:, 0] + 0.5 * tw
     ty = target[:, 1] + 0.5 * th
     return torch.stack([wx * (tx - rx) / rw, wy * (ty - ry) / rh, ww * torch.log(tw / rw), wh * torch.log(th / rh)], 1)
-
-
-def decode_boxes(deltas: torch.Tensor, reference: torch.Tensor, weights=(1.0, 1.0, 1.0, 1.0),
-                 clamp: float = math.log(1000.0 / 16)) -> torch.Tensor:
-    """Inverse of :func:`encode_boxes`: boxes (N, 4) from ``deltas`` (N, 4) applied to ``reference`` (N, 4)."""
-    wx, wy, ww, wh = weights
-    rw = reference[:, 2] - reference[:, 0]
-    rh = reference[:, 3] - reference[:, 1]
-    cx = reference[:, 0] + 0.5 * rw + deltas[:, 0] / wx * rw
-    cy = reference[:, 1] + 0.5 * rh + deltas[:, 1] / wy * rh
-    w = torch.exp((deltas[:, 2] / ww).clamp(max=clamp)) * rw
-    h = torch.exp((deltas[:, 3] / wh).clamp(max=clamp)) * rh
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], 1)
 
 
 # ------------------------------------------------------------------------------------------- target assignment
@@ -152,12 +134,13 @@ def sample_labels(labels: torch.Tensor, batch: int, positive_fraction: float,
 
 def sample_rois(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
                 gt_attributes: torch.Tensor, num_classes: int, cfg: TrainConfig,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None,
+                weights=(10.0, 10.0, 5.0, 5.0)) -> dict[str, torch.Tensor]:
     """Sample the RoIs of one image and their targets.
 
     Args:
         proposals: (P, 4) RPN boxes in input pixels (no gradient). gt_boxes (G, 4), gt_classes (G,) in 0..C-1,
-        gt_attributes (G, L) 0-based attribute ids, -1 padded.
+        gt_attributes (G, L) 0-based attribute ids, -1 padded; ``weights``: the model's RoI box-coding weights.
     Returns:
         {"rois" (K, 4), "classes" (K,) with background = num_classes, "deltas" (K, 4) regression targets
          (zeros for background), "attributes" (K, L) labels of the matched box (-1 for background)}, foreground
@@ -180,7 +163,7 @@ def sample_rois(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: tor
     if fg.numel():
         m = matched[fg]
         classes[: fg.numel()] = gt_classes[m]
-        deltas[: fg.numel()] = encode_boxes(proposals[fg], gt_boxes[m], cfg.bbox_reg_weights)
+        deltas[: fg.numel()] = encode_boxes(proposals[fg], gt_boxes[m], weights)
         attributes[: fg.numel()] = gt_attributes[m]
     return {"rois": rois, "classes": classes, "deltas": deltas, "attributes": attributes,
             "num_fg": torch.tensor(fg.numel())}
@@ -236,7 +219,7 @@ def detector_losses(model: torch.nn.Module, images: torch.Tensor, image_sizes: l
         cls_terms.append(F.binary_cross_entropy_with_logits(
             obj_flat[i, idx], labels[idx].to(obj_flat.dtype), reduction="sum"))
         if pos.numel():
-            reg = encode_boxes(anchors[pos], t["boxes"][matched[pos]])
+            reg = encode_boxes(anchors[pos], t["boxes"][matched[pos]], model.cfg.rpn_bbox_weights)
             box_terms.append(F.smooth_l1_loss(del_flat[i, pos], reg, beta=cfg.rpn_smooth_l1_beta, reduction="sum"))
     norm = max(n_sampled, 1)
     rpn_cls = torch.stack(cls_terms).sum() / norm
@@ -244,12 +227,11 @@ def detector_losses(model: torch.nn.Module, images: torch.Tensor, image_sizes: l
 
     # RoI head
     with torch.no_grad():
-        proposals = model.rpn.propose(objectness.detach(), rpn_deltas.detach(), image_sizes)
-    num_classes = model.roi_heads.num_classes if hasattr(model.roi_heads, "num_classes") else None
-    if num_classes is None:
-        num_classes = model.cfg.num_classes
-    samples = [sample_rois(p, t["boxes"], t["classes"], t["attributes"], num_classes, cfg, generator)
-               for p, t in zip(proposals, targets)]
+        proposals = [p[0] if isinstance(p, tuple) else p  # (boxes (P, 4), logits (P,)) per image
+                     for p in model.rpn.propose(objectness.detach(), rpn_deltas.detach(), image_sizes)]
+    num_classes = model.cfg.num_classes
+    samples = [sample_rois(p, t["boxes"], t["classes"], t["attributes"], num_classes, cfg, generator,
+                           model.cfg.roi_bbox_weights) for p, t in zip(proposals, targets)]
     rois = torch.cat([torch.cat([torch.full((len(s["rois"]), 1), float(i)), s["rois"]], 1)
                       for i, s in enumerate(samples)])  # (K, 5) batch index, x1, y1, x2, y2
     classes = torch.cat([s["classes"] for s in samples])  # (K,)
@@ -257,7 +239,7 @@ def detector_losses(model: torch.nn.Module, images: torch.Tensor, image_sizes: l
     width = max(s["attributes"].shape[1] for s in samples)
     attributes = torch.cat([F.pad(s["attributes"], (0, width - s["attributes"].shape[1]), value=-1)
                             for s in samples])  # (K, L)
-    feats = model.roi_heads.res5(model.roi_heads.pool(res4, rois)).mean(dim=(2, 3))  # (K, 2048)
+    feats = model.roi_heads.features(res4, rois)  # (K, D): RoI pool -> res5 -> mean, as at test time
     cls_logits, box_deltas = model.roi_heads.box_predictor(feats)  # (K, C+1), (K, 4C)
     roi_cls = F.cross_entropy(cls_logits, classes)
     fg = torch.nonzero(classes < num_classes).flatten()
