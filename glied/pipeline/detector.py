@@ -61,7 +61,8 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
 
     from glied.extractors.bottomup.data import DetectionDataset, make_batch
     from glied.extractors.bottomup.training import (
-        TrainConfig, detector_losses, load_checkpoint, lr_at, model_from_checkpoint, save_checkpoint)
+        TrainConfig, checkpoint_vocab, detector_losses, load_checkpoint, lr_at, model_from_checkpoint,
+        save_checkpoint)
 
     run = Path(out)
     ckpt_path = run / CHECKPOINT
@@ -90,14 +91,16 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
     state = None
     if resume:
         state = load_checkpoint(ckpt_path)
-        if state["vocab"]["class_names"] != vocab["class_names"] or \
-                state["vocab"]["attribute_names"] != vocab["attribute_names"]:
+        if "optimizer" not in state:
+            raise ConfigError(f"{ckpt_path} holds no training state (optimizer); start a new run instead")
+        old = checkpoint_vocab(state)
+        if old["class_names"] != vocab["class_names"] or old["attribute_names"] != vocab["attribute_names"]:
             raise ConfigError(f"{ckpt_path} was trained on other classes or attributes than {annotations}")
-        tcfg = TrainConfig.from_dict(state["train_config"])
+        tcfg = TrainConfig.from_dict(state["extra"]["train_config"])
         changes = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
         tcfg = TrainConfig.from_dict({**tcfg.to_dict(), **(overrides or {}), **changes})
-        model_cfg = state["model_config"]
-        model = model if model is not None else model_from_checkpoint(state)
+        model_cfg = state["config"]
+        model = model if model is not None else model_from_checkpoint(state).train()
     else:
         changes = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
         tcfg = TrainConfig.from_dict({**(overrides or {}), "seed": seed, **changes})
@@ -120,7 +123,8 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
     start_epoch, it, history = 0, 0, []
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, it, history = state["epoch"], state["iteration"], list(state["history"])
+        extra = state["extra"]
+        start_epoch, it, history = extra["epoch"], extra["iteration"], list(extra["history"])
     iters_per_epoch = -(-len(data) // tcfg.batch_size)
     total = tcfg.epochs * iters_per_epoch
     model.train()
@@ -165,8 +169,8 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
                        **{k: round(v / iters_per_epoch, 4) for k, v in sums.items()}}
             history.append(summary)
             logf.write(json.dumps(summary) + "\n")
-            save_checkpoint(ckpt_path, model=model, model_config=model_cfg, train_config=tcfg.to_dict(),
-                            vocab=vocab, optimizer=optimizer, epoch=epoch + 1, iteration=it, history=history)
+            save_checkpoint(ckpt_path, model=model, train_config=tcfg.to_dict(), vocab=vocab, optimizer=optimizer,
+                            epoch=epoch + 1, iteration=it, history=history)
             log(f"epoch {epoch + 1} done in {seconds:.1f} s ({summary['images_per_s']} images/s); "
                 f"saved {ckpt_path}")
     return {"run": str(run), "epochs": tcfg.epochs, "iterations": it, "images": len(data),
@@ -179,11 +183,12 @@ def evaluate_detector_run(run: str, annotations: str, images: str, *, split: str
     """Evaluate ``run/checkpoint.pt`` on a split; writes and returns ``run/metrics_<split>.json``'s dict."""
     from glied.extractors.bottomup.data import DetectionDataset
     from glied.extractors.bottomup.evaluation import evaluate_detector
-    from glied.extractors.bottomup.training import load_checkpoint, model_from_checkpoint
+    from glied.extractors.bottomup.training import checkpoint_vocab, load_checkpoint, model_from_checkpoint
 
     run_dir = Path(run)
     ckpt_path = run_dir / CHECKPOINT if run_dir.is_dir() else run_dir
     state = load_checkpoint(ckpt_path)
+    vocab = checkpoint_vocab(state)
     data = DetectionDataset.load(annotations, images, split=split, split_file=split_file)
     if max_images is not None:
         data.records = data.records[:max_images]
@@ -192,8 +197,7 @@ def evaluate_detector_run(run: str, annotations: str, images: str, *, split: str
                          annotations=[a for a in data.coco["annotations"] if int(a["image_id"]) in keep])
     if len(data) == 0:
         raise InputError(f"{annotations}: no images in split {split!r} to evaluate")
-    if data.class_names != state["vocab"]["class_names"] or \
-            data.attribute_names != state["vocab"]["attribute_names"]:
+    if data.class_names != vocab["class_names"] or data.attribute_names != vocab["attribute_names"]:
         raise ConfigError(f"{ckpt_path} was trained on other classes or attributes than {annotations}")
     model = model_from_checkpoint(state)
     t0 = time.perf_counter()
@@ -201,7 +205,7 @@ def evaluate_detector_run(run: str, annotations: str, images: str, *, split: str
     seconds = time.perf_counter() - t0
     metrics.update({"split": split or "all", "seconds": round(seconds, 1),
                     "images_per_s": round(len(data) / seconds, 2), "checkpoint": str(ckpt_path),
-                    "epochs_trained": state["epoch"]})
+                    "epochs_trained": state.get("extra", {}).get("epoch")})
     out_dir = ckpt_path.parent
     _write_json(out_dir / f"metrics_{split or 'all'}.json", metrics)
     log(f"{len(data)} {split or 'all'} images: box mAP@0.5 {metrics['map50']:.4f} (mAP {metrics['map']:.4f}), "

@@ -96,8 +96,8 @@ def test_train_checkpoint_round_trip_resume_and_evaluate(world, tmp_path):
     s = train_detector(ann, img, run, epochs=1, batch_size=2, split=None, model_overrides=TINY, log=lambda m: None)
     assert s["iterations"] == 3 and (run / "checkpoint.pt").is_file()
     raw = torch.load(run / "checkpoint.pt", weights_only=True)  # plain data, no code
-    assert raw["epoch"] == 1 and raw["vocab"]["class_names"][0] == "circle"
-    assert raw["model_config"]["base_width"] == 4 and raw["vocab"]["attribute_types"][-1] == "size"
+    assert raw["extra"]["epoch"] == 1 and raw["classes"][0] == "circle" and raw["attributes"][0] == "red"
+    assert raw["config"]["base_width"] == 4 and raw["extra"]["attribute_types"][-1] == "size"
     model = model_from_checkpoint(load_checkpoint(run / "checkpoint.pt"))
     data = DetectionDataset.load(ann, img)
     images = [read_image(r) for r in data.records[:2]]
@@ -108,6 +108,13 @@ def test_train_checkpoint_round_trip_resume_and_evaluate(world, tmp_path):
     for det in a:
         assert det["attr_probs"].shape == (len(det["boxes"]), 10)
         assert (det["boxes"] >= 0).all() and (det["boxes"] <= 64).all()
+
+    # the run's checkpoint is what `glied extract` loads
+    from glied.extractors.bottomup import load_region_extractor
+    ext = load_region_extractor(run / "checkpoint.pt", procedure="butd", min_boxes=5, max_boxes=5)
+    regions = ext.extract(images)
+    assert len(regions) == 2 and regions[0].features.shape == (5, model.cfg.feature_dim)
+    assert regions[0].image_w == 64 and ext.identity()["feature_dim"] == model.cfg.feature_dim
 
     with pytest.raises(Exception, match="--resume"):
         train_detector(ann, img, run, epochs=1, split=None, log=lambda m: None)

@@ -265,28 +265,34 @@ def lr_at(it: int, total: int, cfg: TrainConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
+# The layout is the bottom-up package's own glied checkpoint (weights.save_checkpoint / load_checkpoint:
+# {format "glied-bottomup", version, config, model, classes, attributes, extra}), so that
+# ``load_region_extractor(RUN/checkpoint.pt)`` extracts with a trained model as it is; the training state
+# (optimiser, epoch, history, training config, COCO category ids) rides along in ``extra`` and ``optimizer``.
 
-CHECKPOINT_FORMAT = "glied-bottomup-detector"
+CHECKPOINT_FORMAT = "glied-bottomup"
 CHECKPOINT_VERSION = 1
 
 
-def save_checkpoint(path, *, model: torch.nn.Module, model_config: dict, train_config: dict, vocab: dict,
+def save_checkpoint(path, *, model: torch.nn.Module, vocab: dict, train_config: dict,
                     optimizer: torch.optim.Optimizer | None = None, epoch: int = 0, iteration: int = 0,
-                    history: list | None = None) -> None:
+                    history: list | None = None, name: str = "small") -> None:
     """Write a checkpoint atomically (temp file + rename): a plain dict of tensors and JSON-able values.
 
     ``vocab``: {"class_names", "category_ids", "attribute_names", "attribute_types"} of the training data.
-    Loadable with ``torch.load(path, weights_only=True)``; the model is rebuilt from ``model_config`` alone.
+    Loadable with ``torch.load(path, weights_only=True)``; the model is rebuilt from its ``config`` alone.
     """
     import os
     from pathlib import Path
 
     path = Path(path)
     obj = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-        "model_config": model_config, "train_config": train_config, "vocab": vocab,
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": model.cfg.to_dict(),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "epoch": int(epoch), "iteration": int(iteration), "history": history or [],
+        "classes": list(vocab["class_names"]), "attributes": list(vocab["attribute_names"]),
+        "extra": {"name": name, "category_ids": list(vocab["category_ids"]),
+                  "attribute_types": list(vocab["attribute_types"]), "train_config": train_config,
+                  "epoch": int(epoch), "iteration": int(iteration), "history": history or []},
     }
     if optimizer is not None:
         obj["optimizer"] = optimizer.state_dict()
@@ -296,19 +302,24 @@ def save_checkpoint(path, *, model: torch.nn.Module, model_config: dict, train_c
 
 
 def load_checkpoint(path) -> dict:
-    """Read a glied detector checkpoint without executing code; WeightsError when missing or not one."""
+    """Read a glied detector checkpoint (a run directory or the file) without executing code.
+
+    WeightsError when missing, unreadable or not a glied bottom-up checkpoint.
+    """
     from pathlib import Path
 
     from glied.errors import WeightsError
 
     path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
     if not path.is_file():
         raise WeightsError(f"detector checkpoint {path} does not exist; train one with `glied train-detector`")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise WeightsError(f"{path} is not a readable glied detector checkpoint ({type(e).__name__}: {e}); "
-                           f"retrain or point at the right file") from None
+        raise WeightsError(f"{path} is not a readable glied detector checkpoint ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); retrain or point at the right file") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a glied detector checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
     if obj.get("version") != CHECKPOINT_VERSION:
@@ -317,15 +328,26 @@ def load_checkpoint(path) -> dict:
     return obj
 
 
+def checkpoint_vocab(ckpt: dict) -> dict:
+    """{"class_names", "category_ids", "attribute_names", "attribute_types"} of a loaded checkpoint."""
+    extra = ckpt.get("extra") or {}
+    classes = list(ckpt.get("classes") or [])
+    attributes = list(ckpt.get("attributes") or [])
+    return {"class_names": classes,
+            "category_ids": list(extra.get("category_ids") or range(1, len(classes) + 1)),
+            "attribute_names": attributes,
+            "attribute_types": list(extra.get("attribute_types") or [""] * len(attributes))}
+
+
 def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     """Rebuild the ``BottomUpDetector`` of a loaded checkpoint (strict state-dict load), in eval mode."""
     from glied.errors import WeightsError
     from glied.extractors.bottomup.config import BottomUpConfig
     from glied.extractors.bottomup.model import BottomUpDetector
 
-    model = BottomUpDetector(BottomUpConfig.from_dict(ckpt["model_config"]))
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if missing or unexpected:
-        raise WeightsError(f"checkpoint does not fit its own model config: missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
+    model = BottomUpDetector(BottomUpConfig.from_dict(ckpt["config"]))
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"checkpoint does not fit its own model config: {str(e).splitlines()[0]}") from None
     return model.eval()
