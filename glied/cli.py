@@ -86,6 +86,53 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 # ---------------------------------------------------------------------------------------------------------
 
 
+@cli.command("train-detector")
+@click.option("--annotations", required=True, type=click.Path(dir_okay=False),
+              help="COCO-format instances.json with per-box attribute_ids.")
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory the file_name entries are relative to.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoint, logs).")
+@click.option("--config", "preset", default="small", show_default=True, help="Model preset.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: the training config's).")
+@click.option("--batch-size", type=int, default=None, help="Images per step.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).")
+@click.option("--input-size", type=int, default=None, help="Input side in pixels for the small preset.")
+@click.option("--split", default="train", show_default=True, help="Training split (train|val|test|all).")
+@click.option("--split-file", type=click.Path(dir_okay=False), default=None,
+              help="Karpathy captions.json giving each image's split (when instances.json has none).")
+@click.option("--max-images", type=int, default=None, help="Train on the first N images only.")
+@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_detector_cmd(annotations, images_dir, out, preset, epochs, batch_size, lr, input_size, split, split_file,
+                       max_images, resume, seed) -> None:
+    """Train the small bottom-up detector (boxes, classes, attributes) on COCO-format annotations."""
+    from glied.pipeline.detector import train_detector
+
+    summary = train_detector(annotations, images_dir, out, preset=preset, epochs=epochs, batch_size=batch_size,
+                             lr=lr, resume=resume, seed=seed, split=None if split == "all" else split,
+                             split_file=split_file, input_size=input_size, max_images=max_images,
+                             log=click.echo)
+    click.echo(f"trained {summary['iterations']} iterations on {summary['images']} images in "
+               f"{summary['seconds']} s; checkpoint in {summary['run']}")
+
+
+@cli.command("evaluate-detector")
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory or checkpoint file.")
+@click.option("--annotations", required=True, type=click.Path(dir_okay=False))
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--split", default="test", show_default=True, help="Split to evaluate (train|val|test|all).")
+@click.option("--split-file", type=click.Path(dir_okay=False), default=None,
+              help="Karpathy captions.json giving each image's split (when instances.json has none).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-images", type=int, default=None, help="Evaluate the first N images only.")
+def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, batch_size, max_images) -> None:
+    """Box mAP@0.5 (COCOeval) and attribute accuracy of a trained detector; writes RUN/metrics_<split>.json."""
+    from glied.pipeline.detector import evaluate_detector_run
+
+    evaluate_detector_run(run_dir, annotations, images_dir, split=None if split == "all" else split,
+                          split_file=split_file, batch_size=batch_size, max_images=max_images, log=click.echo)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # MIL attribute words: train-attributes, evaluate-attributes (issue 4)
 # ---------------------------------------------------------------------------------------------------------
