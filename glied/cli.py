@@ -138,6 +138,66 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
 # ---------------------------------------------------------------------------------------------------------
 
 
+@cli.command("train-attributes")
+@click.option("--data", required=True, type=click.Path(), help="Prepared data folder (glied prepare --out).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--images", type=click.Path(), default=None,
+              help="Image folder (default: the prepared data's images_root).")
+@click.option("--config", "config", type=click.Choice(["small", "resnet18", "resnet50", "resnet101"]),
+              default="small", show_default=True, help="Model preset (small: the shapes world).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default per preset: small 6).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step (small: 32).")
+@click.option("--lr", type=float, default=None, help="Adam learning rate (small: 3e-3, ResNets: 1e-4).")
+@click.option("--vocab-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="K: the most frequent training-caption words kept.")
+@click.option("--input-size", type=click.IntRange(min=32), default=None,
+              help="Network input side (small: 128, ResNets: 565).")
+@click.option("--stopwords/--no-stopwords", default=False, show_default=True,
+              help="Drop English function words from the vocabulary (Fang keeps them).")
+@click.option("--empty-labels", "empty_policy", type=click.Choice(["keep", "drop"]), default="keep",
+              show_default=True, help="Images whose captions have no vocabulary word: all-negative, or dropped.")
+@click.option("--backbone-weights", type=click.Path(), default=None,
+              help="Local torchvision ResNet state dict to initialise the trunk (nothing is downloaded).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, vocab_size, input_size, stopwords,
+                         empty_policy, backbone_weights, resume, seed, device) -> None:
+    """Train the MIL attribute-word detector (Fang et al. 2015) from the captions of prepared data."""
+    from glied.pipeline.attributes import train_attributes
+
+    s = train_attributes(data, out, images=images, config=config, epochs=epochs, batch_size=batch_size, lr=lr,
+                         vocab_size=vocab_size, input_size=input_size, stopwords=stopwords,
+                         empty_policy=empty_policy, resume=resume, seed=seed, backbone_weights=backbone_weights,
+                         device=device, log=click.echo)
+    val = f", val mAP {s['val_mAP']:.4f}" if s.get("val_mAP") is not None else ""
+    click.echo(f"trained {s['epochs']} epochs in {s['seconds_this_run']:.1f} s (loss {s['final_loss']:.4f}{val}) "
+               f"-> {out}/model.pt")
+
+
+@cli.command("evaluate-attributes")
+@click.option("--run", required=True, type=click.Path(), help="Run folder (or model.pt) of train-attributes.")
+@click.option("--data", required=True, type=click.Path(), help="Prepared data folder.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--top-k", "top_ks", type=click.IntRange(min=1), multiple=True,
+              help="Cut(s) for precision/recall; repeatable (default 5, 10, 50).")
+@click.option("--images", type=click.Path(), default=None, help="Image folder (default: prepared images_root).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Metrics json (default RUN/metrics_<split>.json).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_attributes_cmd(run, data, split, top_ks, images, out, device) -> None:
+    """Per-word AP, mAP and precision/recall at top-k of a MIL run on a held-out split."""
+    from glied.pipeline.attributes import evaluate_attributes
+
+    m = evaluate_attributes(run, data, split=split, top_ks=top_ks or (5, 10, 50), images=images, out=out,
+                            device=device, log=click.echo)
+    click.echo(f"{split}: {m['n_images']} images, {m['n_words_evaluated']} words with positives, "
+               f"mAP {m['mAP']:.4f}")
+    for k, pr in m["at_k"].items():
+        click.echo(f"  top-{k}: precision {pr['precision']:.4f}, recall {pr['recall']:.4f}")
+    click.echo(f"  {1000 * m['seconds_per_image']:.1f} ms per image (model only) -> {m['written_to']}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Feature cache: extract, import-features, export-features, merge-caches (issue 5)
 # ---------------------------------------------------------------------------------------------------------
