@@ -42,6 +42,45 @@ def main(argv: list[str] | None = None) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@cli.command("make-shapes")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--images", "n_images", type=int, default=1000, show_default=True, help="Number of images.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same bytes).")
+@click.option("--size", type=int, default=128, show_default=True, help="Image side in pixels.")
+@click.option("--workers", type=int, default=None, help="Rendering processes (default: CPU count).")
+def make_shapes_cmd(out: str, n_images: int, seed: int, size: int, workers: int | None) -> None:
+    """Render the synthetic shapes world into OUT: images/, instances.json (COCO), captions.json (Karpathy)."""
+    import time
+
+    from glied.pipeline.data import make_shapes_world
+
+    t0 = time.perf_counter()
+    s = make_shapes_world(out, n_images, seed=seed, size=size, workers=workers)
+    sp = s["splits"]
+    click.echo(f"wrote {s['images']} images ({s['objects']} objects; train {sp['train']}, val {sp['val']}, "
+               f"test {sp['test']}) to {out} in {time.perf_counter() - t0:.1f} s")
+
+
+@cli.command("prepare")
+@click.argument("captions_json", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--count-threshold", type=int, default=5, show_default=True,
+              help="Keep words seen more than this many times in the training split.")
+@click.option("--max-length", type=int, default=16, show_default=True, help="Truncate captions to this.")
+@click.option("--images-root", type=click.Path(file_okay=False), default=None,
+              help="Folder that the json's filepath/filename resolve against (default: the json's folder).")
+def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: int,
+                images_root: str | None) -> None:
+    """Prepare a Karpathy-format CAPTIONS_JSON (COCO, Flickr30k, shapes) for training."""
+    from glied.pipeline.data import prepare_captions
+
+    m = prepare_captions(captions_json, out, count_threshold, max_length, images_root)
+    c = m["counts"]
+    click.echo(f"{m['dataset']}: {c['images']['train']} train / {c['images']['val']} val / "
+               f"{c['images']['test']} test images, {c['sentences']} captions, vocabulary {c['vocab']} "
+               f"({c['truncated_sentences']} captions truncated to {max_length}) -> {out}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bottom-up region detector: train-detector, evaluate-detector (issues 3, 9)
 # ---------------------------------------------------------------------------------------------------------
@@ -65,6 +104,18 @@ def main(argv: list[str] | None = None) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # End to end: caption, bundle, demo (issue 7)
 # ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("demo")
+@click.option("--out", default="glied-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for every stage's outputs; a second run reuses what exists.")
+@click.option("--images", type=int, default=3000, show_default=True, help="Size of the shapes world.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo_cmd(out: str, images: int, seed: int) -> None:
+    """The main job: the whole pipeline on the embedded synthetic shapes world."""
+    from glied.pipeline.demo import DemoConfig, run_demo
+
+    run_demo(out, DemoConfig(images=images, seed=seed))
 
 
 if __name__ == "__main__":

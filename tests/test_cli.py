@@ -1,0 +1,42 @@
+"""The CLI: fast --help, one-line errors with non-zero exit, the data commands end to end."""
+import json
+import subprocess
+import sys
+import time
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "glied", *args], capture_output=True, text=True, **kw)
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = ("import sys, time; t=time.perf_counter(); from glied.cli import cli; "
+            "print(time.perf_counter()-t, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1] == "False"
+    t0 = time.perf_counter()
+    r = run("--help")
+    assert r.returncode == 0 and "make-shapes" in r.stdout and "prepare" in r.stdout
+    assert time.perf_counter() - t0 < 1.5  # interpreter start included; the import itself is checked above
+    assert float(out[0]) < 0.3
+
+
+def test_make_shapes_then_prepare(tmp_path):
+    r = run("make-shapes", str(tmp_path / "w"), "--images", "60", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert "wrote 60 images" in r.stdout
+    r = run("prepare", str(tmp_path / "w" / "captions.json"), "--out", str(tmp_path / "p"), "--max-length", "24")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert m["dataset"] == "shapes" and m["images_root"] == str((tmp_path / "w").resolve())
+
+
+def test_bad_input_gives_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    r = run("prepare", str(bad), "--out", str(tmp_path / "p"))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert str(bad) in r.stderr and "not valid JSON" in r.stderr
+    r = run("make-shapes", str(tmp_path / "w"), "--images", "0")
+    assert r.returncode == 2 and "--images must be at least 1" in r.stderr
