@@ -16,10 +16,6 @@ import torch.nn.functional as F
 from glied.models.glied import BOS, EOS, PAD, GliedDecoder, Memory, State
 
 
-def _select_state(state: State, index: torch.Tensor) -> State:
-    return state[0].index_select(0, index), state[1].index_select(0, index)
-
-
 @torch.no_grad()
 def greedy(model: GliedDecoder, mem: Memory, max_len: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Argmax decoding with cached keys/values. Returns seqs (N, T) and per-step logits (N, T, V)."""
@@ -32,7 +28,7 @@ def greedy(model: GliedDecoder, mem: Memory, max_len: int = 16) -> tuple[torch.T
         if t == max_len:
             nxt = torch.full_like(token, EOS)
         else:
-            nxt = logits.argmax(-1)
+            nxt = model.word_logprobs(logits).argmax(-1)
         nxt = nxt.masked_fill(done, PAD)
         seqs.append(nxt)
         all_logits.append(logits)
@@ -52,7 +48,10 @@ def greedy_uncached(model: GliedDecoder, mem: Memory, max_len: int = 16) -> tupl
     seqs, all_logits = [], []
     for t in range(max_len + 1):
         logits = model.decode(mem, prefix)[:, -1]  # (N, V)
-        nxt = torch.full((n,), EOS, dtype=torch.long, device=prefix.device) if t == max_len else logits.argmax(-1)
+        if t == max_len:
+            nxt = torch.full((n,), EOS, dtype=torch.long, device=prefix.device)
+        else:
+            nxt = model.word_logprobs(logits).argmax(-1)
         nxt = nxt.masked_fill(done, PAD)
         seqs.append(nxt)
         all_logits.append(logits)
@@ -77,7 +76,7 @@ def sample(model: GliedDecoder, mem: Memory, n_samples: int, max_len: int = 16,
         if t == max_len:
             nxt = torch.full_like(token, EOS)
         else:
-            nxt = torch.multinomial(F.softmax(logits.float(), -1), 1, generator=generator)[:, 0]
+            nxt = torch.multinomial(model.word_logprobs(logits).exp(), 1, generator=generator)[:, 0]
         nxt = nxt.masked_fill(done, PAD)
         seqs.append(nxt)
         done = done | (nxt == EOS)
@@ -107,11 +106,11 @@ def beam_search(model: GliedDecoder, mem: Memory, beam_size: int = 3,
     offsets = (torch.arange(b, device=device) * k)[:, None]  # (B, 1)
     for t in range(max_len + 1):
         logits, state = model.step(mem, token, state)  # (B*k, V)
-        logp = F.log_softmax(logits.float(), -1)  # (B*k, V)
+        logp = model.word_logprobs(logits)  # (B*k, V)
         v = logp.shape[1]
         if t == max_len:  # force the end
             forced = torch.full_like(logp, float("-inf"))
-            forced[:, EOS] = 0.0
+            forced[:, EOS] = logp[:, EOS]  # only <eos> allowed, at its own probability
             logp = forced
         # finished beams only extend with <pad> at no cost
         finished_row = torch.full((v,), float("-inf"), device=device)

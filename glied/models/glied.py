@@ -254,11 +254,20 @@ class GliedDecoder(nn.Module):
                                label_smoothing=self.config.label_smoothing)
         return logits, loss
 
+    @staticmethod
+    def word_logprobs(logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over words for decoding: <pad> and <bos> can never be generated. (..., V)."""
+        logits = logits.float().clone()
+        logits[..., PAD] = float("-inf")
+        logits[..., BOS] = float("-inf")
+        return F.log_softmax(logits, -1)
+
     def sequence_logprobs(self, mem: Memory, seqs: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of given sequences (for SCST). seqs (N, T) generated words (ending in <eos> then
         <pad>); mem for N rows. Returns (N, T) log p(seqs[:, t] | prefix), 0 after the first <eos>."""
         inputs = torch.cat([torch.full_like(seqs[:, :1], BOS), seqs[:, :-1]], 1)  # (N, T)
-        logp = F.log_softmax(self.decode(mem, inputs), -1).gather(2, seqs.unsqueeze(2)).squeeze(2)  # (N, T)
+        logp = self.word_logprobs(self.decode(mem, inputs)).gather(2, seqs.unsqueeze(2)).squeeze(2)  # (N, T)
+        logp = logp.masked_fill(seqs == PAD, 0.0)
         return logp * token_mask(seqs)
 
     @torch.no_grad()
