@@ -75,14 +75,17 @@ class CaptionDataset(torch.utils.data.Dataset):
         features: a :class:`FeatureSource`.
         split: "train", "val" or "test".
         max_attrs: keep at most this many attribute words per image (best first); None keeps all.
+        captions_per_image: if set, each access returns that many of the image's captions drawn at random
+            (torch RNG, so a seeded epoch is reproducible); None returns all of them.
         where: name of the cache for error messages.
 
     Raises InputError if any image of the split is missing from the cache (naming the ids and the cache).
     """
 
     def __init__(self, data: Any, features: FeatureSource, split: str, max_attrs: Optional[int] = None,
-                 where: str = "feature cache") -> None:
+                 where: str = "feature cache", captions_per_image: Optional[int] = None) -> None:
         self.data, self.features, self.split, self.max_attrs = data, features, split, max_attrs
+        self.captions_per_image = captions_per_image
         self.indices = data.split_indices(split)
         if not self.indices:
             raise InputError(f"{data.root}: the {split} split is empty")
@@ -118,6 +121,8 @@ class CaptionDataset(torch.utils.data.Dataset):
             if self.max_attrs is not None:
                 a_ids, a_probs = a_ids[: self.max_attrs], a_probs[: self.max_attrs]
         rows = self._rows[i]
+        if self.captions_per_image is not None and len(rows) > self.captions_per_image:
+            rows = rows[torch.randperm(len(rows))[: self.captions_per_image].numpy()]
         return {"index": i, "regions": torch.from_numpy(feats), "attr_ids": torch.from_numpy(a_ids),
                 "attr_probs": torch.from_numpy(a_probs),
                 "captions": torch.from_numpy(self.data.labels[rows].astype(np.int64))}

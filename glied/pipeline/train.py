@@ -52,6 +52,7 @@ class TrainConfig:
     warmup_steps: int = 200
     lr_decay: float = 0.8
     lr_decay_every: int = 3
+    captions_per_image: Optional[int] = None  # XE: captions drawn per image and epoch (None: all)
     scst_lr: float = 5e-5
     scst_samples: int = 5
     scst_baseline: str = "greedy"  # greedy | mean
@@ -178,7 +179,10 @@ def _scst_step(ddp_model, module: GliedDecoder, batch: dict, device: str, cfg: T
 def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, out: str | os.PathLike,
           cfg: TrainConfig = TrainConfig(), *, resume: bool = False, init: Optional[str] = None,
           device: str = "cpu", log: Callable[[str], None] = print) -> dict:
-    """Train a decoder into ``out`` (last.pt, best.pt, metrics.csv, train_config.json); returns a summary.
+    """Train a decoder into ``out`` (last.pt, best.pt, metrics.csv, train_config.json).
+
+    Returns a summary dict: out, best_val_cider, progress, model (preset name), rank, world_size and ``decoder``
+    (the trained module of this process).
 
     ``init``: a checkpoint whose weights start the run (e.g. an XE model for ``stage="scst"``).
     """
@@ -191,7 +195,8 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
     prep = PreparedData.load(data)
     source, source_name = _open_features(features)
     identity = feature_identity(source.manifest)
-    train_ds = CaptionDataset(prep, source, "train", cfg.max_attrs, where=source_name)
+    train_ds = CaptionDataset(prep, source, "train", cfg.max_attrs, where=source_name,
+                              captions_per_image=cfg.captions_per_image)
     val_ds = CaptionDataset(prep, source, "val", cfg.max_attrs, where=source_name)
     max_len = int(prep.labels.shape[1])
 
@@ -214,6 +219,7 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
                                   d_model=cfg.d_model, d_embed=cfg.d_embed, n_heads=cfg.n_heads,
                                   dropout=cfg.dropout, label_smoothing=cfg.label_smoothing,
                                   max_positions=max(64, max_len + 2))
+    torch.manual_seed(cfg.seed)  # initial weights are a function of the seed
     model = GliedDecoder(mcfg).to(device)
     progress = {"xe_done": 0, "scst_done": 0, "step": 0}
     best, history = float("-inf"), []
@@ -306,7 +312,8 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
                 save_checkpoint(state, out / "best.pt")
         if world > 1:
             dist.barrier()
-    summary = {"out": str(out), "best_val_cider": best, "progress": progress, "model": cfg.model, "rank": rank}
+    summary = {"out": str(out), "best_val_cider": best, "progress": progress, "model": cfg.model, "rank": rank,
+               "world_size": world, "decoder": model}
     if rank == 0 and logger.tb is not None:
         logger.tb.close()
     return summary

@@ -9,6 +9,14 @@ from glied.models.glied import EOS, MODEL_PRESETS, GliedConfig, GliedDecoder, co
 V, D_FEAT = 40, 24
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra OpenMP threads only add contention
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(name: str, **kw) -> GliedDecoder:
     torch.manual_seed(0)
     cfg = GliedConfig.preset(name, vocab_size=V, d_model=32, d_embed=16, n_heads=4, feature_dim=D_FEAT, **kw)
