@@ -297,6 +297,68 @@ def export_features_cmd(cache, out) -> None:
 # GLIED decoder: train, evaluate (issue 6)
 # ---------------------------------------------------------------------------------------------------------
 
+_MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
+
+
+@cli.command("train")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data (glied prepare).")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache (glied extract).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--stage", type=click.Choice(["xe", "scst", "both"]), default="both", show_default=True,
+              help="Cross-entropy, self-critical (needs --init or --resume), or XE then SCST.")
+@click.option("--model", type=click.Choice(_MODELS), default="glied", show_default=True,
+              help="GLIED, the base model, or base plus one distilling part.")
+@click.option("--epochs", type=int, default=15, show_default=True, help="Cross-entropy epochs.")
+@click.option("--scst-epochs", type=int, default=10, show_default=True, help="Self-critical epochs.")
+@click.option("--batch-size", type=int, default=50, show_default=True, help="Images per step and process.")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Cross-entropy learning rate.")
+@click.option("--scst-lr", type=float, default=5e-5, show_default=True, help="Self-critical learning rate.")
+@click.option("--warmup-steps", type=int, default=200, show_default=True)
+@click.option("--scst-baseline", type=click.Choice(["greedy", "mean"]), default="greedy", show_default=True)
+@click.option("--scst-samples", type=int, default=5, show_default=True, help="Samples per image in SCST.")
+@click.option("--d-model", type=int, default=512, show_default=True, help="Model width (paper: 512).")
+@click.option("--d-embed", type=int, default=256, show_default=True, help="Shared embedding size (paper: 256).")
+@click.option("--heads", type=int, default=8, show_default=True, help="Attention heads (paper: 8).")
+@click.option("--init", type=click.Path(), default=None, help="Start from this checkpoint's weights.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs: int, scst_epochs: int,
+              batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
+              scst_samples: int, d_model: int, d_embed: int, heads: int, init: str | None, resume: bool,
+              seed: int, device: str) -> None:
+    """Train the GLIED decoder on cached features: cross-entropy, then SCST with a CIDEr-D reward.
+
+    Runs under `torchrun --nproc_per_node N glied train ...` with DistributedDataParallel.
+    """
+    from glied.pipeline.train import TrainConfig, train
+
+    cfg = TrainConfig(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
+                      lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
+                      scst_samples=scst_samples, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed)
+    s = train(data, features, out, cfg, resume=resume, init=init, device=device, log=click.echo)
+    if s.get("rank", 0) == 0:
+        click.echo(f"best val CIDEr-D {s['best_val_cider']:.4f}; checkpoints in {out}")
+
+
+@cli.command("evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(), help="Run directory (best.pt) or .pt file.")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache the model was trained on.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data.")
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+@click.option("--beam", type=int, default=3, show_default=True, help="Beam size (1 = greedy).")
+@click.option("--batch-size", type=int, default=50, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write (default: run dir).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: int, batch_size: int,
+                 out: str | None, device: str) -> None:
+    """Caption a split, write COCO-format predictions and BLEU/METEOR/ROUGE-L/CIDEr (pycocoevalcap)."""
+    from glied.pipeline.evaluate import evaluate
+
+    r = evaluate(checkpoint, features, data, split, beam_size=beam, batch_size=batch_size, out=out, device=device,
+                 log=click.echo)
+    click.echo(f"predictions: {r['predictions']}")
+
 
 # ---------------------------------------------------------------------------------------------------------
 # End to end: caption, bundle, demo (issue 7)
