@@ -100,6 +100,8 @@ def build_region_extractor(detector: str | None, extractor_module: str | None, d
                           "train-detector run folder), or --extractor-module pkg.mod:factory")
     from glied.extractors.bottomup import load_region_extractor
 
+    if os.path.isdir(detector):  # a `glied train-detector` run folder
+        detector = os.path.join(detector, "checkpoint.pt")
     return load_region_extractor(detector, device=device, precision=precision)
 
 
