@@ -219,6 +219,9 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                     regs = region_extractor.extract(ims)
                 words = ([None] * len(ims) if attribute_extractor is None
                          else attribute_extractor.predict(ims))
+                if len(regs) != len(ims) or len(words) != len(ims):
+                    raise RuntimeError(f"extractor returned {len(regs)} region sets and {len(words)} word "
+                                       f"lists for a batch of {len(ims)} images")
                 for (it, li), r, w in zip(batch, regs, words):
                     if w is not None and w.word_map is not None and not keep_word_maps:
                         w = AttributeWords(word_ids=w.word_ids, probs=w.probs)
