@@ -86,9 +86,116 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 # ---------------------------------------------------------------------------------------------------------
 
 
+@cli.command("train-detector")
+@click.option("--annotations", required=True, type=click.Path(dir_okay=False),
+              help="COCO-format instances.json with per-box attribute_ids.")
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory the file_name entries are relative to.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoint, logs).")
+@click.option("--config", "preset", default="small", show_default=True, help="Model preset.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: the training config's).")
+@click.option("--batch-size", type=int, default=None, help="Images per step.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).")
+@click.option("--input-size", type=int, default=None, help="Input side in pixels for the small preset.")
+@click.option("--split", default="train", show_default=True, help="Training split (train|val|test|all).")
+@click.option("--split-file", type=click.Path(dir_okay=False), default=None,
+              help="Karpathy captions.json giving each image's split (when instances.json has none).")
+@click.option("--max-images", type=int, default=None, help="Train on the first N images only.")
+@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_detector_cmd(annotations, images_dir, out, preset, epochs, batch_size, lr, input_size, split, split_file,
+                       max_images, resume, seed) -> None:
+    """Train the small bottom-up detector (boxes, classes, attributes) on COCO-format annotations."""
+    from glied.pipeline.detector import train_detector
+
+    summary = train_detector(annotations, images_dir, out, preset=preset, epochs=epochs, batch_size=batch_size,
+                             lr=lr, resume=resume, seed=seed, split=None if split == "all" else split,
+                             split_file=split_file, input_size=input_size, max_images=max_images,
+                             log=click.echo)
+    click.echo(f"trained {summary['iterations']} iterations on {summary['images']} images in "
+               f"{summary['seconds']} s; checkpoint in {summary['run']}")
+
+
+@cli.command("evaluate-detector")
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory or checkpoint file.")
+@click.option("--annotations", required=True, type=click.Path(dir_okay=False))
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--split", default="test", show_default=True, help="Split to evaluate (train|val|test|all).")
+@click.option("--split-file", type=click.Path(dir_okay=False), default=None,
+              help="Karpathy captions.json giving each image's split (when instances.json has none).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-images", type=int, default=None, help="Evaluate the first N images only.")
+def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, batch_size, max_images) -> None:
+    """Box mAP@0.5 (COCOeval) and attribute accuracy of a trained detector; writes RUN/metrics_<split>.json."""
+    from glied.pipeline.detector import evaluate_detector_run
+
+    evaluate_detector_run(run_dir, annotations, images_dir, split=None if split == "all" else split,
+                          split_file=split_file, batch_size=batch_size, max_images=max_images, log=click.echo)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # MIL attribute words: train-attributes, evaluate-attributes (issue 4)
 # ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("train-attributes")
+@click.option("--data", required=True, type=click.Path(), help="Prepared data folder (glied prepare --out).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--images", type=click.Path(), default=None,
+              help="Image folder (default: the prepared data's images_root).")
+@click.option("--config", "config", type=click.Choice(["small", "resnet18", "resnet50", "resnet101"]),
+              default="small", show_default=True, help="Model preset (small: the shapes world).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default per preset: small 6).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step (small: 32).")
+@click.option("--lr", type=float, default=None, help="Adam learning rate (small: 3e-3, ResNets: 1e-4).")
+@click.option("--vocab-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="K: the most frequent training-caption words kept.")
+@click.option("--input-size", type=click.IntRange(min=32), default=None,
+              help="Network input side (small: 128, ResNets: 565).")
+@click.option("--stopwords/--no-stopwords", default=False, show_default=True,
+              help="Drop English function words from the vocabulary (Fang keeps them).")
+@click.option("--empty-labels", "empty_policy", type=click.Choice(["keep", "drop"]), default="keep",
+              show_default=True, help="Images whose captions have no vocabulary word: all-negative, or dropped.")
+@click.option("--backbone-weights", type=click.Path(), default=None,
+              help="Local torchvision ResNet state dict to initialise the trunk (nothing is downloaded).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, vocab_size, input_size, stopwords,
+                         empty_policy, backbone_weights, resume, seed, device) -> None:
+    """Train the MIL attribute-word detector (Fang et al. 2015) from the captions of prepared data."""
+    from glied.pipeline.attributes import train_attributes
+
+    s = train_attributes(data, out, images=images, config=config, epochs=epochs, batch_size=batch_size, lr=lr,
+                         vocab_size=vocab_size, input_size=input_size, stopwords=stopwords,
+                         empty_policy=empty_policy, resume=resume, seed=seed, backbone_weights=backbone_weights,
+                         device=device, log=click.echo)
+    val = f", val mAP {s['val_mAP']:.4f}" if s.get("val_mAP") is not None else ""
+    click.echo(f"trained {s['epochs']} epochs in {s['seconds_this_run']:.1f} s (loss {s['final_loss']:.4f}{val}) "
+               f"-> {out}/model.pt")
+
+
+@cli.command("evaluate-attributes")
+@click.option("--run", required=True, type=click.Path(), help="Run folder (or model.pt) of train-attributes.")
+@click.option("--data", required=True, type=click.Path(), help="Prepared data folder.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--top-k", "top_ks", type=click.IntRange(min=1), multiple=True,
+              help="Cut(s) for precision/recall; repeatable (default 5, 10, 50).")
+@click.option("--images", type=click.Path(), default=None, help="Image folder (default: prepared images_root).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Metrics json (default RUN/metrics_<split>.json).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_attributes_cmd(run, data, split, top_ks, images, out, device) -> None:
+    """Per-word AP, mAP and precision/recall at top-k of a MIL run on a held-out split."""
+    from glied.pipeline.attributes import evaluate_attributes
+
+    m = evaluate_attributes(run, data, split=split, top_ks=top_ks or (5, 10, 50), images=images, out=out,
+                            device=device, log=click.echo)
+    click.echo(f"{split}: {m['n_images']} images, {m['n_words_evaluated']} words with positives, "
+               f"mAP {m['mAP']:.4f}")
+    for k, pr in m["at_k"].items():
+        click.echo(f"  top-{k}: precision {pr['precision']:.4f}, recall {pr['recall']:.4f}")
+    click.echo(f"  {1000 * m['seconds_per_image']:.1f} ms per image (model only) -> {m['written_to']}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,6 +296,68 @@ def export_features_cmd(cache, out) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # GLIED decoder: train, evaluate (issue 6)
 # ---------------------------------------------------------------------------------------------------------
+
+_MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
+
+
+@cli.command("train")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data (glied prepare).")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache (glied extract).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--stage", type=click.Choice(["xe", "scst", "both"]), default="both", show_default=True,
+              help="Cross-entropy, self-critical (needs --init or --resume), or XE then SCST.")
+@click.option("--model", type=click.Choice(_MODELS), default="glied", show_default=True,
+              help="GLIED, the base model, or base plus one distilling part.")
+@click.option("--epochs", type=int, default=15, show_default=True, help="Cross-entropy epochs.")
+@click.option("--scst-epochs", type=int, default=10, show_default=True, help="Self-critical epochs.")
+@click.option("--batch-size", type=int, default=50, show_default=True, help="Images per step and process.")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Cross-entropy learning rate.")
+@click.option("--scst-lr", type=float, default=5e-5, show_default=True, help="Self-critical learning rate.")
+@click.option("--warmup-steps", type=int, default=200, show_default=True)
+@click.option("--scst-baseline", type=click.Choice(["greedy", "mean"]), default="greedy", show_default=True)
+@click.option("--scst-samples", type=int, default=5, show_default=True, help="Samples per image in SCST.")
+@click.option("--d-model", type=int, default=512, show_default=True, help="Model width (paper: 512).")
+@click.option("--d-embed", type=int, default=256, show_default=True, help="Shared embedding size (paper: 256).")
+@click.option("--heads", type=int, default=8, show_default=True, help="Attention heads (paper: 8).")
+@click.option("--init", type=click.Path(), default=None, help="Start from this checkpoint's weights.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs: int, scst_epochs: int,
+              batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
+              scst_samples: int, d_model: int, d_embed: int, heads: int, init: str | None, resume: bool,
+              seed: int, device: str) -> None:
+    """Train the GLIED decoder on cached features: cross-entropy, then SCST with a CIDEr-D reward.
+
+    Runs under `torchrun --nproc_per_node N glied train ...` with DistributedDataParallel.
+    """
+    from glied.pipeline.train import TrainConfig, train
+
+    cfg = TrainConfig(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
+                      lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
+                      scst_samples=scst_samples, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed)
+    s = train(data, features, out, cfg, resume=resume, init=init, device=device, log=click.echo)
+    if s.get("rank", 0) == 0:
+        click.echo(f"best val CIDEr-D {s['best_val_cider']:.4f}; checkpoints in {out}")
+
+
+@cli.command("evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(), help="Run directory (best.pt) or .pt file.")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache the model was trained on.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data.")
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+@click.option("--beam", type=int, default=3, show_default=True, help="Beam size (1 = greedy).")
+@click.option("--batch-size", type=int, default=50, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write (default: run dir).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: int, batch_size: int,
+                 out: str | None, device: str) -> None:
+    """Caption a split, write COCO-format predictions and BLEU/METEOR/ROUGE-L/CIDEr (pycocoevalcap)."""
+    from glied.pipeline.evaluate import evaluate
+
+    r = evaluate(checkpoint, features, data, split, beam_size=beam, batch_size=batch_size, out=out, device=device,
+                 log=click.echo)
+    click.echo(f"predictions: {r['predictions']}")
 
 
 # ---------------------------------------------------------------------------------------------------------
