@@ -267,7 +267,7 @@ def merge_caches_cmd(out, inputs) -> None:
 
 
 @cli.command("import-features")
-@click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("src", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Feature cache folder to create.")
 @click.option("--box-dir", type=click.Path(exists=True, file_okay=False), default=None,
@@ -275,7 +275,10 @@ def merge_caches_cmd(out, inputs) -> None:
 @click.option("--name", default=None, help="Extractor name to record (default: from the source format).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
 def import_features_cmd(src, out, box_dir, name, dtype) -> None:
-    """Import bottom-up TSV files (.tsv, .tsv.0, ...) or per-image npz folders into a feature cache."""
+    """Import bottom-up TSV files or per-image npz folders into a feature cache.
+
+    SRC: a .tsv file, the stem of a multipart release (x.tsv for x.tsv.0, x.tsv.1, ...), or a folder of npz.
+    """
     from glied.pipeline.features_io import import_features
 
     n = import_features(list(src), out, box_dir=box_dir, name=name, dtype=dtype)
