@@ -52,7 +52,8 @@ def _detector_stage(world: Path, cfg: DemoConfig, log) -> Callable[[Path], dict]
         from glied.pipeline.detector import train_detector
 
         s = train_detector(str(world / "instances.json"), str(world / "images"), str(d), preset="small",
-                           epochs=cfg.detector_epochs, seed=cfg.seed, split="train", log=log)
+                           epochs=cfg.detector_epochs, seed=cfg.seed, split="train", log=log,
+                           resume=(d / "checkpoint.pt").exists())  # an interrupted demo continues its run
         return {"run": str(d), "seconds": s.get("seconds")}
     return run
 
@@ -70,7 +71,8 @@ def _attributes_stage(prep: Path, cfg: DemoConfig, log) -> Callable[[Path], dict
     def run(d: Path) -> dict:
         from glied.pipeline.attributes import train_attributes
 
-        train_attributes(prep, d, config="small", epochs=cfg.attribute_epochs, seed=cfg.seed, log=log)
+        train_attributes(prep, d, config="small", epochs=cfg.attribute_epochs, seed=cfg.seed, log=log,
+                         resume=(d / "last.pt").exists())
         return {"run": str(d)}
     return run
 
@@ -112,7 +114,7 @@ def _decoder_stage(prep: Path, cache: str, model: str, stage: str, epochs: int, 
 
         tc = TrainConfig(model=model, stage=stage, epochs=epochs if stage == "xe" else 0,
                          scst_epochs=epochs if stage == "scst" else 0, batch_size=cfg.batch_size, seed=cfg.seed)
-        s = train(prep, cache, d, tc, init=init, log=log)
+        s = train(prep, cache, d, tc, init=init, log=log, resume=(d / "last.pt").exists())
         return {"run": str(d), "best_val_cider": s.get("best_val_cider")}
     return run
 
