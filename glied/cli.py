@@ -86,6 +86,53 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 # ---------------------------------------------------------------------------------------------------------
 
 
+@cli.command("train-detector")
+@click.option("--annotations", required=True, type=click.Path(dir_okay=False),
+              help="COCO-format instances.json with per-box attribute_ids.")
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory the file_name entries are relative to.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoint, logs).")
+@click.option("--config", "preset", default="small", show_default=True, help="Model preset.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: the training config's).")
+@click.option("--batch-size", type=int, default=None, help="Images per step.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).")
+@click.option("--input-size", type=int, default=None, help="Input side in pixels for the small preset.")
+@click.option("--split", default="train", show_default=True, help="Training split (train|val|test|all).")
+@click.option("--split-file", type=click.Path(dir_okay=False), default=None,
+              help="Karpathy captions.json giving each image's split (when instances.json has none).")
+@click.option("--max-images", type=int, default=None, help="Train on the first N images only.")
+@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_detector_cmd(annotations, images_dir, out, preset, epochs, batch_size, lr, input_size, split, split_file,
+                       max_images, resume, seed) -> None:
+    """Train the small bottom-up detector (boxes, classes, attributes) on COCO-format annotations."""
+    from glied.pipeline.detector import train_detector
+
+    summary = train_detector(annotations, images_dir, out, preset=preset, epochs=epochs, batch_size=batch_size,
+                             lr=lr, resume=resume, seed=seed, split=None if split == "all" else split,
+                             split_file=split_file, input_size=input_size, max_images=max_images,
+                             log=click.echo)
+    click.echo(f"trained {summary['iterations']} iterations on {summary['images']} images in "
+               f"{summary['seconds']} s; checkpoint in {summary['run']}")
+
+
+@cli.command("evaluate-detector")
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory or checkpoint file.")
+@click.option("--annotations", required=True, type=click.Path(dir_okay=False))
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--split", default="test", show_default=True, help="Split to evaluate (train|val|test|all).")
+@click.option("--split-file", type=click.Path(dir_okay=False), default=None,
+              help="Karpathy captions.json giving each image's split (when instances.json has none).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-images", type=int, default=None, help="Evaluate the first N images only.")
+def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, batch_size, max_images) -> None:
+    """Box mAP@0.5 (COCOeval) and attribute accuracy of a trained detector; writes RUN/metrics_<split>.json."""
+    from glied.pipeline.detector import evaluate_detector_run
+
+    evaluate_detector_run(run_dir, annotations, images_dir, split=None if split == "all" else split,
+                          split_file=split_file, batch_size=batch_size, max_images=max_images, log=click.echo)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # MIL attribute words: train-attributes, evaluate-attributes (issue 4)
 # ---------------------------------------------------------------------------------------------------------
@@ -171,14 +218,227 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
 # ---------------------------------------------------------------------------------------------------------
 
 
+@cli.command("extract")
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Feature cache folder (created or resumed).")
+@click.option("--detector", default=None, help="Bottom-up weights file or train-detector run folder.")
+@click.option("--extractor-module", default=None, metavar="MOD:FACTORY",
+              help="Use factory(weights=, device=, precision=) from 'pkg.mod:factory' or 'file.py:factory' "
+                   "as the region extractor (your own model; also the tests' hook).")
+@click.option("--attributes", default=None, help="MIL attribute-word run or checkpoint (optional).")
+@click.option("--top-k", type=int, default=None, help="Attribute words kept per image (default: the run's).")
+@click.option("--images-root", type=click.Path(file_okay=False), default=None,
+              help="Folder that the paths in a json or list INPUT are relative to.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding threads (0: none).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of the features in the cache.")
+@click.option("--shard", default=None, metavar="I/N", help="Only the images of shard I of N (0-based).")
+@click.option("--boxes", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Extract at given boxes: COCO annotations json or {image_id: [[x1,y1,x2,y2], ...]}.")
+@click.option("--max-side", type=int, default=2000, show_default=True,
+              help="Downscale larger photos to this long side before the model (0: never).")
+@click.option("--commit-seconds", type=float, default=2.0, show_default=True,
+              help="Make finished entries durable (fsync) at least this often.")
+@click.option("--keep-word-maps", is_flag=True, help="Also store the attribute words' per-cell maps (large).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, images_root, batch_size,
+                workers, device, precision, dtype, shard, boxes, max_side, commit_seconds, keep_word_maps,
+                quiet) -> None:
+    """Extract region features (+ attribute words) of every image of INPUT into the cache OUT.
+
+    INPUT: a folder (recursive), a text file listing paths, a Karpathy or COCO json, or a prepared folder.
+    Resumable: images already in OUT are skipped; bad images are listed in OUT/failures.jsonl.
+    """
+    from glied.datasets.inputs import parse_shard
+    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, extract,
+                                        resolve_device)
+
+    sh = parse_shard(shard)
+    dev = resolve_device(device)
+    region = build_region_extractor(detector, extractor_module, dev, precision)
+    attr = build_attribute_extractor(attributes, dev, top_k)
+    s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
+                images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
+                boxes=boxes, max_side=max_side or None, progress=not quiet, commit_seconds=commit_seconds,
+                keep_word_maps=keep_word_maps)
+    click.echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.2f} images/s); "
+               f"{s.already} already in {out}; {s.failed} failed"
+               + (f" (listed in {s.failures_path})" if s.failed else ""))
+
+
+@cli.command("merge-caches")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def merge_caches_cmd(out, inputs) -> None:
+    """Join the shard caches INPUTS into OUT (their identities must match)."""
+    from glied.pipeline.features_io import merge_caches
+
+    n, dup = merge_caches(out, list(inputs))
+    click.echo(f"merged {n} entries into {out}" + (f" ({dup} duplicate ids skipped)" if dup else ""))
+
+
+@cli.command("import-features")
+@click.argument("src", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Feature cache folder to create.")
+@click.option("--box-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="ImageCaptioning layout: folder of <id>.npy boxes beside the <id>.npz features.")
+@click.option("--name", default=None, help="Extractor name to record (default: from the source format).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
+def import_features_cmd(src, out, box_dir, name, dtype) -> None:
+    """Import bottom-up TSV files or per-image npz folders into a feature cache.
+
+    SRC: a .tsv file, the stem of a multipart release (x.tsv for x.tsv.0, x.tsv.1, ...), or a folder of npz.
+    """
+    from glied.pipeline.features_io import import_features
+
+    n = import_features(list(src), out, box_dir=box_dir, name=name, dtype=dtype)
+    click.echo(f"imported {n} images into {out}")
+
+
+@cli.command("export-features")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV file to write.")
+def export_features_cmd(cache, out) -> None:
+    """Write a feature cache as a bottom-up TSV (image_id, image_w, image_h, num_boxes, boxes, features)."""
+    from glied.pipeline.features_io import export_tsv
+
+    n = export_tsv(cache, out)
+    click.echo(f"wrote {n} images to {out}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GLIED decoder: train, evaluate (issue 6)
 # ---------------------------------------------------------------------------------------------------------
+
+_MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
+
+
+@cli.command("train")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data (glied prepare).")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache (glied extract).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--stage", type=click.Choice(["xe", "scst", "both"]), default="both", show_default=True,
+              help="Cross-entropy, self-critical (needs --init or --resume), or XE then SCST.")
+@click.option("--model", type=click.Choice(_MODELS), default="glied", show_default=True,
+              help="GLIED, the base model, or base plus one distilling part.")
+@click.option("--epochs", type=int, default=15, show_default=True, help="Cross-entropy epochs.")
+@click.option("--scst-epochs", type=int, default=10, show_default=True, help="Self-critical epochs.")
+@click.option("--batch-size", type=int, default=50, show_default=True, help="Images per step and process.")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Cross-entropy learning rate.")
+@click.option("--scst-lr", type=float, default=5e-5, show_default=True, help="Self-critical learning rate.")
+@click.option("--warmup-steps", type=int, default=200, show_default=True)
+@click.option("--scst-baseline", type=click.Choice(["greedy", "mean"]), default="greedy", show_default=True)
+@click.option("--scst-samples", type=int, default=5, show_default=True, help="Samples per image in SCST.")
+@click.option("--d-model", type=int, default=512, show_default=True, help="Model width (paper: 512).")
+@click.option("--d-embed", type=int, default=256, show_default=True, help="Shared embedding size (paper: 256).")
+@click.option("--heads", type=int, default=8, show_default=True, help="Attention heads (paper: 8).")
+@click.option("--init", type=click.Path(), default=None, help="Start from this checkpoint's weights.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs: int, scst_epochs: int,
+              batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
+              scst_samples: int, d_model: int, d_embed: int, heads: int, init: str | None, resume: bool,
+              seed: int, device: str) -> None:
+    """Train the GLIED decoder on cached features: cross-entropy, then SCST with a CIDEr-D reward.
+
+    Runs under `torchrun --nproc_per_node N glied train ...` with DistributedDataParallel.
+    """
+    from glied.pipeline.train import TrainConfig, train
+
+    cfg = TrainConfig(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
+                      lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
+                      scst_samples=scst_samples, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed)
+    s = train(data, features, out, cfg, resume=resume, init=init, device=device, log=click.echo)
+    if s.get("rank", 0) == 0:
+        click.echo(f"best val CIDEr-D {s['best_val_cider']:.4f}; checkpoints in {out}")
+
+
+@cli.command("evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(), help="Run directory (best.pt) or .pt file.")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache the model was trained on.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data.")
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+@click.option("--beam", type=int, default=3, show_default=True, help="Beam size (1 = greedy).")
+@click.option("--batch-size", type=int, default=50, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write (default: run dir).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: int, batch_size: int,
+                 out: str | None, device: str) -> None:
+    """Caption a split, write COCO-format predictions and BLEU/METEOR/ROUGE-L/CIDEr (pycocoevalcap)."""
+    from glied.pipeline.evaluate import evaluate
+
+    r = evaluate(checkpoint, features, data, split, beam_size=beam, batch_size=batch_size, out=out, device=device,
+                 log=click.echo)
+    click.echo(f"predictions: {r['predictions']}")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # End to end: caption, bundle, demo (issue 7)
 # ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("caption")
+@click.argument("photos", nargs=-1, required=True)
+@click.option("--model", "bundle", required=True, type=click.Path(), help="A model bundle (`glied bundle`).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per photo (for tools).")
+@click.option("--show", type=click.Path(dir_okay=False), default=None,
+              help="Write a picture of what the model saw (with several photos: OUT_<photo>.png each).")
+@click.option("--beam", type=int, default=None, help="Beam size (default: the bundle's, 3).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Detector precision (default: the one the decoder's training features used).")
+def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str | None, beam: int | None,
+                batch_size: int, device: str, precision: str | None) -> None:
+    """Caption PHOTOS (files or folders) with a model bundle, in one process."""
+    import json
+    import os
+
+    from glied.pipeline.caption import Captioner, expand_inputs, save_picture
+    from glied.pipeline.extract import resolve_device
+
+    files = expand_inputs(photos)
+    if not files:
+        raise GliedError(f"no image files in {' '.join(photos)}")
+    captioner = Captioner.from_bundle(bundle, device=resolve_device(device), precision=precision, beam_size=beam)
+    failed = 0
+
+    def emit(r) -> None:
+        nonlocal failed
+        if r.error:
+            failed += 1
+            click.echo(f"error: {r.path}: {r.error}", err=True)
+        if as_json:
+            click.echo(json.dumps(r.to_json(captioner.attributes.vocab, captioner.regions.classes)))
+        elif not r.error:
+            click.echo(f"{r.path}\t{r.caption}" if len(files) > 1 else r.caption)
+        if show and not r.error:
+            target = show if len(files) == 1 else f"{os.path.splitext(show)[0]}_{os.path.splitext(os.path.basename(r.path))[0]}.png"
+            save_picture(r, captioner, target)
+
+    captioner.caption_files(files, batch_size=batch_size, with_attention=bool(show), on_result=emit)
+    if failed:
+        raise GliedError(f"{failed} of {len(files)} photos could not be captioned (see the lines above)")
+
+
+@cli.command("bundle")
+@click.option("--detector", required=True, type=click.Path(exists=True), help="`glied train-detector` run or .pt.")
+@click.option("--attributes", required=True, type=click.Path(exists=True), help="`glied train-attributes` run.")
+@click.option("--decoder", required=True, type=click.Path(exists=True), help="`glied train` run or .pt.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--beam", type=int, default=3, show_default=True, help="Default beam size for captioning.")
+def bundle_cmd(detector: str, attributes: str, decoder: str, out: str, beam: int) -> None:
+    """Put a detector, an attribute detector and a decoder that belong together into one bundle."""
+    from glied.pipeline.caption import build_bundle
+
+    path = build_bundle(out, detector=detector, attributes=attributes, decoder=decoder, beam_size=beam)
+    click.echo(f"wrote bundle {path}")
 
 
 @cli.command("demo")
