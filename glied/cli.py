@@ -145,13 +145,13 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
               help="Image folder (default: the prepared data's images_root).")
 @click.option("--config", "config", type=click.Choice(["small", "resnet18", "resnet50", "resnet101"]),
               default="small", show_default=True, help="Model preset (small: the shapes world).")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default per preset: small 6).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step (small: 32).")
-@click.option("--lr", type=float, default=None, help="Adam learning rate (small: 3e-3, ResNets: 1e-4).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default per preset: small 8).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step (small: 8).")
+@click.option("--lr", type=float, default=None, help="Adam learning rate (small: 1e-3, ResNets: 1e-4).")
 @click.option("--vocab-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="K: the most frequent training-caption words kept.")
 @click.option("--input-size", type=click.IntRange(min=32), default=None,
-              help="Network input side (small: 128, ResNets: 565).")
+              help="Network input side (small: 64, ResNets: 565).")
 @click.option("--stopwords/--no-stopwords", default=False, show_default=True,
               help="Drop English function words from the vocabulary (Fang keeps them).")
 @click.option("--empty-labels", "empty_policy", type=click.Choice(["keep", "drop"]), default="keep",

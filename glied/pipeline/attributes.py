@@ -17,7 +17,7 @@ from glied.datasets.prepared import PreparedData
 from glied.errors import ConfigError, InputError
 
 # Per-preset training defaults: (epochs, batch size, learning rate).
-TRAIN_DEFAULTS = {"small": (6, 32, 3e-3), "resnet18": (10, 16, 1e-4), "resnet50": (10, 8, 1e-4),
+TRAIN_DEFAULTS = {"small": (8, 8, 1e-3), "resnet18": (10, 16, 1e-4), "resnet50": (10, 8, 1e-4),
                   "resnet101": (10, 8, 1e-4)}
 
 

@@ -3,7 +3,9 @@
 Presets (``MilConfig.preset(name, vocab_size)``):
 
 - ``small``: a 3-stage residual trunk (torchvision ``BasicBlock``; widths 32/64/128, output stride 16) on
-  a plain 128x128 resize, giving an 8x8 word map. Made for the shapes world: trains in minutes on 2 CPU cores.
+  a plain 64x64 resize, giving a 4x4 word map. Made for the shapes world (128x128 images): trains in a few
+  minutes on 2 CPU cores. At 64 px it reached a higher val mAP per CPU-minute than at 96 or 128 px in our
+  runs (shape words were not learned at any of these sizes within ~6000 steps; see the issue-4 notes).
 - ``resnet18`` / ``resnet50`` / ``resnet101``: torchvision ResNet up to ``layer4`` (no global pool, output
   stride 32) on Fang's input: the longer side scaled to 565 and zero-padded at the top-left to 565x565,
   giving an 18x18 word map. ``weights=None``: initial backbone weights come only from a local file
@@ -46,7 +48,7 @@ class MilConfig:
 
     arch: str = "small"
     vocab_size: int = 1000
-    input_size: int = 128
+    input_size: int = 64
     resize_mode: str = "stretch"
     small_widths: tuple[int, ...] = (32, 64, 128)
     small_blocks: tuple[int, ...] = (1, 1, 1)
@@ -79,7 +81,7 @@ class MilConfig:
         if name not in ARCHS:
             raise ConfigError(f"unknown MIL config {name!r}; use one of {', '.join(ARCHS)}")
         if name == "small":
-            base = cls(arch="small", vocab_size=vocab_size, input_size=128, resize_mode="stretch")
+            base = cls(arch="small", vocab_size=vocab_size, input_size=64, resize_mode="stretch")
         else:
             base = cls(arch=name, vocab_size=vocab_size, input_size=565, resize_mode="pad", dropout=0.5)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
