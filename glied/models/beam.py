@@ -11,9 +11,8 @@ All functions return sequences (N, T) of word ids where every row ends with <eos
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from glied.models.glied import BOS, EOS, PAD, GliedDecoder, Memory, State
+from glied.models.glied import BOS, EOS, PAD, GliedDecoder, Memory
 
 
 @torch.no_grad()

@@ -163,7 +163,7 @@ class GliedDecoder(nn.Module):
         if self.prob_proj is not None:
             A = A + self.prob_proj(attr_probs.float().unsqueeze(-1))  # (B, K, D)
         A = self.drop(A)
-        rmask, amask = region_mask[:, None, :], attr_mask[:, None, :]  # (B, 1, R), (B, 1, K)
+        rmask = region_mask[:, None, :]  # (B, 1, R)
         I_tilde = self.g_vd(self.h_vd(I, I, rmask), I) if c.global_visual else I  # (B, R, D)
         kv = {"v": self.h_v.project_kv(I_tilde)}
         if c.global_attribute:

@@ -9,7 +9,8 @@ Recipe (defaults of :class:`TrainConfig`; FACTS §1.6 leaves optimiser and sched
     memory than an XE step with the same number of sequences. Dropout is off during SCST (eval mode) so the
     re-scored log-probabilities are exactly those of the sampling policy.
   * after every epoch: greedy decoding of the val split, CIDEr-D (val-split df, prepared tokens) -> metrics.csv,
-    TensorBoard events (if installed), last.pt, and best.pt when val CIDEr-D improves.
+    TensorBoard events (if installed), last.pt, and best.pt when val CIDEr-D improves; xe.pt keeps the model at
+    the end of the cross-entropy stage (for XE-vs-SCST comparisons).
 
 Exact resume: the checkpoint holds model, optimiser, progress (epochs done per stage, iteration), best score and
 history; shuffling (DistributedSampler seeded with seed + epoch) and the torch RNG (re-seeded from seed, epoch and
@@ -179,7 +180,7 @@ def _scst_step(ddp_model, module: GliedDecoder, batch: dict, device: str, cfg: T
 def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, out: str | os.PathLike,
           cfg: TrainConfig = TrainConfig(), *, resume: bool = False, init: Optional[str] = None,
           device: str = "cpu", log: Callable[[str], None] = print) -> dict:
-    """Train a decoder into ``out`` (last.pt, best.pt, metrics.csv, train_config.json).
+    """Train a decoder into ``out`` (last.pt, best.pt, xe.pt, metrics.csv, train_config.json).
 
     Returns a summary dict: out, best_val_cider, progress, model (preset name), rank, world_size and ``decoder``
     (the trained module of this process).
@@ -307,6 +308,8 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
                      "progress": dict(progress), "best_cider": max(best, val_cider), "history": logger.rows,
                      "val_cider": val_cider}
             save_checkpoint(state, out / "last.pt")
+            if phase == "xe" and progress["xe_done"] == xe_epochs:
+                save_checkpoint(state, out / "xe.pt")  # the model at the end of cross-entropy training
             if val_cider > best:
                 best = val_cider
                 save_checkpoint(state, out / "best.pt")

@@ -110,3 +110,17 @@ def test_evaluate_tiny_split(world, tmp_path):
     refs = json.loads((Path(prep) / "refs_test.json").read_text())
     assert sorted(p["image_id"] for p in preds) == sorted(im["id"] for im in refs["images"])
     assert all(isinstance(p["caption"], str) and p["caption"] for p in preds)
+
+
+def test_scst_stage_from_an_xe_checkpoint(world, tmp_path):
+    root, prep = world
+    feats = fx.MemoryFeatures(root)
+    log = lambda *_: None  # noqa: E731
+    train(prep, feats, tmp_path / "xe", fx.tiny_config(stage="xe", epochs=1), log=log)
+    assert (tmp_path / "xe" / "xe.pt").is_file()
+    with pytest.raises(ConfigError, match="--init"):
+        train(prep, feats, tmp_path / "rl", fx.tiny_config(stage="scst", scst_epochs=1), log=log)
+    s = train(prep, feats, tmp_path / "rl", fx.tiny_config(stage="scst", scst_epochs=1),
+              init=str(tmp_path / "xe" / "xe.pt"), log=log)
+    assert s["progress"] == {"xe_done": 0, "scst_done": 1, "step": 0}
+    assert [p for p, _, _ in _losses(tmp_path / "rl")] == ["scst"]
