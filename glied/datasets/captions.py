@@ -58,7 +58,8 @@ def check_identity(expected: dict, source: FeatureSource, what: str, where: str)
     """Raise ConfigError naming what differs if ``source``'s identity is not ``expected``."""
     diff = identity_difference(expected, feature_identity(source.manifest))
     if diff:
-        raise ConfigError(f"{where}: feature cache identity differs from the one {what} ({'; '.join(diff[:4])}); "
+        raise ConfigError(f"{where}: feature cache identity differs from the one {what} "
+                          f"({'; '.join(diff[:4])}); "
                           "use the cache the model was trained with, or train a new model on this cache")
 
 
@@ -92,7 +93,8 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.ids = [data.images[i]["id"] for i in self.indices]
         missing = [i for i in self.ids if i not in features]
         if missing:
-            raise InputError(f"{where}: {len(missing)} of {len(self.ids)} {split} images are missing from the "
+            raise InputError(f"{where}: {len(missing)} of {len(self.ids)} {split} images are missing from "
+                             "the "
                              f"feature cache (e.g. {', '.join(map(str, missing[:3]))}); extract features for "
                              "every image of the prepared data first (`glied extract`)")
         attr_identity = features.manifest.get("attributes") or {}
@@ -132,8 +134,8 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     """Pad a list of dataset items into a batch.
 
     Returns: index (B,), regions (B, Rmax, D), region_mask (B, Rmax) bool, attr_ids (B, Kmax), attr_probs
-    (B, Kmax), attr_mask (B, Kmax) bool, captions (B, Smax, L) with L the longest caption of the batch (missing caption
-    slots all <pad>).
+    (B, Kmax), attr_mask (B, Kmax) bool, captions (B, Smax, L) with L the longest caption of the batch
+    (missing caption slots all <pad>).
     """
     b = len(items)
     r_max = max(it["regions"].shape[0] for it in items)
@@ -141,7 +143,8 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     k_max = max(it["attr_ids"].shape[0] for it in items)
     s_max = max(it["captions"].shape[0] for it in items)
     # trim caption columns to the longest real caption of the batch (saves decoding pad positions)
-    length = max(1, max(int((it["captions"] != 0).sum(1).max()) if it["captions"].numel() else 0 for it in items))
+    length = max(1, max(int((it["captions"] != 0).sum(1).max()) if it["captions"].numel() else 0
+                        for it in items))
     regions = torch.zeros(b, r_max, d)
     region_mask = torch.zeros(b, r_max, dtype=torch.bool)
     attr_ids = torch.zeros(b, k_max, dtype=torch.long)
@@ -155,10 +158,12 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
         regions[j, :r], region_mask[j, :r] = it["regions"], True
         attr_ids[j, :k], attr_probs[j, :k], attr_mask[j, :k] = it["attr_ids"], it["attr_probs"], True
         captions[j, :s] = it["captions"][:, :length]
-    return {"index": torch.tensor([it["index"] for it in items]), "regions": regions, "region_mask": region_mask,
+    return {"index": torch.tensor([it["index"] for it in items]), "regions": regions,
+            "region_mask": region_mask,
             "attr_ids": attr_ids, "attr_probs": attr_probs, "attr_mask": attr_mask, "captions": captions}
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, ...]:
     """(regions, region_mask, attr_ids, attr_probs, attr_mask) of a collated batch, on ``device``."""
-    return tuple(batch[k].to(device) for k in ("regions", "region_mask", "attr_ids", "attr_probs", "attr_mask"))
+    keys = ("regions", "region_mask", "attr_ids", "attr_probs", "attr_mask")
+    return tuple(batch[k].to(device) for k in keys)
