@@ -86,14 +86,211 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 # ---------------------------------------------------------------------------------------------------------
 
 
+@cli.command("train-detector")
+@click.option("--annotations", required=True, type=click.Path(dir_okay=False),
+              help="COCO-format instances.json with per-box attribute_ids.")
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory the file_name entries are relative to.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoint, logs).")
+@click.option("--config", "preset", default="small", show_default=True, help="Model preset.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: the training config's).")
+@click.option("--batch-size", type=int, default=None, help="Images per step.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).")
+@click.option("--input-size", type=int, default=None, help="Input side in pixels for the small preset.")
+@click.option("--split", default="train", show_default=True, help="Training split (train|val|test|all).")
+@click.option("--split-file", type=click.Path(dir_okay=False), default=None,
+              help="Karpathy captions.json giving each image's split (when instances.json has none).")
+@click.option("--max-images", type=int, default=None, help="Train on the first N images only.")
+@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_detector_cmd(annotations, images_dir, out, preset, epochs, batch_size, lr, input_size, split, split_file,
+                       max_images, resume, seed) -> None:
+    """Train the small bottom-up detector (boxes, classes, attributes) on COCO-format annotations."""
+    from glied.pipeline.detector import train_detector
+
+    summary = train_detector(annotations, images_dir, out, preset=preset, epochs=epochs, batch_size=batch_size,
+                             lr=lr, resume=resume, seed=seed, split=None if split == "all" else split,
+                             split_file=split_file, input_size=input_size, max_images=max_images,
+                             log=click.echo)
+    click.echo(f"trained {summary['iterations']} iterations on {summary['images']} images in "
+               f"{summary['seconds']} s; checkpoint in {summary['run']}")
+
+
+@cli.command("evaluate-detector")
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run directory or checkpoint file.")
+@click.option("--annotations", required=True, type=click.Path(dir_okay=False))
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--split", default="test", show_default=True, help="Split to evaluate (train|val|test|all).")
+@click.option("--split-file", type=click.Path(dir_okay=False), default=None,
+              help="Karpathy captions.json giving each image's split (when instances.json has none).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-images", type=int, default=None, help="Evaluate the first N images only.")
+def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, batch_size, max_images) -> None:
+    """Box mAP@0.5 (COCOeval) and attribute accuracy of a trained detector; writes RUN/metrics_<split>.json."""
+    from glied.pipeline.detector import evaluate_detector_run
+
+    evaluate_detector_run(run_dir, annotations, images_dir, split=None if split == "all" else split,
+                          split_file=split_file, batch_size=batch_size, max_images=max_images, log=click.echo)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # MIL attribute words: train-attributes, evaluate-attributes (issue 4)
 # ---------------------------------------------------------------------------------------------------------
 
 
+@cli.command("train-attributes")
+@click.option("--data", required=True, type=click.Path(), help="Prepared data folder (glied prepare --out).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--images", type=click.Path(), default=None,
+              help="Image folder (default: the prepared data's images_root).")
+@click.option("--config", "config", type=click.Choice(["small", "resnet18", "resnet50", "resnet101"]),
+              default="small", show_default=True, help="Model preset (small: the shapes world).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default per preset: small 6).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step (small: 32).")
+@click.option("--lr", type=float, default=None, help="Adam learning rate (small: 3e-3, ResNets: 1e-4).")
+@click.option("--vocab-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="K: the most frequent training-caption words kept.")
+@click.option("--input-size", type=click.IntRange(min=32), default=None,
+              help="Network input side (small: 128, ResNets: 565).")
+@click.option("--stopwords/--no-stopwords", default=False, show_default=True,
+              help="Drop English function words from the vocabulary (Fang keeps them).")
+@click.option("--empty-labels", "empty_policy", type=click.Choice(["keep", "drop"]), default="keep",
+              show_default=True, help="Images whose captions have no vocabulary word: all-negative, or dropped.")
+@click.option("--backbone-weights", type=click.Path(), default=None,
+              help="Local torchvision ResNet state dict to initialise the trunk (nothing is downloaded).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, vocab_size, input_size, stopwords,
+                         empty_policy, backbone_weights, resume, seed, device) -> None:
+    """Train the MIL attribute-word detector (Fang et al. 2015) from the captions of prepared data."""
+    from glied.pipeline.attributes import train_attributes
+
+    s = train_attributes(data, out, images=images, config=config, epochs=epochs, batch_size=batch_size, lr=lr,
+                         vocab_size=vocab_size, input_size=input_size, stopwords=stopwords,
+                         empty_policy=empty_policy, resume=resume, seed=seed, backbone_weights=backbone_weights,
+                         device=device, log=click.echo)
+    val = f", val mAP {s['val_mAP']:.4f}" if s.get("val_mAP") is not None else ""
+    click.echo(f"trained {s['epochs']} epochs in {s['seconds_this_run']:.1f} s (loss {s['final_loss']:.4f}{val}) "
+               f"-> {out}/model.pt")
+
+
+@cli.command("evaluate-attributes")
+@click.option("--run", required=True, type=click.Path(), help="Run folder (or model.pt) of train-attributes.")
+@click.option("--data", required=True, type=click.Path(), help="Prepared data folder.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--top-k", "top_ks", type=click.IntRange(min=1), multiple=True,
+              help="Cut(s) for precision/recall; repeatable (default 5, 10, 50).")
+@click.option("--images", type=click.Path(), default=None, help="Image folder (default: prepared images_root).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Metrics json (default RUN/metrics_<split>.json).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_attributes_cmd(run, data, split, top_ks, images, out, device) -> None:
+    """Per-word AP, mAP and precision/recall at top-k of a MIL run on a held-out split."""
+    from glied.pipeline.attributes import evaluate_attributes
+
+    m = evaluate_attributes(run, data, split=split, top_ks=top_ks or (5, 10, 50), images=images, out=out,
+                            device=device, log=click.echo)
+    click.echo(f"{split}: {m['n_images']} images, {m['n_words_evaluated']} words with positives, "
+               f"mAP {m['mAP']:.4f}")
+    for k, pr in m["at_k"].items():
+        click.echo(f"  top-{k}: precision {pr['precision']:.4f}, recall {pr['recall']:.4f}")
+    click.echo(f"  {1000 * m['seconds_per_image']:.1f} ms per image (model only) -> {m['written_to']}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Feature cache: extract, import-features, export-features, merge-caches (issue 5)
 # ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("extract")
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Feature cache folder (created or resumed).")
+@click.option("--detector", default=None, help="Bottom-up weights file or train-detector run folder.")
+@click.option("--extractor-module", default=None, metavar="MOD:FACTORY",
+              help="Use factory(weights=, device=, precision=) from 'pkg.mod:factory' or 'file.py:factory' "
+                   "as the region extractor (your own model; also the tests' hook).")
+@click.option("--attributes", default=None, help="MIL attribute-word run or checkpoint (optional).")
+@click.option("--top-k", type=int, default=None, help="Attribute words kept per image (default: the run's).")
+@click.option("--images-root", type=click.Path(file_okay=False), default=None,
+              help="Folder that the paths in a json or list INPUT are relative to.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding threads (0: none).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of the features in the cache.")
+@click.option("--shard", default=None, metavar="I/N", help="Only the images of shard I of N (0-based).")
+@click.option("--boxes", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Extract at given boxes: COCO annotations json or {image_id: [[x1,y1,x2,y2], ...]}.")
+@click.option("--max-side", type=int, default=2000, show_default=True,
+              help="Downscale larger photos to this long side before the model (0: never).")
+@click.option("--commit-seconds", type=float, default=2.0, show_default=True,
+              help="Make finished entries durable (fsync) at least this often.")
+@click.option("--keep-word-maps", is_flag=True, help="Also store the attribute words' per-cell maps (large).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, images_root, batch_size,
+                workers, device, precision, dtype, shard, boxes, max_side, commit_seconds, keep_word_maps,
+                quiet) -> None:
+    """Extract region features (+ attribute words) of every image of INPUT into the cache OUT.
+
+    INPUT: a folder (recursive), a text file listing paths, a Karpathy or COCO json, or a prepared folder.
+    Resumable: images already in OUT are skipped; bad images are listed in OUT/failures.jsonl.
+    """
+    from glied.datasets.inputs import parse_shard
+    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, extract,
+                                        resolve_device)
+
+    sh = parse_shard(shard)
+    dev = resolve_device(device)
+    region = build_region_extractor(detector, extractor_module, dev, precision)
+    attr = build_attribute_extractor(attributes, dev, top_k)
+    s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
+                images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
+                boxes=boxes, max_side=max_side or None, progress=not quiet, commit_seconds=commit_seconds,
+                keep_word_maps=keep_word_maps)
+    click.echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.2f} images/s); "
+               f"{s.already} already in {out}; {s.failed} failed"
+               + (f" (listed in {s.failures_path})" if s.failed else ""))
+
+
+@cli.command("merge-caches")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def merge_caches_cmd(out, inputs) -> None:
+    """Join the shard caches INPUTS into OUT (their identities must match)."""
+    from glied.pipeline.features_io import merge_caches
+
+    n, dup = merge_caches(out, list(inputs))
+    click.echo(f"merged {n} entries into {out}" + (f" ({dup} duplicate ids skipped)" if dup else ""))
+
+
+@cli.command("import-features")
+@click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Feature cache folder to create.")
+@click.option("--box-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="ImageCaptioning layout: folder of <id>.npy boxes beside the <id>.npz features.")
+@click.option("--name", default=None, help="Extractor name to record (default: from the source format).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
+def import_features_cmd(src, out, box_dir, name, dtype) -> None:
+    """Import bottom-up TSV files (.tsv, .tsv.0, ...) or per-image npz folders into a feature cache."""
+    from glied.pipeline.features_io import import_features
+
+    n = import_features(list(src), out, box_dir=box_dir, name=name, dtype=dtype)
+    click.echo(f"imported {n} images into {out}")
+
+
+@cli.command("export-features")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV file to write.")
+def export_features_cmd(cache, out) -> None:
+    """Write a feature cache as a bottom-up TSV (image_id, image_w, image_h, num_boxes, boxes, features)."""
+    from glied.pipeline.features_io import export_tsv
+
+    n = export_tsv(cache, out)
+    click.echo(f"wrote {n} images to {out}")
 
 
 # ---------------------------------------------------------------------------------------------------------

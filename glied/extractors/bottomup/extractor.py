@@ -1,0 +1,209 @@
+"""The region extractor used by ``glied extract`` and ``glied caption``: weights -> RegionFeatures per image.
+
+    ext = load_region_extractor("faster_rcnn_from_caffe_attr.pkl", precision="bf16", procedure="butd")
+    regions = ext.extract([bgr_uint8_image, ...])            # list[RegionFeatures], boxes in original pixels
+    given = ext.extract_given_boxes(image, boxes_xyxy)        # RegionFeatures for exactly those boxes
+
+``weights`` is either the published detectron2-format pickle (loaded through a restricted unpickler and a strict
+key map; vocabularies ``objects_vocab.txt`` / ``attributes_vocab.txt`` beside it, optional) or a glied
+checkpoint (``save_checkpoint``; config and vocabularies inside).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glied.errors import ConfigError, InputError, WeightsError
+from glied.extractors.bottomup import selection as sel
+from glied.extractors.bottomup.config import BottomUpConfig
+from glied.extractors.bottomup.model import BottomUpDetector, RawOutputs
+from glied.extractors.bottomup.weights import (load_checkpoint, load_detectron2_state, missing_weights_message,
+                                               read_detectron2_pickle, read_vocab, weights_fingerprint)
+from glied.records import RegionFeatures
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class GivenBoxOutputs:
+    """Outputs for user-given boxes: ``regions`` (RegionFeatures, boxes exactly as given), ``cls_probs`` (K, C+1)
+    softmax over all classes, background LAST, ``attr_probs`` (K, A) the port's attribute softmax over the A real
+    attributes, ``attr_cond_class`` (K,) the class index the attribute head was conditioned on."""
+
+    regions: RegionFeatures
+    cls_probs: np.ndarray
+    attr_probs: np.ndarray
+    attr_cond_class: np.ndarray
+
+
+class RegionExtractor:
+    """A loaded bottom-up detector plus its selection procedure and precision. Thread-compatible, not
+    thread-safe. Build with :func:`load_region_extractor`."""
+
+    def __init__(self, model: BottomUpDetector, *, precision: str = "fp32", fingerprint: str = "",
+                 classes=None, attributes=None, name: str = "bottomup", channels_last: bool | None = None):
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.precision = precision
+        self.fingerprint = fingerprint
+        self.classes = classes
+        self.attributes = attributes
+        self.name = name
+        self.device = next(model.parameters()).device
+        if channels_last is None:
+            channels_last = self.device.type == "cpu" or precision != "fp32"
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.model.channels_last = channels_last
+        self.model.roi_heads.channels_last = channels_last
+
+    # ---- identity --------------------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """{name, config, weights_fingerprint, feature_dim}: everything that determines the features."""
+        return {"name": self.name, "config": dict(self.cfg.to_dict(), precision=self.precision),
+                "weights_fingerprint": self.fingerprint, "feature_dim": self.cfg.feature_dim}
+
+    # ---- running ---------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def raw(self, image: np.ndarray, name: str = "image") -> RawOutputs:
+        """All detector outputs for one BGR uint8 image (see :class:`RawOutputs`)."""
+        with torch.inference_mode(), self._autocast():
+            return self.model.run_image(image, name)
+
+    def select(self, out: RawOutputs, procedure: str | None = None) -> sel.Selection:
+        """Apply a region-selection procedure ("butd" | "fixed36" | "adapt"; default from the config)."""
+        cfg = self.cfg
+        procedure = procedure or cfg.procedure
+        probs = out.cls_probs
+        if procedure == "butd":
+            return sel.select_butd(out.proposals, probs, nms_thresh=cfg.nms_thresh, score_thresh=cfg.score_thresh,
+                                   min_boxes=cfg.min_boxes, max_boxes=cfg.max_boxes)
+        reg = out.regressed_boxes(cfg.roi_bbox_weights, cfg.bbox_scale_clamp)
+        if procedure == "fixed36":
+            return sel.select_fixed36(reg, probs, out.info.input_hw, score_thresh=cfg.score_thresh)
+        if procedure == "adapt":
+            return sel.select_adapt(reg, probs, out.info.input_hw, min_boxes=cfg.min_boxes, max_boxes=cfg.max_boxes)
+        raise ConfigError(f"unknown region-selection procedure {procedure!r} (butd | fixed36 | adapt)")
+
+    def regions(self, out: RawOutputs, s: sel.Selection) -> RegionFeatures:
+        """RegionFeatures from raw outputs and a selection (boxes back in original pixels, clipped)."""
+        attr_scores, attr_ids = out.attr_probs[s.idx].max(dim=1) if len(s) else (torch.zeros(0),
+                                                                                torch.zeros(0, dtype=torch.int64))
+        h, w = out.info.raw_hw
+        return RegionFeatures(
+            boxes=sel.to_original(s.boxes, out.info.input_hw, out.info.raw_hw).numpy().astype(np.float32),
+            features=out.features[s.idx].numpy().astype(np.float32),
+            obj_ids=s.obj_ids.numpy().astype(np.int64), obj_scores=s.obj_scores.numpy().astype(np.float32),
+            attr_ids=attr_ids.numpy().astype(np.int64), attr_scores=attr_scores.numpy().astype(np.float32),
+            image_w=int(w), image_h=int(h))
+
+    def extract(self, images: list, names: list | None = None, procedure: str | None = None) -> list:
+        """BGR uint8 images (H, W, 3) at their original sizes -> list[RegionFeatures] (boxes in original pixels).
+        ``names`` (optional) label the images in error messages."""
+        names = names or [f"image {i}" for i in range(len(images))]
+        return [self.regions(out, self.select(out, procedure))
+                for out in (self.raw(im, nm) for im, nm in zip(images, names))]
+
+    def predict_given_boxes(self, image: np.ndarray, boxes, name: str = "image") -> GivenBoxOutputs:
+        """Features, class and attribute probabilities for exactly the given boxes (K, 4) x1, y1, x2, y2 in original
+        pixels: no proposals, no regression, no selection. The boxes are scaled to the network input (x and y
+        separately, float32) and RoI-pooled; the attribute head is conditioned on the argmax over all C+1 class
+        logits, background included (as the port); obj_ids/obj_scores are the best foreground class."""
+        b = np.asarray(boxes, dtype=np.float32)
+        if b.ndim != 2 or b.shape[1] != 4:
+            raise InputError(f"{name}: boxes must be a (K, 4) list of x1, y1, x2, y2, got shape {b.shape}")
+        if not isinstance(image, np.ndarray) or image.ndim != 3:
+            raise InputError(f"{name}: expected a BGR uint8 array (H, W, 3)")
+        h0, w0 = image.shape[:2]
+        for k, (x1, y1, x2, y2) in enumerate(b.tolist()):
+            if not all(np.isfinite([x1, y1, x2, y2])) or x1 < 0 or y1 < 0 or x2 > w0 or y2 > h0:
+                raise InputError(f"{name}: box {k} [{x1:g}, {y1:g}, {x2:g}, {y2:g}] lies outside the {w0}x{h0} image")
+            if x2 <= x1 or y2 <= y1:
+                raise InputError(f"{name}: box {k} [{x1:g}, {y1:g}, {x2:g}, {y2:g}] has zero area (need x2 > x1, "
+                                 f"y2 > y1)")
+        with torch.inference_mode(), self._autocast():
+            x, info = self.model.transform(image, name)
+            h, w = info.input_hw
+            sx, sy = np.float32(w / w0), np.float32(h / h0)
+            bin_ = torch.from_numpy(b * np.array([sx, sy, sx, sy], dtype=np.float32))   # (K, 4) input pixels
+            res4 = self.model.backbone(self.model._prep(x))
+            feats, cls_logits, _, attr_logits = self.model.box_outputs(res4, bin_.to(res4.device))
+        cls_probs = torch.softmax(cls_logits.float().cpu(), dim=1)
+        attr_probs = torch.softmax(attr_logits.float().cpu()[:, :-1], dim=1)
+        obj_scores, obj_ids = cls_probs[:, :-1].max(dim=1)
+        attr_scores, attr_ids = attr_probs.max(dim=1)
+        regions = RegionFeatures(boxes=b.copy(), features=feats.float().cpu().numpy(), obj_ids=obj_ids.numpy(),
+                                 obj_scores=obj_scores.numpy(), attr_ids=attr_ids.numpy(),
+                                 attr_scores=attr_scores.numpy(), image_w=int(w0), image_h=int(h0))
+        return GivenBoxOutputs(regions, cls_probs.numpy(), attr_probs.numpy(),
+                               cls_logits.float().argmax(dim=1).cpu().numpy())
+
+    def extract_given_boxes(self, image: np.ndarray, boxes, name: str = "image") -> RegionFeatures:
+        """RegionFeatures for exactly the given boxes (see :meth:`predict_given_boxes`)."""
+        return self.predict_given_boxes(image, boxes, name).regions
+
+
+def load_region_extractor(weights, *, device: str = "cpu", precision: str = "fp32", procedure: str = "butd",
+                          resizer: str | None = None, config: BottomUpConfig | None = None,
+                          classes_file=None, attributes_file=None, **overrides) -> RegionExtractor:
+    """Load the bottom-up region extractor.
+
+    Args:
+        weights: the published ``faster_rcnn_from_caffe_attr.pkl`` (detectron2 format; architecture
+            ``BottomUpConfig.r101_vg()`` unless ``config`` is given) or a glied detector checkpoint (.pt).
+        device: "cpu" or a torch device string ("cuda", "cuda:1").
+        precision: "fp32" | "bf16" | "fp16" (autocast; bf16 is fast on CPUs with avx512_bf16).
+        procedure: region selection "butd" (original Caffe rule, 10..100, default) | "fixed36" | "adapt".
+        resizer: "pil" (the port) | "cv2" (original Caffe); default from the config ("pil").
+        classes_file / attributes_file: vocabularies (one name per line); default ``objects_vocab.txt`` /
+            ``attributes_vocab.txt`` beside a .pkl; missing -> ``classes``/``attributes`` are None (ids only).
+        overrides: other BottomUpConfig fields (min_boxes, max_boxes, score_thresh, res5_chunk, ...).
+    Raises WeightsError (missing/unsafe/mismatched weights), ConfigError (bad options).
+    """
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(missing_weights_message(path))
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    changes = dict(overrides, procedure=procedure)
+    if resizer is not None:
+        changes["resizer"] = resizer
+    if path.suffix == ".pkl":
+        cfg = (config or BottomUpConfig.r101_vg()).replace(**changes)
+        model = BottomUpDetector(cfg)
+        load_detectron2_state(model, read_detectron2_pickle(path), str(path))
+        classes = read_vocab(classes_file or path.with_name("objects_vocab.txt"))
+        attributes = read_vocab(attributes_file or path.with_name("attributes_vocab.txt"))
+        name = "bottomup-r101-c4-vg" if cfg.stage_blocks == (3, 4, 23, 3) else "bottomup"
+    else:
+        ck = load_checkpoint(path)
+        cfg = BottomUpConfig.from_dict(ck["config"]).replace(**changes)
+        model = BottomUpDetector(cfg)
+        try:
+            model.load_state_dict(ck["model"], strict=True)
+        except RuntimeError as e:
+            raise WeightsError(f"{path}: checkpoint does not fit its own config: {str(e).splitlines()[0]}") from None
+        classes = read_vocab(classes_file) if classes_file else ck.get("classes")
+        attributes = read_vocab(attributes_file) if attributes_file else ck.get("attributes")
+        name = "bottomup-" + ck.get("extra", {}).get("name", "small")
+    for what, vocab, n in (("classes", classes, cfg.num_classes), ("attributes", attributes, cfg.num_attributes)):
+        if vocab is not None and len(vocab) != n:
+            raise WeightsError(f"{path}: the {what} vocabulary has {len(vocab)} names, the model {n}")
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise ConfigError(f"device {device!r} is not usable here: {e}") from None
+    return RegionExtractor(model, precision=precision, fingerprint=weights_fingerprint(path), classes=classes,
+                           attributes=attributes, name=name)

@@ -1,0 +1,164 @@
+"""The bottom-up Faster R-CNN (Anderson et al. 2018), GeneralizedRCNN-style:
+
+    x, info   = model.transform(image_bgr_u8)            # resize + mean subtraction, (1, 3, h, w)
+    res4      = model.backbone(x)                        # (1, C4, h/16, w/16)
+    obj, dlt  = model.rpn.head(res4)                     # (1, A, Hf, Wf), (1, 4A, Hf, Wf)
+    proposals = model.rpn.propose(obj, dlt, info.input_hw)
+    feats     = model.roi_heads.features(res4, rois)     # RoIPool 14x14 -> res5 -> mean: (K, 2048)
+    logits... = model.roi_heads.predict(feats)           # classes (bg last), deltas, attributes
+
+``BottomUpDetector.run_image`` does all of it for one image and returns every intermediate (``RawOutputs``);
+the region-selection procedures (:mod:`.selection`) and the extractor (:mod:`.extractor`) build on it.
+Training losses live in ``training.py`` (written against this module).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from glied.errors import InputError
+from glied.extractors.bottomup import boxes as box_ops
+from glied.extractors.bottomup.backbone import ResNetC4
+from glied.extractors.bottomup.config import BottomUpConfig
+from glied.extractors.bottomup.roi_heads import RoIHeads
+from glied.extractors.bottomup.rpn import RPN
+
+
+def resized_hw(h: int, w: int, min_size: int, max_size: int) -> tuple:
+    """detectron2 ``ResizeShortestEdge`` size rule: shorter side -> min_size, longer capped at max_size,
+    each side rounded as int(x + 0.5)."""
+    s = min_size * 1.0 / min(h, w)
+    newh, neww = (min_size, s * w) if h < w else (s * h, min_size)
+    if max(newh, neww) > max_size:
+        s = max_size * 1.0 / max(newh, neww)
+        newh, neww = newh * s, neww * s
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def resize_bgr(image: np.ndarray, hw: tuple, resizer: str) -> np.ndarray:
+    """Resize a BGR uint8 (H, W, 3) image to ``hw``. "pil": PIL bilinear on uint8 (antialiased when shrinking,
+    as the detectron2 port); "cv2": OpenCV INTER_LINEAR (as the original Caffe code; no antialiasing).
+    Returns float32 (h, w, 3)."""
+    h, w = hw
+    if (h, w) == image.shape[:2]:
+        return image.astype(np.float32)
+    if resizer == "pil":
+        from PIL import Image
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR), dtype=np.float32)
+    import cv2
+    return cv2.resize(image.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+@dataclass
+class ImageInfo:
+    raw_hw: tuple       # original (H, W)
+    input_hw: tuple     # resized (h, w) the network sees
+    scale_xy: tuple     # (w / W, h / H): original pixels -> input pixels
+
+
+class ImageTransform(nn.Module):
+    """BGR uint8 (H, W, 3) numpy -> (1, 3, h, w) float32 minus the BGR pixel mean, plus an :class:`ImageInfo`."""
+
+    def __init__(self, cfg: BottomUpConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def forward(self, image: np.ndarray, name: str = "image"):
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            desc = (f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray)
+                    else type(image).__name__)
+            raise InputError(f"{name}: expected a BGR uint8 array (H, W, 3), got {desc}")
+        h0, w0 = image.shape[:2]
+        if h0 < 1 or w0 < 1:
+            raise InputError(f"{name}: empty image ({h0}x{w0})")
+        h, w = resized_hw(h0, w0, self.cfg.min_size, self.cfg.max_size)
+        if min(h, w) < 2 * self.cfg.feature_stride:
+            raise InputError(f"{name}: {w0}x{h0} is too elongated: resized to {w}x{h}, its short side is under "
+                             f"{2 * self.cfg.feature_stride} px (crop or pad the image)")
+        arr = resize_bgr(np.ascontiguousarray(image), (h, w), self.cfg.resizer)
+        return self.from_resized(arr), ImageInfo((h0, w0), (h, w), (w / w0, h / h0))
+
+    def from_resized(self, arr: np.ndarray) -> torch.Tensor:
+        """An already-resized (h, w, 3) BGR array (uint8 or float) -> (1, 3, h, w) mean-subtracted tensor."""
+        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None]   # (1, 3, h, w)
+        return (x.to(self.pixel_mean.device) - self.pixel_mean).contiguous()
+
+
+@dataclass
+class RawOutputs:
+    """Everything the detector computes for one image (torch tensors on CPU, float32).
+
+    proposals (P, 4) input pixels sorted by objectness; objectness (P,) raw logits; features (P, D);
+    cls_logits (P, C+1); box_deltas (P, 4C); attr_logits (P, A+1); plus the image geometry.
+    """
+
+    info: ImageInfo
+    proposals: torch.Tensor
+    objectness: torch.Tensor
+    features: torch.Tensor
+    cls_logits: torch.Tensor
+    box_deltas: torch.Tensor
+    attr_logits: torch.Tensor
+
+    @property
+    def cls_probs(self) -> torch.Tensor:
+        """(P, C+1) softmax over all logits, background last."""
+        return torch.softmax(self.cls_logits, dim=1)
+
+    @property
+    def attr_probs(self) -> torch.Tensor:
+        """(P, A) the port's attribute probabilities: softmax over the first A logits ("none" dropped first)."""
+        return torch.softmax(self.attr_logits[:, :-1], dim=1)
+
+    def regressed_boxes(self, weights, scale_clamp) -> torch.Tensor:
+        """(P, 4C) class-specific regressed boxes in input pixels (unclipped)."""
+        return box_ops.decode(self.box_deltas, self.proposals, weights, scale_clamp)
+
+
+class BottomUpDetector(nn.Module):
+    """The bottom-up detector; see the module docstring for the composition. Build with a
+    :class:`BottomUpConfig` (``BottomUpConfig.r101_vg()`` for the published model)."""
+
+    def __init__(self, cfg: BottomUpConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transform = ImageTransform(cfg)
+        self.backbone = ResNetC4(cfg)
+        self.rpn = RPN(cfg)
+        self.roi_heads = RoIHeads(cfg)
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        p = next(self.parameters())
+        return x.to(device=p.device).contiguous(
+            memory_format=torch.channels_last if getattr(self, "channels_last", False) else torch.contiguous_format)
+
+    def proposals_for(self, x: torch.Tensor, input_hw: tuple):
+        """x (1, 3, h, w) -> res4, (proposal boxes (P, 4), objectness logits (P,))."""
+        res4 = self.backbone(self._prep(x))
+        obj, dlt = self.rpn.head(res4)
+        props, logits = self.rpn.propose(obj, dlt, input_hw)[0]
+        return res4, props.float(), logits.float()
+
+    def box_outputs(self, res4: torch.Tensor, boxes: torch.Tensor):
+        """Features and head outputs for boxes (K, 4) in input pixels of one image (batch index 0)."""
+        rois = torch.cat([boxes.new_zeros((boxes.shape[0], 1)), boxes], dim=1)   # (K, 5)
+        feats = self.roi_heads.features(res4, rois)
+        cls_logits, deltas, attr_logits = self.roi_heads.predict(feats)
+        return feats.float(), cls_logits, deltas, attr_logits
+
+    def run_resized(self, x: torch.Tensor, info: ImageInfo) -> RawOutputs:
+        """All intermediate outputs for one already-transformed image x (1, 3, h, w)."""
+        res4, props, logits = self.proposals_for(x, info.input_hw)
+        feats, cls_logits, deltas, attr_logits = self.box_outputs(res4, props.to(res4.device))
+        return RawOutputs(info, props.cpu(), logits.cpu(), feats.cpu(), cls_logits.cpu(), deltas.cpu(),
+                          attr_logits.cpu())
+
+    def run_image(self, image: np.ndarray, name: str = "image") -> RawOutputs:
+        """One BGR uint8 image at its original size -> :class:`RawOutputs`."""
+        x, info = self.transform(image, name)
+        return self.run_resized(x, info)

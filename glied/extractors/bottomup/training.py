@@ -1,0 +1,353 @@
+"""Training losses of the bottom-up Faster R-CNN (Ren et al. 2015; Anderson et al. 2018), on torch/torchvision ops.
+
+Everything here reads the model through the module contract (CONTRACT_DETECTOR.md): ``backbone``,
+``rpn.head``/``rpn.anchors``/``rpn.propose`` and ``roi_heads.pool``/``res5``/``box_predictor``/``attr_head``.
+
+RPN: anchors with IoU >= 0.7 to a ground-truth box (and, for every box, the anchors of highest IoU with it)
+are positive, IoU < 0.3 negative, the rest ignored; 256 anchors per image are sampled, at most half positive.
+Losses: binary cross-entropy on objectness and smooth-L1 (beta 1/9, as Caffe's sigma 3) on the deltas of the
+positives (box weights 1), both normalised by the number of sampled anchors.
+
+RoI head: proposals (gradient stopped) plus the ground-truth boxes; a proposal with IoU >= 0.5 is foreground
+of its best box's class, below 0.5 background (class index C, last); ``roi_batch`` RoIs per image with at most
+``roi_positive_fraction`` foreground. Losses: cross-entropy over C+1 classes; class-specific smooth-L1 (beta 1)
+on box deltas encoded with weights (10, 10, 5, 5), summed over foreground and divided by the number of sampled
+RoIs; attribute loss on foreground RoIs only.
+
+Attribute loss (the bottom-up Caffe recipe): the attribute head is conditioned on the GROUND-TRUTH class of the
+RoI's box, and its A+1-way softmax ("none" last) is trained with cross-entropy against EACH label of the box
+(the mean of -log p(label) over all (RoI, label) pairs); a box without attributes has the target "none". With
+one colour and one size per box the optimum puts about half the mass on each, so evaluation reads the arg-max
+within each attribute type (see evaluation.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou
+
+from glied.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and target-assignment settings of ``glied train-detector``."""
+
+    epochs: int = 8
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    grad_clip: float = 10.0
+    hflip_prob: float = 0.5
+    seed: int = 0
+    rpn_fg_iou: float = 0.7
+    rpn_bg_iou: float = 0.3
+    rpn_batch_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_smooth_l1_beta: float = 1.0 / 9.0
+    roi_fg_iou: float = 0.5
+    roi_batch_per_image: int = 64
+    roi_positive_fraction: float = 0.25
+    roi_smooth_l1_beta: float = 1.0
+    attr_loss_weight: float = 1.0
+    log_every: int = 20
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown training settings {sorted(unknown)}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"--epochs and --batch-size must be at least 1 (got {self.epochs}, {self.batch_size})")
+        if not 0 <= self.hflip_prob <= 1:
+            raise ConfigError(f"hflip_prob must be in [0, 1] (got {self.hflip_prob})")
+
+
+# ------------------------------------------------------------------------------------------------ box coding
+
+def encode_boxes(reference: torch.Tensor, target: torch.Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Deltas (N, 4) (dx, dy, dw, dh) turning ``reference`` boxes (N, 4) into ``target`` boxes (N, 4).
+
+    Continuous convention (width = x2 - x1, centre = x1 + w / 2), the inverse of the model's ``boxes.decode``;
+    scaled by ``weights``; degenerate widths are clamped to 1e-3 so that a bad box cannot make a NaN target.
+    """
+    wx, wy, ww, wh = weights
+    rw = (reference[:, 2] - reference[:, 0]).clamp(min=1e-3)
+    rh = (reference[:, 3] - reference[:, 1]).clamp(min=1e-3)
+    rx = reference[:, 0] + 0.5 * rw
+    ry = reference[:, 1] + 0.5 * rh
+    tw = (target[:, 2] - target[:, 0]).clamp(min=1e-3)
+    th = (target[:, 3] - target[:, 1]).clamp(min=1e-3)
+    tx = target[:, 0] + 0.5 * tw
+    ty = target[:, 1] + 0.5 * th
+    return torch.stack([wx * (tx - rx) / rw, wy * (ty - ry) / rh, ww * torch.log(tw / rw), wh * torch.log(th / rh)], 1)
+
+
+# ------------------------------------------------------------------------------------------- target assignment
+
+def match_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, fg_iou: float = 0.7,
+                  bg_iou: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """RPN labels of ``anchors`` (N, 4) against ``gt_boxes`` (G, 4).
+
+    Returns ``labels`` (N,) int64: 1 positive (IoU >= fg_iou, or the best anchor(s) of some box), 0 negative
+    (IoU < bg_iou), -1 ignored; and ``matched`` (N,) index of each anchor's best box (0 when G == 0).
+    """
+    n = anchors.shape[0]
+    if gt_boxes.numel() == 0:
+        return torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+    iou = box_iou(gt_boxes, anchors)  # (G, N)
+    best_iou, matched = iou.max(0)
+    labels = torch.full((n,), -1, dtype=torch.int64)
+    labels[best_iou < bg_iou] = 0
+    labels[best_iou >= fg_iou] = 1
+    # low-quality matches: each box keeps the anchors of its highest IoU, however low (ties included)
+    best_per_gt = iou.max(1, keepdim=True).values  # (G, 1)
+    g_idx, a_idx = torch.nonzero((iou == best_per_gt) & (best_per_gt > 0), as_tuple=True)
+    labels[a_idx] = 1
+    matched[a_idx] = g_idx
+    return labels, matched
+
+
+def sample_labels(labels: torch.Tensor, batch: int, positive_fraction: float,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of sampled positives and negatives: at most ``batch * positive_fraction`` positives, negatives
+    fill the rest of ``batch``. ``labels`` (N,): 1 positive, 0 negative, anything else ignored."""
+    pos = torch.nonzero(labels == 1).flatten()
+    neg = torch.nonzero(labels == 0).flatten()
+    n_pos = min(pos.numel(), int(batch * positive_fraction))
+    n_neg = min(neg.numel(), batch - n_pos)
+    pos = pos[torch.randperm(pos.numel(), generator=generator)[:n_pos]]
+    neg = neg[torch.randperm(neg.numel(), generator=generator)[:n_neg]]
+    return pos, neg
+
+
+def sample_rois(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
+                gt_attributes: torch.Tensor, num_classes: int, cfg: TrainConfig,
+                generator: torch.Generator | None = None,
+                weights=(10.0, 10.0, 5.0, 5.0)) -> dict[str, torch.Tensor]:
+    """Sample the RoIs of one image and their targets.
+
+    Args:
+        proposals: (P, 4) RPN boxes in input pixels (no gradient). gt_boxes (G, 4), gt_classes (G,) in 0..C-1,
+        gt_attributes (G, L) 0-based attribute ids, -1 padded; ``weights``: the model's RoI box-coding weights.
+    Returns:
+        {"rois" (K, 4), "classes" (K,) with background = num_classes, "deltas" (K, 4) regression targets
+         (zeros for background), "attributes" (K, L) labels of the matched box (-1 for background)}, foreground
+         first.
+    """
+    proposals = torch.cat([proposals.detach(), gt_boxes], 0)
+    if gt_boxes.numel() == 0:
+        labels = torch.zeros(proposals.shape[0], dtype=torch.int64)
+        matched = torch.zeros(proposals.shape[0], dtype=torch.int64)
+    else:
+        best_iou, matched = box_iou(gt_boxes, proposals).max(0)
+        labels = (best_iou >= cfg.roi_fg_iou).long()  # 1 fg, 0 bg
+    fg, bg = sample_labels(labels, cfg.roi_batch_per_image, cfg.roi_positive_fraction, generator)
+    keep = torch.cat([fg, bg])
+    rois = proposals[keep]
+    classes = torch.full((keep.numel(),), num_classes, dtype=torch.int64)
+    deltas = torch.zeros((keep.numel(), 4))
+    width = gt_attributes.shape[1] if gt_attributes.dim() == 2 else 1
+    attributes = torch.full((keep.numel(), width), -1, dtype=torch.int64)
+    if fg.numel():
+        m = matched[fg]
+        classes[: fg.numel()] = gt_classes[m]
+        deltas[: fg.numel()] = encode_boxes(proposals[fg], gt_boxes[m], weights)
+        attributes[: fg.numel()] = gt_attributes[m]
+    return {"rois": rois, "classes": classes, "deltas": deltas, "attributes": attributes,
+            "num_fg": torch.tensor(fg.numel())}
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+
+def attribute_loss(attr_logits: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+    """Mean of -log softmax(attr_logits)[label] over every (RoI, label) pair.
+
+    ``attr_logits`` (F, A+1), "none" last; ``attributes`` (F, L) 0-based ids, -1 padded; a row without labels
+    is trained towards "none" (index A).
+    """
+    if attr_logits.shape[0] == 0:
+        return attr_logits.sum() * 0.0
+    none = attr_logits.shape[1] - 1
+    targets = attributes.clone()
+    empty = (targets < 0).all(1)
+    targets[empty, 0] = none
+    logp = F.log_softmax(attr_logits, dim=1)  # (F, A+1)
+    valid = targets >= 0  # (F, L)
+    picked = logp.gather(1, targets.clamp(min=0))  # (F, L)
+    return -(picked * valid).sum() / valid.sum()
+
+
+def detector_losses(model: torch.nn.Module, images: torch.Tensor, image_sizes: list[tuple[int, int]],
+                    targets: list[dict[str, torch.Tensor]], cfg: TrainConfig,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The five training losses of a batch.
+
+    Args:
+        model: a ``BottomUpDetector`` in train mode.
+        images: (B, 3, H, W) transformed (mean-subtracted, resized, zero-padded) batch.
+        image_sizes: (h, w) of each image inside the padded batch.
+        targets: per image {"boxes" (G, 4) in input pixels, "classes" (G,), "attributes" (G, L)}.
+    Returns:
+        {"rpn_cls", "rpn_box", "roi_cls", "roi_box", "attr"}: scalar tensors (their sum is the loss).
+    """
+    res4 = model.backbone(images)  # (B, C4, Hf, Wf)
+    objectness, rpn_deltas = model.rpn.head(res4)  # (B, A, Hf, Wf), (B, 4A, Hf, Wf)
+    b, a, hf, wf = objectness.shape
+    anchors = model.rpn.anchors(hf, wf).to(images.dtype)  # (Hf*Wf*A, 4) in (y, x, a) order
+    obj_flat = objectness.permute(0, 2, 3, 1).reshape(b, -1)  # (B, Hf*Wf*A)
+    del_flat = rpn_deltas.view(b, a, 4, hf, wf).permute(0, 3, 4, 1, 2).reshape(b, -1, 4)  # (B, Hf*Wf*A, 4)
+
+    # RPN
+    cls_terms, box_terms, n_sampled = [], [], 0
+    for i, t in enumerate(targets):
+        labels, matched = match_anchors(anchors, t["boxes"], cfg.rpn_fg_iou, cfg.rpn_bg_iou)
+        pos, neg = sample_labels(labels, cfg.rpn_batch_per_image, cfg.rpn_positive_fraction, generator)
+        idx = torch.cat([pos, neg])
+        n_sampled += idx.numel()
+        cls_terms.append(F.binary_cross_entropy_with_logits(
+            obj_flat[i, idx], labels[idx].to(obj_flat.dtype), reduction="sum"))
+        if pos.numel():
+            reg = encode_boxes(anchors[pos], t["boxes"][matched[pos]], model.cfg.rpn_bbox_weights)
+            box_terms.append(F.smooth_l1_loss(del_flat[i, pos], reg, beta=cfg.rpn_smooth_l1_beta, reduction="sum"))
+    norm = max(n_sampled, 1)
+    rpn_cls = torch.stack(cls_terms).sum() / norm
+    rpn_box = (torch.stack(box_terms).sum() if box_terms else del_flat.sum() * 0.0) / norm
+
+    # RoI head
+    with torch.no_grad():
+        proposals = [p[0] if isinstance(p, tuple) else p  # (boxes (P, 4), logits (P,)) per image
+                     for p in model.rpn.propose(objectness.detach(), rpn_deltas.detach(), image_sizes)]
+    num_classes = model.cfg.num_classes
+    samples = [sample_rois(p, t["boxes"], t["classes"], t["attributes"], num_classes, cfg, generator,
+                           model.cfg.roi_bbox_weights) for p, t in zip(proposals, targets)]
+    rois = torch.cat([torch.cat([torch.full((len(s["rois"]), 1), float(i)), s["rois"]], 1)
+                      for i, s in enumerate(samples)])  # (K, 5) batch index, x1, y1, x2, y2
+    classes = torch.cat([s["classes"] for s in samples])  # (K,)
+    reg_targets = torch.cat([s["deltas"] for s in samples])  # (K, 4)
+    width = max(s["attributes"].shape[1] for s in samples)
+    attributes = torch.cat([F.pad(s["attributes"], (0, width - s["attributes"].shape[1]), value=-1)
+                            for s in samples])  # (K, L)
+    feats = model.roi_heads.features(res4, rois)  # (K, D): RoI pool -> res5 -> mean, as at test time
+    cls_logits, box_deltas = model.roi_heads.box_predictor(feats)  # (K, C+1), (K, 4C)
+    roi_cls = F.cross_entropy(cls_logits, classes)
+    fg = torch.nonzero(classes < num_classes).flatten()
+    if fg.numel():
+        pred = box_deltas.view(-1, num_classes, 4)[fg, classes[fg]]  # (F, 4)
+        roi_box = F.smooth_l1_loss(pred, reg_targets[fg], beta=cfg.roi_smooth_l1_beta,
+                                   reduction="sum") / classes.numel()
+        attr_logits = model.roi_heads.attr_head(feats[fg], classes[fg])  # (F, A+1), ground-truth class
+        attr = attribute_loss(attr_logits, attributes[fg])
+    else:
+        roi_box = box_deltas.sum() * 0.0
+        attr = feats.sum() * 0.0
+    return {"rpn_cls": rpn_cls, "rpn_box": rpn_box, "roi_cls": roi_cls, "roi_box": roi_box,
+            "attr": cfg.attr_loss_weight * attr}
+
+
+def lr_at(it: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_iters`` then cosine decay to 5% of ``lr`` at ``total`` iterations."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (0.1 + 0.9 * it / max(cfg.warmup_iters, 1))
+    t = min(1.0, (it - cfg.warmup_iters) / max(total - cfg.warmup_iters, 1))
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+# The layout is the bottom-up package's own glied checkpoint (weights.save_checkpoint / load_checkpoint:
+# {format "glied-bottomup", version, config, model, classes, attributes, extra}), so that
+# ``load_region_extractor(RUN/checkpoint.pt)`` extracts with a trained model as it is; the training state
+# (optimiser, epoch, history, training config, COCO category ids) rides along in ``extra`` and ``optimizer``.
+
+CHECKPOINT_FORMAT = "glied-bottomup"
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path, *, model: torch.nn.Module, vocab: dict, train_config: dict,
+                    optimizer: torch.optim.Optimizer | None = None, epoch: int = 0, iteration: int = 0,
+                    history: list | None = None, name: str = "small") -> None:
+    """Write a checkpoint atomically (temp file + rename): a plain dict of tensors and JSON-able values.
+
+    ``vocab``: {"class_names", "category_ids", "attribute_names", "attribute_types"} of the training data.
+    Loadable with ``torch.load(path, weights_only=True)``; the model is rebuilt from its ``config`` alone.
+    """
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    obj = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": model.cfg.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "classes": list(vocab["class_names"]), "attributes": list(vocab["attribute_names"]),
+        "extra": {"name": name, "category_ids": list(vocab["category_ids"]),
+                  "attribute_types": list(vocab["attribute_types"]), "train_config": train_config,
+                  "epoch": int(epoch), "iteration": int(iteration), "history": history or []},
+    }
+    if optimizer is not None:
+        obj["optimizer"] = optimizer.state_dict()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    """Read a glied detector checkpoint (a run directory or the file) without executing code.
+
+    WeightsError when missing, unreadable or not a glied bottom-up checkpoint.
+    """
+    from pathlib import Path
+
+    from glied.errors import WeightsError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise WeightsError(f"detector checkpoint {path} does not exist; train one with `glied train-detector`")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise WeightsError(f"{path} is not a readable glied detector checkpoint ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); retrain or point at the right file") from None
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"{path} is not a glied detector checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    if obj.get("version") != CHECKPOINT_VERSION:
+        raise WeightsError(f"{path} has checkpoint version {obj.get('version')}, this glied reads "
+                           f"{CHECKPOINT_VERSION}; retrain with this version")
+    return obj
+
+
+def checkpoint_vocab(ckpt: dict) -> dict:
+    """{"class_names", "category_ids", "attribute_names", "attribute_types"} of a loaded checkpoint."""
+    extra = ckpt.get("extra") or {}
+    classes = list(ckpt.get("classes") or [])
+    attributes = list(ckpt.get("attributes") or [])
+    return {"class_names": classes,
+            "category_ids": list(extra.get("category_ids") or range(1, len(classes) + 1)),
+            "attribute_names": attributes,
+            "attribute_types": list(extra.get("attribute_types") or [""] * len(attributes))}
+
+
+def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
+    """Rebuild the ``BottomUpDetector`` of a loaded checkpoint (strict state-dict load), in eval mode."""
+    from glied.errors import WeightsError
+    from glied.extractors.bottomup.config import BottomUpConfig
+    from glied.extractors.bottomup.model import BottomUpDetector
+
+    model = BottomUpDetector(BottomUpConfig.from_dict(ckpt["config"]))
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"checkpoint does not fit its own model config: {str(e).splitlines()[0]}") from None
+    return model.eval()
