@@ -110,16 +110,16 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         image_id = self.ids[i]
         reg = self.features.regions(image_id)
-        feats = np.asarray(reg.features, dtype=np.float32)
+        feats = np.array(reg.features, dtype=np.float32)  # a writable copy (cache arrays may be read-only)
         if feats.ndim != 2 or feats.shape[0] == 0:
             raise InputError(f"feature cache: image {image_id} has no regions (features shape {feats.shape})")
         attrs = self.features.attributes(image_id)
         if attrs is None or len(attrs) == 0:
             a_ids, a_probs = np.zeros(0, np.int64), np.zeros(0, np.float32)
         else:
-            word_ids = np.asarray(attrs.word_ids, dtype=np.int64)
+            word_ids = np.array(attrs.word_ids, dtype=np.int64)
             a_ids = self.attr_map[word_ids] if len(self.attr_map) else np.full(len(word_ids), UNK)
-            a_probs = np.asarray(attrs.probs, dtype=np.float32)
+            a_probs = np.array(attrs.probs, dtype=np.float32)
             if self.max_attrs is not None:
                 a_ids, a_probs = a_ids[: self.max_attrs], a_probs[: self.max_attrs]
         rows = self._rows[i]
