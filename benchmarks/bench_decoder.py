@@ -9,11 +9,18 @@ cachedTransformer 25 cap/s (beam 3, batch 50), 150 (beam 1, batch 50), 6.6 (beam
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import os
 
-import torch
+# OpenMP threads that spin-wait burn the shared cores when the machine is loaded: sleep instead (must be set
+# before torch loads). Measured here at load ~8.7, GLIED beam 1 batch 1, 2 threads: 1.2 cap/s ACTIVE vs 6.3
+# PASSIVE. Pass OMP_WAIT_POLICY=ACTIVE in the environment to measure the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
 
 from glied.models.beam import beam_search, greedy, sample
 from glied.models.glied import EOS, GliedConfig, GliedDecoder, count_parameters
@@ -113,9 +120,9 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also compare SCST and XE step peak memory")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import os
-    print(f"torch {torch.__version__}, {args.threads} threads; min / median of {args.repeats} runs; "
-          f"load average {os.getloadavg()[0]:.1f} (the anchor was measured on an idle machine)")
+    print(f"torch {torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+          f"min / median of {args.repeats} runs; load average {os.getloadavg()[0]:.1f} "
+          "(the anchor was measured on an idle machine)")
     for name in ("base", "glied"):
         torch.manual_seed(0)
         model = NoEos(GliedConfig.preset(name, vocab_size=10_000)).eval()
