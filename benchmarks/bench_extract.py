@@ -1,18 +1,20 @@
 """Whole `glied extract` stage vs the region extractor alone (TARGETS.md: whole stage <= 1.1x the detector).
 
-    python benchmarks/bench_extract.py [--extractor auto|bottomup|resnet|grid] [--detector WEIGHTS]
+    python benchmarks/bench_extract.py [--extractor auto|bottomup|bottomup-small|resnet|grid] [--detector W]
                                        [--images 12] [--runs 5] [--batch-size 2] [--workers 2]
 
 "detector alone" = ``extractor.extract`` on images already decoded in memory; "whole stage" =
 ``glied.pipeline.extract.extract`` from JPEG files on disk into a fresh cache (enumerate, decode in worker
 threads, extract, write + fsync). Runs alternate A/B so both see the same machine load.
 
-Extractors: ``bottomup`` = ``glied.extractors.bottomup.load_region_extractor(--detector)`` when that module
-and weights exist; ``resnet`` = a stand-in with a detector-like cost defined here (torchvision ResNet-18 with
-random weights: layer1..3 on the image resized to short side 600 / long <= 1000, RoIAlign 7x7 of 16 grid
-boxes, layer4 per RoI, mean pool -> 512-d); ``grid`` = the tiny test extractor of the test suite
-(decode-bound, shows the stage's own overhead). ``auto`` = bottomup if available, else resnet. The script
-prints which.
+Extractors: ``bottomup`` = ``glied.extractors.bottomup.load_region_extractor(--detector)`` (e.g. the published
+R101 weights or a trained shapes-world run); ``bottomup-small`` = the same code with the
+``BottomUpConfig.small()`` preset and random weights (about the cost of a trained one: the RoI head runs on
+every proposal either way); ``resnet`` = a stand-in with a detector-like cost defined here (torchvision
+ResNet-18 with random weights: layer1..3 on the image resized to short side 600 / long <= 1000, RoIAlign 7x7
+of 16 grid boxes, layer4 per RoI, mean pool -> 512-d); ``grid`` = the tiny test extractor of the test suite
+(decode-bound, shows the stage's own overhead). ``auto`` = bottomup with --detector, else bottomup-small.
+The script prints which.
 """
 from __future__ import annotations
 
@@ -74,20 +76,31 @@ class ResNetStandIn:
         return out
 
 
-def make_extractor(kind: str, detector: str | None):
-    if kind in ("auto", "bottomup"):
-        try:
-            from glied.extractors.bottomup import load_region_extractor
-            if detector:
-                return "bottomup " + detector, load_region_extractor(detector, device="cpu", precision="fp32")
-            if kind == "bottomup":
-                sys.exit("--extractor bottomup needs --detector WEIGHTS")
-        except ImportError as e:
-            if kind == "bottomup":
-                sys.exit(f"glied.extractors.bottomup.load_region_extractor is not available here ({e})")
-        kind = "resnet"
+def make_extractor(kind: str, detector: str | None, tmp: str):
+    """(description, extractor) for --extractor; see the module docstring."""
+    if kind == "auto":
+        kind = "bottomup" if detector else "bottomup-small"
+    if kind == "bottomup":
+        from glied.extractors.bottomup import load_region_extractor
+
+        if not detector:
+            sys.exit("--extractor bottomup needs --detector WEIGHTS")
+        return f"bottomup {detector}", load_region_extractor(detector, device="cpu", precision="fp32")
+    if kind == "bottomup-small":
+        import torch
+
+        from glied.extractors.bottomup import load_region_extractor
+        from glied.extractors.bottomup.config import BottomUpConfig
+        from glied.extractors.bottomup.model import BottomUpDetector
+        from glied.extractors.bottomup.weights import save_checkpoint
+
+        torch.manual_seed(0)
+        ck = os.path.join(tmp, "small.pt")
+        save_checkpoint(ck, BottomUpDetector(BottomUpConfig.small()))
+        return ("glied bottom-up detector, BottomUpConfig.small() preset (shapes world size, 128 px input), "
+                "random weights", load_region_extractor(ck, device="cpu"))
     if kind == "resnet":
-        return "resnet18 stand-in (no bottom-up detector available)", ResNetStandIn()
+        return "resnet18 stand-in", ResNetStandIn()
     path = os.path.join(ROOT, "tests", "pipeline", "grid_extractor.py")
     spec = importlib.util.spec_from_file_location("grid_extractor", path)
     mod = importlib.util.module_from_spec(spec)
@@ -110,7 +123,8 @@ def write_photos(folder: str, n: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--extractor", default="auto", choices=["auto", "bottomup", "resnet", "grid"])
+    ap.add_argument("--extractor", default="auto",
+                    choices=["auto", "bottomup", "bottomup-small", "resnet", "grid"])
     ap.add_argument("--detector", default=None)
     ap.add_argument("--images", type=int, default=12)
     ap.add_argument("--runs", type=int, default=5)
@@ -119,9 +133,9 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    name, ext = make_extractor(a.extractor, a.detector)
     tmp = tempfile.mkdtemp(prefix="bench_extract_")
     try:
+        name, ext = make_extractor(a.extractor, a.detector, tmp)
         photos = os.path.join(tmp, "photos")
         write_photos(photos, a.images)
         decoded = [load_image(os.path.join(photos, f)) for f in sorted(os.listdir(photos))]
@@ -154,7 +168,8 @@ def main() -> None:
               f"min/min {min(whole) / min(alone):.3f}x (target <= 1.1x)")
         ca, cw = statistics.median(cpu_alone), statistics.median(cpu_whole)
         print(f"CPU time of this process (all threads; less sensitive to other load): detector "
-              f"{ca / n * 1000:.0f} ms/image, whole stage {cw / n * 1000:.0f} ms/image, ratio {cw / ca:.3f}x; "
+              f"{ca / n * 1000:.0f} ms/image, whole stage {cw / n * 1000:.0f} ms/image, "
+              f"ratio {cw / ca:.3f}x; "
               f"stage overhead {(cw - ca) / n * 1000:.1f} ms/image")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

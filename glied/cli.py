@@ -267,7 +267,7 @@ def merge_caches_cmd(out, inputs) -> None:
 
 
 @cli.command("import-features")
-@click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("src", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Feature cache folder to create.")
 @click.option("--box-dir", type=click.Path(exists=True, file_okay=False), default=None,
@@ -275,7 +275,10 @@ def merge_caches_cmd(out, inputs) -> None:
 @click.option("--name", default=None, help="Extractor name to record (default: from the source format).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
 def import_features_cmd(src, out, box_dir, name, dtype) -> None:
-    """Import bottom-up TSV files (.tsv, .tsv.0, ...) or per-image npz folders into a feature cache."""
+    """Import bottom-up TSV files or per-image npz folders into a feature cache.
+
+    SRC: a .tsv file, the stem of a multipart release (x.tsv for x.tsv.0, x.tsv.1, ...), or a folder of npz.
+    """
     from glied.pipeline.features_io import import_features
 
     n = import_features(list(src), out, box_dir=box_dir, name=name, dtype=dtype)
@@ -365,6 +368,64 @@ def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: in
 # ---------------------------------------------------------------------------------------------------------
 # End to end: caption, bundle, demo (issue 7)
 # ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("caption")
+@click.argument("photos", nargs=-1, required=True)
+@click.option("--model", "bundle", required=True, type=click.Path(), help="A model bundle (`glied bundle`).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per photo (for tools).")
+@click.option("--show", type=click.Path(dir_okay=False), default=None,
+              help="Write a picture of what the model saw (with several photos: OUT_<photo>.png each).")
+@click.option("--beam", type=int, default=None, help="Beam size (default: the bundle's, 3).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Detector precision (default: the one the decoder's training features used).")
+def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str | None, beam: int | None,
+                batch_size: int, device: str, precision: str | None) -> None:
+    """Caption PHOTOS (files or folders) with a model bundle, in one process."""
+    import json
+    import os
+
+    from glied.pipeline.caption import Captioner, expand_inputs, save_picture
+    from glied.pipeline.extract import resolve_device
+
+    files = expand_inputs(photos)
+    if not files:
+        raise GliedError(f"no image files in {' '.join(photos)}")
+    captioner = Captioner.from_bundle(bundle, device=resolve_device(device), precision=precision, beam_size=beam)
+    failed = 0
+
+    def emit(r) -> None:
+        nonlocal failed
+        if r.error:
+            failed += 1
+            click.echo(f"error: {r.path}: {r.error}", err=True)
+        if as_json:
+            click.echo(json.dumps(r.to_json(captioner.attributes.vocab, captioner.regions.classes)))
+        elif not r.error:
+            click.echo(f"{r.path}\t{r.caption}" if len(files) > 1 else r.caption)
+        if show and not r.error:
+            target = show if len(files) == 1 else f"{os.path.splitext(show)[0]}_{os.path.splitext(os.path.basename(r.path))[0]}.png"
+            save_picture(r, captioner, target)
+
+    captioner.caption_files(files, batch_size=batch_size, with_attention=bool(show), on_result=emit)
+    if failed:
+        raise GliedError(f"{failed} of {len(files)} photos could not be captioned (see the lines above)")
+
+
+@cli.command("bundle")
+@click.option("--detector", required=True, type=click.Path(exists=True), help="`glied train-detector` run or .pt.")
+@click.option("--attributes", required=True, type=click.Path(exists=True), help="`glied train-attributes` run.")
+@click.option("--decoder", required=True, type=click.Path(exists=True), help="`glied train` run or .pt.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--beam", type=int, default=3, show_default=True, help="Default beam size for captioning.")
+def bundle_cmd(detector: str, attributes: str, decoder: str, out: str, beam: int) -> None:
+    """Put a detector, an attribute detector and a decoder that belong together into one bundle."""
+    from glied.pipeline.caption import build_bundle
+
+    path = build_bundle(out, detector=detector, attributes=attributes, decoder=decoder, beam_size=beam)
+    click.echo(f"wrote bundle {path}")
 
 
 @cli.command("demo")

@@ -298,7 +298,10 @@ class CacheWriter:
         nums = [int(n[:-4]) for n in os.listdir(os.path.join(self.root, cs.DATA_DIR)) if n.endswith(".bin")]
         nums += [e[1] for e in rd.entries.values()]
         self._num = max(nums, default=0)
+        new_data = not os.path.exists(os.path.join(self.root, cs.data_file_name(self._num)))
         self._data = open(os.path.join(self.root, cs.data_file_name(self._num)), "ab")
+        if new_data:
+            cs.fsync_dir(os.path.join(self.root, cs.DATA_DIR))
         self._pos = self._data.tell()
         new_index = not os.path.exists(os.path.join(self.root, cs.INDEX_NAME))
         self._index = open(os.path.join(self.root, cs.INDEX_NAME), "ab")

@@ -44,6 +44,17 @@ class MultiHeadAttention(nn.Module):
         """(B, N, d_model) -> keys, values each (B, h, N, d_k)."""
         return self._split(self.w_k(kv)), self._split(self.w_v(kv))
 
+    def weights(self, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention weights (B, h, Tq, N) of raw queries q (B, Tq, d_model) over pre-projected keys k; masked
+        keys get 0, and a query with no key gets all zeros (never NaN)."""
+        qh = self._split(self.w_q(q))  # (B, h, Tq, d_k)
+        scores = torch.matmul(qh, k.transpose(-1, -2)) / math.sqrt(self.d_k)  # (B, h, Tq, N)
+        if mask is None:
+            return F.softmax(scores, dim=-1)
+        m = mask.unsqueeze(-3) if mask.dim() == 3 else mask  # (B, 1, Tq, N) or (Tq, N)
+        scores = scores.masked_fill(~m, float("-inf"))
+        return F.softmax(scores, dim=-1).masked_fill(~m, 0.0)  # rows with no key -> zeros, not NaN
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention with pre-projected keys/values.
@@ -56,15 +67,7 @@ class MultiHeadAttention(nn.Module):
             (B, Tq, d_model).
         """
         b, tq, _ = q.shape
-        qh = self._split(self.w_q(q))  # (B, h, Tq, d_k)
-        scores = torch.matmul(qh, k.transpose(-1, -2)) / math.sqrt(self.d_k)  # (B, h, Tq, N)
-        if mask is not None:
-            m = mask.unsqueeze(-3) if mask.dim() == 3 else mask  # (B, 1, Tq, N) or (Tq, N)
-            scores = scores.masked_fill(~m, float("-inf"))
-            attn = F.softmax(scores, dim=-1).masked_fill(~m, 0.0)  # rows with no key -> zeros, not NaN
-        else:
-            attn = F.softmax(scores, dim=-1)
-        attn = self.attn_dropout(attn)
+        attn = self.attn_dropout(self.weights(q, k, mask))  # (B, h, Tq, N)
         out = torch.matmul(attn, v)  # (B, h, Tq, d_k)
         out = out.transpose(1, 2).reshape(b, tq, self.d_model)  # (B, Tq, d_model)
         return self.w_o(out)

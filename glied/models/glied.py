@@ -242,6 +242,26 @@ class GliedDecoder(nn.Module):
         ctx = self.h_x.attend(t_tilde, k_new, v_new)
         return self._after_context(t_tilde, ctx, mem, few_rows=True)[:, 0], (k_new, v_new)
 
+    def region_attention(self, mem: Memory, seqs: torch.Tensor) -> torch.Tensor:
+        """Head-averaged attention over the raw regions I while writing given sequences, for pictures.
+
+        seqs (N, T) generated words (as from :meth:`generate`); mem for N rows. Returns (N, T, R): at step t the
+        weights of the local visual distilling H_vl(c_g, I, I) (GLIED), or of the visual attention H_v (base).
+        """
+        c = self.config
+        tokens = torch.cat([torch.full_like(seqs[:, :1], BOS), seqs[:, :-1]], 1)  # (N, T) inputs
+        t = tokens.shape[1]
+        t_tilde = self._pivot(self._embed_words(tokens, 0), mem)  # (N, T, D)
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()  # (T, T)
+        x_tilde = self.g_x(self.h_x(t_tilde, t_tilde, causal), t_tilde)
+        rmask = mem.region_mask[:, None, :]  # (N, 1, R)
+        if c.local_distilling:
+            c_g = self.g_v(self.h_v.attend(x_tilde, *mem.kv["v"], rmask), x_tilde)
+            w = self.h_vl.weights(c_g, mem.kv["vl"][0], rmask)  # (N, h, T, R)
+        else:
+            w = self.h_v.weights(x_tilde, mem.kv["v"][0], rmask)  # (N, h, T, R)
+        return w.mean(1)  # (N, T, R)
+
     # ----------------------------------------------------------------------------------------- training
     def forward(self, regions: torch.Tensor, region_mask: torch.Tensor, attr_ids: torch.Tensor,
                 attr_probs: torch.Tensor, attr_mask: torch.Tensor,

@@ -12,7 +12,9 @@ Bad images never stop the run: each gets one line on stderr and a record {id, pa
 ``CACHE/failures.jsonl`` (rewritten by each run; failed images are tried again on the next run).
 Extractors follow the contracts in COMMON.md; ``extractor_module`` ("pkg.mod:factory" or
 "path/to/file.py:factory") loads any factory ``factory(weights=..., device=..., precision=...)`` that returns
-such an object, which is how users plug their own extractor and how the tests drive a real subprocess.
+such an object (``extract(images) -> list[RegionFeatures]``; for ``--boxes`` also
+``extract_given_boxes(image, boxes (N, 4)) -> RegionFeatures``), which is how users plug their own
+extractor and how the tests drive a real subprocess.
 """
 from __future__ import annotations
 
@@ -100,6 +102,8 @@ def build_region_extractor(detector: str | None, extractor_module: str | None, d
                           "train-detector run folder), or --extractor-module pkg.mod:factory")
     from glied.extractors.bottomup import load_region_extractor
 
+    if os.path.isdir(detector):  # a `glied train-detector` run folder
+        detector = os.path.join(detector, "checkpoint.pt")
     return load_region_extractor(detector, device=device, precision=precision)
 
 
@@ -214,11 +218,15 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 if given is not None:
                     bx = [given[it.id] * np.array([li.scale_x, li.scale_y] * 2, np.float32)  # (N, 4)
                           for it, li in batch]
-                    regs = region_extractor.extract_given_boxes(ims, bx)
+                    # per image, as glied.extractors.bottomup's RegionExtractor.extract_given_boxes(image, boxes)
+                    regs = [region_extractor.extract_given_boxes(im, b) for im, b in zip(ims, bx)]
                 else:
                     regs = region_extractor.extract(ims)
                 words = ([None] * len(ims) if attribute_extractor is None
                          else attribute_extractor.predict(ims))
+                if len(regs) != len(ims) or len(words) != len(ims):
+                    raise RuntimeError(f"extractor returned {len(regs)} region sets and {len(words)} word "
+                                       f"lists for a batch of {len(ims)} images")
                 for (it, li), r, w in zip(batch, regs, words):
                     if w is not None and w.word_map is not None and not keep_word_maps:
                         w = AttributeWords(word_ids=w.word_ids, probs=w.probs)

@@ -63,8 +63,9 @@ class GridRegionExtractor:
     def extract(self, images: list[np.ndarray]) -> list[RegionFeatures]:
         return [self._one(im, self._grid_boxes(im.shape[1], im.shape[0])) for im in images]
 
-    def extract_given_boxes(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[RegionFeatures]:
-        return [self._one(im, np.asarray(b, np.float32).reshape(-1, 4)) for im, b in zip(images, boxes)]
+    def extract_given_boxes(self, image: np.ndarray, boxes) -> RegionFeatures:
+        """One image, exactly the given (N, 4) boxes (the bottom-up extractor's signature)."""
+        return self._one(image, np.asarray(boxes, np.float32).reshape(-1, 4))
 
 
 class WordExtractor:

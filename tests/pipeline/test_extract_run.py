@@ -157,3 +157,27 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and msg in err and "\n" not in err
     assert not os.path.exists(tmp_path / "c" / "manifest.json")
+
+
+def test_real_bottomup_small_detector(world, tmp_path):
+    """`glied extract --detector CKPT` through glied.extractors.bottomup (small preset, random weights)."""
+    import torch
+
+    from glied.extractors.bottomup import load_region_extractor
+    from glied.extractors.bottomup.config import BottomUpConfig
+    from glied.extractors.bottomup.model import BottomUpDetector
+    from glied.extractors.bottomup.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "det.pt", BottomUpDetector(BottomUpConfig.small()))
+    ext = load_region_extractor(str(tmp_path / "det.pt"), device="cpu")
+    lst = tmp_path / "two.txt"
+    lst.write_text("000000.jpg\n000001.jpg\n")
+    s = extract(str(lst), str(tmp_path / "c"), region_extractor=ext, images_root=str(world / "images"),
+                progress=False)
+    assert (s.extracted, s.failed) == (2, 0)
+    c = FeatureCache.open(tmp_path / "c")
+    assert c.manifest["extractor"] == json.loads(json.dumps(ext.identity()))
+    r = c.regions("000001.jpg")
+    assert r.features.shape[1] == ext.identity()["feature_dim"] and (r.image_w, r.image_h) == (96, 96)
+    assert (r.boxes >= 0).all() and (r.boxes <= 96).all()

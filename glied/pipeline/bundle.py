@@ -1,0 +1,122 @@
+"""Model bundles: the detector, the attribute detector and the decoder in one folder, ready to caption.
+
+Layout of ``BUNDLE/``::
+
+    bundle.json      {"format": "glied-bundle", "version": 1, "glied_version",
+                      "parts": {"detector": {"file", "sha256", "bytes"}, "attributes": {...}, "decoder": {...}},
+                      "settings": {"top_k": ..., "beam_size": ..., "precision": ...}}
+    detector.pt, attributes.pt, decoder.pt     the three checkpoints, copied unchanged
+
+A bundle is written into a temporary folder beside ``BUNDLE`` and renamed into place, so a reader never sees
+half a bundle. Loading checks the format and version, that every part is present with its recorded sha256,
+and that the decoder was trained on features from exactly this detector and attribute detector.
+Nothing in a bundle executes code on load: every checkpoint is read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from glied import __version__
+from glied.errors import ConfigError, InputError
+
+FORMAT = "glied-bundle"
+VERSION = 1
+PARTS = ("detector", "attributes", "decoder")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checkpoint_file(path: str | os.PathLike, part: str) -> Path:
+    """A run folder's best.pt / last.pt / model.pt / checkpoint.pt, or the file itself."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt", "model.pt", "checkpoint.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise InputError(f"{p}: no checkpoint (best.pt, last.pt, model.pt) in this {part} run folder")
+    if not p.is_file():
+        raise InputError(f"{p}: {part} checkpoint not found")
+    return p
+
+
+def write_bundle(out: str | os.PathLike, *, detector: str | os.PathLike, attributes: str | os.PathLike,
+                 decoder: str | os.PathLike, settings: dict | None = None,
+                 verify: Callable[[Path], object] | None = None) -> Path:
+    """Copy the three checkpoints (files or run folders) into a new bundle folder ``out``; returns its path.
+
+    ``verify(folder)`` runs on the complete bundle before it is renamed into place (the caption pipeline loads
+    it there and checks that the parts belong together); if it raises, nothing at ``out`` changes.
+    An existing ``out`` is replaced only once the new bundle is complete and verified.
+    """
+    out = Path(out)
+    sources = {"detector": _checkpoint_file(detector, "detector"),
+               "attributes": _checkpoint_file(attributes, "attributes"),
+               "decoder": _checkpoint_file(decoder, "decoder")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        meta = {"format": FORMAT, "version": VERSION, "glied_version": __version__, "parts": {},
+                "settings": dict(settings or {})}
+        for part, src in sources.items():
+            dst = tmp / f"{part}.pt"
+            shutil.copyfile(src, dst)
+            meta["parts"][part] = {"file": dst.name, "sha256": _sha256(dst), "bytes": dst.stat().st_size,
+                                   "source": str(src.resolve())}
+        (tmp / "bundle.json").write_text(json.dumps(meta, indent=1))
+        if verify is not None:
+            verify(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_bundle(path: str | os.PathLike) -> tuple[dict, dict[str, Path]]:
+    """Validate ``bundle.json`` and the part files (presence and sha256); returns (meta, {part: file})."""
+    root = Path(path)
+    meta_path = root / "bundle.json"
+    if not meta_path.is_file():
+        raise InputError(f"{root}: not a glied model bundle (no bundle.json); build one with `glied bundle`")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError:
+        raise InputError(f"{meta_path}: damaged bundle metadata (not JSON); rebuild with `glied bundle`") from None
+    if meta.get("format") != FORMAT:
+        raise InputError(f"{meta_path}: not a glied model bundle (format {meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise ConfigError(f"{root}: bundle format version {meta.get('version')} (glied "
+                          f"{meta.get('glied_version', '?')}) is not the version {VERSION} this glied "
+                          f"{__version__} reads; rebuild it with `glied bundle`")
+    files = {}
+    for part in PARTS:
+        info = meta.get("parts", {}).get(part)
+        if info is None:
+            raise InputError(f"{root}: the bundle has no {part} part; rebuild it with `glied bundle`")
+        f = root / info["file"]
+        if not f.is_file():
+            raise InputError(f"{f}: the bundle's {part} checkpoint is missing; rebuild it with `glied bundle`")
+        if f.stat().st_size != info.get("bytes", f.stat().st_size) or _sha256(f) != info["sha256"]:
+            raise InputError(f"{f}: the bundle's {part} checkpoint is damaged (checksum differs); "
+                             "rebuild it with `glied bundle`")
+        files[part] = f
+    return meta, files

@@ -1,0 +1,116 @@
+"""`glied bundle` + `glied caption` end to end on a tiny shapes world (tiny, briefly trained real models).
+
+What is checked is behaviour, not quality: every stage runs for real, the bundle refuses damage and
+mismatched parts, the CLI prints captions / JSON, draws a non-blank picture, and a bad photo among good ones
+gives one error line and a non-zero exit while the others are still captioned.
+"""
+import json
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from glied.errors import ConfigError, InputError
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    import torch
+
+    from glied.pipeline.attributes import train_attributes
+    from glied.pipeline.caption import build_bundle
+    from glied.pipeline.data import make_shapes_world, prepare_captions
+    from glied.pipeline.detector import train_detector
+    from glied.pipeline.extract import build_attribute_extractor, build_region_extractor, extract
+    from glied.pipeline.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("e2e")
+    world = root / "world"
+    make_shapes_world(world, 40, seed=5)
+    prepare_captions(world / "captions.json", root / "prep", count_threshold=0, max_length=24)
+    quiet = lambda s: None  # noqa: E731
+    train_detector(str(world / "instances.json"), str(world / "images"), str(root / "det"), epochs=1,
+                   max_images=8, log=quiet)
+    train_attributes(root / "prep", root / "mil", epochs=1, log=quiet)
+    regions = build_region_extractor(str(root / "det"), None, "cpu", "fp32")
+    words = build_attribute_extractor(str(root / "mil"), "cpu", 8)
+    extract(str(world / "captions.json"), str(root / "cache"), region_extractor=regions, attribute_extractor=words,
+            top_k=8, images_root=str(world), progress=False, log=quiet)
+    tc = TrainConfig(model="glied", stage="xe", epochs=1, scst_epochs=0, batch_size=16, d_model=64, d_embed=32,
+                     n_heads=4)
+    train(root / "prep", root / "cache", root / "dec", tc, log=quiet)
+    path = build_bundle(root / "bundle", detector=str(root / "det" / "checkpoint.pt"), attributes=str(root / "mil"),
+                        decoder=str(root / "dec"))
+    return {"bundle": path, "world": world, "root": root}
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "glied", *args], capture_output=True, text=True)
+
+
+def test_caption_text_json_and_picture(bundle, tmp_path):
+    photo = bundle["world"] / "images" / "000001.jpg"
+    r = run("caption", str(photo), "--model", str(bundle["bundle"]), "--show", str(tmp_path / "seen.png"),
+            "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    caption = r.stdout.strip()
+    assert caption and "\n" not in caption
+    pic = cv2.imread(str(tmp_path / "seen.png"))
+    assert pic is not None and pic.shape[1] >= 512 and pic.shape[0] >= 400 and pic.std() > 20
+    r = run("caption", str(photo), str(bundle["world"] / "images" / "000002.jpg"), "--model", str(bundle["bundle"]),
+            "--json", "--beam", "1")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2 and all(isinstance(x["caption"], str) for x in rows)
+    assert rows[0]["regions"] and rows[0]["attribute_words"]
+    assert {"box", "object", "score"} <= set(rows[0]["regions"][0])
+
+
+def test_bad_photo_among_good_ones(bundle, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    good = bundle["world"] / "images" / "000003.jpg"
+    r = run("caption", str(bad), str(good), str(tmp_path / "missing.jpg"), "--model", str(bundle["bundle"]))
+    assert r.returncode == 2
+    assert str(good) in r.stdout  # the good photo is still captioned
+    errs = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert any("broken.jpg" in e for e in errs) and any("missing.jpg" in e for e in errs)
+    assert "Traceback" not in r.stderr
+
+
+def test_damaged_or_incomplete_bundle_is_refused(bundle, tmp_path):
+    from glied.pipeline.caption import Captioner
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle["bundle"], copy)
+    with open(copy / "decoder.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(InputError, match="damaged"):
+        Captioner.from_bundle(copy)
+    (copy / "attributes.pt").unlink()
+    with pytest.raises(InputError, match="missing"):
+        Captioner.from_bundle(copy)
+    meta = json.loads((bundle["bundle"] / "bundle.json").read_text())
+    shutil.rmtree(copy)
+    shutil.copytree(bundle["bundle"], copy)
+    meta["version"] = 99
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    r = run("caption", str(bundle["world"] / "images" / "000001.jpg"), "--model", str(copy))
+    assert r.returncode == 2 and "version 99" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_bundle_refuses_parts_that_do_not_belong_together(bundle, tmp_path):
+    from glied.pipeline.attributes import train_attributes
+    from glied.pipeline.caption import build_bundle
+
+    root = bundle["root"]
+    train_attributes(root / "prep", tmp_path / "mil2", epochs=1, seed=1, log=lambda s: None)
+    with pytest.raises(ConfigError, match="trained on features"):
+        build_bundle(tmp_path / "mixed", detector=str(root / "det" / "checkpoint.pt"), attributes=str(tmp_path / "mil2"),
+                     decoder=str(root / "dec"))
+    assert not (tmp_path / "mixed").exists()
