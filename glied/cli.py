@@ -319,6 +319,8 @@ _MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
 @click.option("--warmup-steps", type=int, default=200, show_default=True)
 @click.option("--scst-baseline", type=click.Choice(["greedy", "mean"]), default="greedy", show_default=True)
 @click.option("--scst-samples", type=int, default=5, show_default=True, help="Samples per image in SCST.")
+@click.option("--captions-per-image", type=int, default=None,
+              help="XE: captions drawn per image and epoch (default: all of them).")
 @click.option("--d-model", type=int, default=512, show_default=True, help="Model width (paper: 512).")
 @click.option("--d-embed", type=int, default=256, show_default=True, help="Shared embedding size (paper: 256).")
 @click.option("--heads", type=int, default=8, show_default=True, help="Attention heads (paper: 8).")
@@ -328,8 +330,8 @@ _MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs: int, scst_epochs: int,
               batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
-              scst_samples: int, d_model: int, d_embed: int, heads: int, init: str | None, resume: bool,
-              seed: int, device: str) -> None:
+              scst_samples: int, captions_per_image: int | None, d_model: int, d_embed: int, heads: int,
+              init: str | None, resume: bool, seed: int, device: str) -> None:
     """Train the GLIED decoder on cached features: cross-entropy, then SCST with a CIDEr-D reward.
 
     Runs under `torchrun --nproc_per_node N glied train ...` with DistributedDataParallel.
@@ -338,7 +340,7 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs
 
     cfg = TrainConfig(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
                       lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
-                      scst_samples=scst_samples, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed)
+                      scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed)
     s = train(data, features, out, cfg, resume=resume, init=init, device=device, log=click.echo)
     if s.get("rank", 0) == 0:
         click.echo(f"best val CIDEr-D {s['best_val_cider']:.4f}; checkpoints in {out}")
