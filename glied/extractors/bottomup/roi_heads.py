@@ -57,12 +57,13 @@ class RoIHeads(nn.Module):
     def pool(self, res4: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """res4 (B, C4, Hf, Wf), rois (K, 5) [batch_idx, x1, y1, x2, y2] in input pixels -> (K, C4, P, P)."""
         r = self.cfg.pooler_resolution
-        return roi_pool(res4, rois.to(res4.dtype), (r, r), 1.0 / self.cfg.feature_stride)
+        # float32 always: RoIPool has no CPU bf16 kernel, and box coordinates must not be rounded to 8 bits
+        return roi_pool(res4.float(), rois.float(), (r, r), 1.0 / self.cfg.feature_stride)
 
     def features(self, res4: torch.Tensor, rois: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Pool + res5 + mean over the PxP map, chunk by chunk: (K, D) region features."""
         chunk = chunk or self.cfg.res5_chunk
-        res4 = res4.contiguous()     # RoIPool reads NCHW; convert once, not per chunk
+        res4 = res4.float().contiguous()     # RoIPool reads float32 NCHW; convert once, not per chunk
         outs = []
         for s in range(0, rois.shape[0], chunk):
             pooled = self.pool(res4, rois[s:s + chunk])         # (k, C4, P, P)
