@@ -1,5 +1,7 @@
 """The bottom-up detector's module contract, the extractor API and degenerate inputs (small config, random
 weights: fast)."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -141,11 +143,11 @@ def test_reduced_precision_runs_and_agrees(ext, precision):
     img = rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)
     boxes = [[0, 0, 128, 128], [20, 20, 90, 100], [5, 60, 60, 120]]
     ref = ext.extract_given_boxes(img, boxes).features
-    low = RegionExtractor(ext.model, precision=precision)
+    low = RegionExtractor(copy.deepcopy(ext.model), precision=precision)
     got = low.extract_given_boxes(img, boxes).features
     assert got.dtype == np.float32 and np.isfinite(got).all()
     cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
     assert cos.min() > 0.99, cos
     assert low.identity()["config"]["precision"] == precision
     with pytest.raises(ConfigError):
-        RegionExtractor(ext.model, precision="int8")
+        RegionExtractor(copy.deepcopy(ext.model), precision="int8")

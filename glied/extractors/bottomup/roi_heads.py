@@ -46,6 +46,9 @@ class AttributeHead(nn.Module):
 
 
 class RoIHeads(nn.Module):
+    compute_dtype = torch.float32     # res5's dtype (set by BottomUpDetector.optimise_for_inference)
+    channels_last = False
+
     def __init__(self, cfg: BottomUpConfig):
         super().__init__()
         self.cfg = cfg
@@ -67,9 +70,9 @@ class RoIHeads(nn.Module):
         outs = []
         for s in range(0, rois.shape[0], chunk):
             pooled = self.pool(res4, rois[s:s + chunk])         # (k, C4, P, P)
-            if getattr(self, "channels_last", False):
-                pooled = pooled.contiguous(memory_format=torch.channels_last)
-            outs.append(self.res5(pooled).mean(dim=(2, 3)))    # (k, D)
+            pooled = pooled.to(self.compute_dtype).contiguous(
+                memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+            outs.append(self.res5(pooled).float().mean(dim=(2, 3)))    # (k, D) float32
         if not outs:
             return res4.new_zeros((0, self.cfg.feature_dim))
         return torch.cat(outs, dim=0)
@@ -77,6 +80,7 @@ class RoIHeads(nn.Module):
     def predict(self, feat: torch.Tensor):
         """feat (K, D) -> cls_logits (K, C+1), box_deltas (K, 4C), attr_logits (K, A+1), all float32; the attribute
         head is conditioned on the argmax over all C+1 logits (background included)."""
+        feat = feat.float()
         cls_logits, deltas = self.box_predictor(feat)
         attr_logits = self.attr_head(feat, cls_logits.argmax(dim=1))
         return cls_logits.float(), deltas.float(), attr_logits.float()
