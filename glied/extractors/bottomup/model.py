@@ -135,6 +135,18 @@ class BottomUpDetector(nn.Module):
     compute_dtype = torch.float32
     channels_last = False
 
+    def replace_cfg(self, **changes) -> "BottomUpDetector":
+        """Change settings that do not touch the architecture (thresholds, selection, res5_chunk, resizer)."""
+        arch = {"stage_blocks", "base_width", "stem_channels", "norm", "gn_groups", "stride_in_1x1", "caffe_maxpool",
+                "res5_dilation", "num_classes", "num_attributes", "attr_embed_dim", "attr_hidden", "rpn_hidden",
+                "anchor_sizes", "anchor_ratios", "pooler_resolution", "feature_stride"}
+        if arch & set(changes):
+            raise ValueError(f"replace_cfg cannot change the architecture: {sorted(arch & set(changes))}")
+        cfg = self.cfg.replace(**changes)
+        for m in (self, self.transform, self.rpn, self.roi_heads):
+            m.cfg = cfg
+        return self
+
     def optimise_for_inference(self, *, dtype: torch.dtype = torch.float32, channels_last: bool = False,
                                fuse_frozen_bn: bool = True) -> "BottomUpDetector":
         """In place, for inference only: fold every FrozenBN into its conv (weight * s, bias b - mean * s with
