@@ -70,7 +70,8 @@ class RegionExtractor:
     # ---- identity --------------------------------------------------------------------------------------------
     def identity(self) -> dict:
         """{name, config, weights_fingerprint, feature_dim}: everything that determines the features."""
-        return {"name": self.name, "config": dict(self.cfg.to_dict(), precision=self.precision),
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k != "res5_chunk"}   # speed-only, same maths
+        return {"name": self.name, "config": dict(cfg, precision=self.precision),
                 "weights_fingerprint": self.fingerprint, "feature_dim": self.cfg.feature_dim}
 
     # ---- running ---------------------------------------------------------------------------------------------
