@@ -36,7 +36,7 @@ from glied.errors import ConfigError
 class TrainConfig:
     """Optimisation and target-assignment settings of ``glied train-detector``."""
 
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -50,8 +50,8 @@ class TrainConfig:
     rpn_positive_fraction: float = 0.5
     rpn_smooth_l1_beta: float = 1.0 / 9.0
     roi_fg_iou: float = 0.5
-    roi_batch_per_image: int = 64
-    roi_positive_fraction: float = 0.25
+    roi_batch_per_image: int = 32       # detectron2: 512, Caffe bottom-up: 128; few objects per shapes image
+    roi_positive_fraction: float = 0.5  # detectron2/Caffe: 0.25; shape classes need the foreground examples
     roi_smooth_l1_beta: float = 1.0
     attr_loss_weight: float = 1.0
     log_every: int = 20
