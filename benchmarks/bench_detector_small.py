@@ -60,8 +60,10 @@ def main() -> None:
         def infer():
             detect(model, imgs)
 
-        print(f"small preset: input {cfg.min_size}, base_width {cfg.base_width}, feature_dim {cfg.feature_dim}, "
-              f"params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, threads {torch.get_num_threads()}")
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"small preset: input {cfg.min_size}, base_width {cfg.base_width}, "
+              f"feature_dim {cfg.feature_dim}, "
+              f"params {n_params:.2f}M, threads {torch.get_num_threads()}")
         for name, fn in (("train step", train_step), ("detect", infer)):
             fn()  # warm-up
             times = []
