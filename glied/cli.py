@@ -144,14 +144,226 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
 # ---------------------------------------------------------------------------------------------------------
 
 
+@cli.command("train-attributes")
+@click.option("--data", required=True, type=click.Path(), help="Prepared data folder (glied prepare --out).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--images", type=click.Path(), default=None,
+              help="Image folder (default: the prepared data's images_root).")
+@click.option("--config", "config", type=click.Choice(["small", "resnet18", "resnet50", "resnet101"]),
+              default="small", show_default=True, help="Model preset (small: the shapes world).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default per preset: small 6).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step (small: 32).")
+@click.option("--lr", type=float, default=None, help="Adam learning rate (small: 3e-3, ResNets: 1e-4).")
+@click.option("--vocab-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="K: the most frequent training-caption words kept.")
+@click.option("--input-size", type=click.IntRange(min=32), default=None,
+              help="Network input side (small: 128, ResNets: 565).")
+@click.option("--stopwords/--no-stopwords", default=False, show_default=True,
+              help="Drop English function words from the vocabulary (Fang keeps them).")
+@click.option("--empty-labels", "empty_policy", type=click.Choice(["keep", "drop"]), default="keep",
+              show_default=True, help="Images whose captions have no vocabulary word: all-negative, or dropped.")
+@click.option("--backbone-weights", type=click.Path(), default=None,
+              help="Local torchvision ResNet state dict to initialise the trunk (nothing is downloaded).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, vocab_size, input_size, stopwords,
+                         empty_policy, backbone_weights, resume, seed, device) -> None:
+    """Train the MIL attribute-word detector (Fang et al. 2015) from the captions of prepared data."""
+    from glied.pipeline.attributes import train_attributes
+
+    s = train_attributes(data, out, images=images, config=config, epochs=epochs, batch_size=batch_size, lr=lr,
+                         vocab_size=vocab_size, input_size=input_size, stopwords=stopwords,
+                         empty_policy=empty_policy, resume=resume, seed=seed, backbone_weights=backbone_weights,
+                         device=device, log=click.echo)
+    val = f", val mAP {s['val_mAP']:.4f}" if s.get("val_mAP") is not None else ""
+    click.echo(f"trained {s['epochs']} epochs in {s['seconds_this_run']:.1f} s (loss {s['final_loss']:.4f}{val}) "
+               f"-> {out}/model.pt")
+
+
+@cli.command("evaluate-attributes")
+@click.option("--run", required=True, type=click.Path(), help="Run folder (or model.pt) of train-attributes.")
+@click.option("--data", required=True, type=click.Path(), help="Prepared data folder.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--top-k", "top_ks", type=click.IntRange(min=1), multiple=True,
+              help="Cut(s) for precision/recall; repeatable (default 5, 10, 50).")
+@click.option("--images", type=click.Path(), default=None, help="Image folder (default: prepared images_root).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Metrics json (default RUN/metrics_<split>.json).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_attributes_cmd(run, data, split, top_ks, images, out, device) -> None:
+    """Per-word AP, mAP and precision/recall at top-k of a MIL run on a held-out split."""
+    from glied.pipeline.attributes import evaluate_attributes
+
+    m = evaluate_attributes(run, data, split=split, top_ks=top_ks or (5, 10, 50), images=images, out=out,
+                            device=device, log=click.echo)
+    click.echo(f"{split}: {m['n_images']} images, {m['n_words_evaluated']} words with positives, "
+               f"mAP {m['mAP']:.4f}")
+    for k, pr in m["at_k"].items():
+        click.echo(f"  top-{k}: precision {pr['precision']:.4f}, recall {pr['recall']:.4f}")
+    click.echo(f"  {1000 * m['seconds_per_image']:.1f} ms per image (model only) -> {m['written_to']}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Feature cache: extract, import-features, export-features, merge-caches (issue 5)
 # ---------------------------------------------------------------------------------------------------------
 
 
+@cli.command("extract")
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Feature cache folder (created or resumed).")
+@click.option("--detector", default=None, help="Bottom-up weights file or train-detector run folder.")
+@click.option("--extractor-module", default=None, metavar="MOD:FACTORY",
+              help="Use factory(weights=, device=, precision=) from 'pkg.mod:factory' or 'file.py:factory' "
+                   "as the region extractor (your own model; also the tests' hook).")
+@click.option("--attributes", default=None, help="MIL attribute-word run or checkpoint (optional).")
+@click.option("--top-k", type=int, default=None, help="Attribute words kept per image (default: the run's).")
+@click.option("--images-root", type=click.Path(file_okay=False), default=None,
+              help="Folder that the paths in a json or list INPUT are relative to.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding threads (0: none).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of the features in the cache.")
+@click.option("--shard", default=None, metavar="I/N", help="Only the images of shard I of N (0-based).")
+@click.option("--boxes", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Extract at given boxes: COCO annotations json or {image_id: [[x1,y1,x2,y2], ...]}.")
+@click.option("--max-side", type=int, default=2000, show_default=True,
+              help="Downscale larger photos to this long side before the model (0: never).")
+@click.option("--commit-seconds", type=float, default=2.0, show_default=True,
+              help="Make finished entries durable (fsync) at least this often.")
+@click.option("--keep-word-maps", is_flag=True, help="Also store the attribute words' per-cell maps (large).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, images_root, batch_size,
+                workers, device, precision, dtype, shard, boxes, max_side, commit_seconds, keep_word_maps,
+                quiet) -> None:
+    """Extract region features (+ attribute words) of every image of INPUT into the cache OUT.
+
+    INPUT: a folder (recursive), a text file listing paths, a Karpathy or COCO json, or a prepared folder.
+    Resumable: images already in OUT are skipped; bad images are listed in OUT/failures.jsonl.
+    """
+    from glied.datasets.inputs import parse_shard
+    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, extract,
+                                        resolve_device)
+
+    sh = parse_shard(shard)
+    dev = resolve_device(device)
+    region = build_region_extractor(detector, extractor_module, dev, precision)
+    attr = build_attribute_extractor(attributes, dev, top_k)
+    s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
+                images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
+                boxes=boxes, max_side=max_side or None, progress=not quiet, commit_seconds=commit_seconds,
+                keep_word_maps=keep_word_maps)
+    click.echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.2f} images/s); "
+               f"{s.already} already in {out}; {s.failed} failed"
+               + (f" (listed in {s.failures_path})" if s.failed else ""))
+
+
+@cli.command("merge-caches")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def merge_caches_cmd(out, inputs) -> None:
+    """Join the shard caches INPUTS into OUT (their identities must match)."""
+    from glied.pipeline.features_io import merge_caches
+
+    n, dup = merge_caches(out, list(inputs))
+    click.echo(f"merged {n} entries into {out}" + (f" ({dup} duplicate ids skipped)" if dup else ""))
+
+
+@cli.command("import-features")
+@click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Feature cache folder to create.")
+@click.option("--box-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="ImageCaptioning layout: folder of <id>.npy boxes beside the <id>.npz features.")
+@click.option("--name", default=None, help="Extractor name to record (default: from the source format).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
+def import_features_cmd(src, out, box_dir, name, dtype) -> None:
+    """Import bottom-up TSV files (.tsv, .tsv.0, ...) or per-image npz folders into a feature cache."""
+    from glied.pipeline.features_io import import_features
+
+    n = import_features(list(src), out, box_dir=box_dir, name=name, dtype=dtype)
+    click.echo(f"imported {n} images into {out}")
+
+
+@cli.command("export-features")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV file to write.")
+def export_features_cmd(cache, out) -> None:
+    """Write a feature cache as a bottom-up TSV (image_id, image_w, image_h, num_boxes, boxes, features)."""
+    from glied.pipeline.features_io import export_tsv
+
+    n = export_tsv(cache, out)
+    click.echo(f"wrote {n} images to {out}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GLIED decoder: train, evaluate (issue 6)
 # ---------------------------------------------------------------------------------------------------------
+
+_MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
+
+
+@cli.command("train")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data (glied prepare).")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache (glied extract).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--stage", type=click.Choice(["xe", "scst", "both"]), default="both", show_default=True,
+              help="Cross-entropy, self-critical (needs --init or --resume), or XE then SCST.")
+@click.option("--model", type=click.Choice(_MODELS), default="glied", show_default=True,
+              help="GLIED, the base model, or base plus one distilling part.")
+@click.option("--epochs", type=int, default=15, show_default=True, help="Cross-entropy epochs.")
+@click.option("--scst-epochs", type=int, default=10, show_default=True, help="Self-critical epochs.")
+@click.option("--batch-size", type=int, default=50, show_default=True, help="Images per step and process.")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Cross-entropy learning rate.")
+@click.option("--scst-lr", type=float, default=5e-5, show_default=True, help="Self-critical learning rate.")
+@click.option("--warmup-steps", type=int, default=200, show_default=True)
+@click.option("--scst-baseline", type=click.Choice(["greedy", "mean"]), default="greedy", show_default=True)
+@click.option("--scst-samples", type=int, default=5, show_default=True, help="Samples per image in SCST.")
+@click.option("--d-model", type=int, default=512, show_default=True, help="Model width (paper: 512).")
+@click.option("--d-embed", type=int, default=256, show_default=True, help="Shared embedding size (paper: 256).")
+@click.option("--heads", type=int, default=8, show_default=True, help="Attention heads (paper: 8).")
+@click.option("--init", type=click.Path(), default=None, help="Start from this checkpoint's weights.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs: int, scst_epochs: int,
+              batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
+              scst_samples: int, d_model: int, d_embed: int, heads: int, init: str | None, resume: bool,
+              seed: int, device: str) -> None:
+    """Train the GLIED decoder on cached features: cross-entropy, then SCST with a CIDEr-D reward.
+
+    Runs under `torchrun --nproc_per_node N glied train ...` with DistributedDataParallel.
+    """
+    from glied.pipeline.train import TrainConfig, train
+
+    cfg = TrainConfig(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
+                      lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
+                      scst_samples=scst_samples, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed)
+    s = train(data, features, out, cfg, resume=resume, init=init, device=device, log=click.echo)
+    if s.get("rank", 0) == 0:
+        click.echo(f"best val CIDEr-D {s['best_val_cider']:.4f}; checkpoints in {out}")
+
+
+@cli.command("evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(), help="Run directory (best.pt) or .pt file.")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache the model was trained on.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data.")
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+@click.option("--beam", type=int, default=3, show_default=True, help="Beam size (1 = greedy).")
+@click.option("--batch-size", type=int, default=50, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write (default: run dir).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: int, batch_size: int,
+                 out: str | None, device: str) -> None:
+    """Caption a split, write COCO-format predictions and BLEU/METEOR/ROUGE-L/CIDEr (pycocoevalcap)."""
+    from glied.pipeline.evaluate import evaluate
+
+    r = evaluate(checkpoint, features, data, split, beam_size=beam, batch_size=batch_size, out=out, device=device,
+                 log=click.echo)
+    click.echo(f"predictions: {r['predictions']}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ def test_captions_are_karpathy_and_name_every_object(world):
     assert len({c.split()[0] + c.split()[1] for c in all_caps}) >= 10  # many sentence openings / patterns
 
 
+@pytest.mark.slow  # timing: meaningful only on an idle machine; benchmarks/bench_shapes.py measures it
 def test_ten_thousand_images_quickly(tmp_path):
     import time
     t0 = time.perf_counter()

@@ -1,0 +1,164 @@
+"""Prepared captions joined with cached region features and attribute words, batched with padding masks.
+
+The decoder reads features through :class:`FeatureSource`, the read contract of the feature cache
+(``glied.datasets.cache.FeatureCache``): ``.manifest``, ``.ids()``, ``id in source``, ``.regions(id)``,
+``.attributes(id)``. Anything with those members works (tests use an in-memory one).
+
+One dataset item is one image with all its captions; :func:`collate` pads regions (10..100 per image),
+attribute words and captions and returns boolean masks (True = real entry).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from glied.errors import ConfigError, InputError
+from glied.records import AttributeWords, RegionFeatures
+
+UNK = 3
+
+
+@runtime_checkable
+class FeatureSource(Protocol):
+    """What the decoder needs from a feature cache."""
+
+    manifest: dict
+
+    def ids(self) -> Iterable[str]: ...
+
+    def __contains__(self, image_id: object) -> bool: ...
+
+    def regions(self, image_id: str) -> RegionFeatures: ...
+
+    def attributes(self, image_id: str) -> Optional[AttributeWords]: ...
+
+
+def feature_identity(manifest: dict) -> dict:
+    """The part of a cache manifest that a trained decoder depends on: the region extractor identity and the
+    attribute-word identity (name, config, vocab, top_k). Stored in checkpoints and compared on reuse."""
+    return {"extractor": manifest.get("extractor"), "attributes": manifest.get("attributes")}
+
+
+def identity_difference(expected: dict, actual: dict, prefix: str = "") -> list[str]:
+    """Human-readable list of the keys whose values differ between two identities (nested)."""
+    out = []
+    for k in sorted(set(expected) | set(actual), key=str):
+        a, b = expected.get(k), actual.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_difference(a, b, f"{prefix}{k}.")
+        elif a != b:
+            sa, sb = repr(a), repr(b)
+            out.append(f"{prefix}{k}: {sa[:60]} != {sb[:60]}")
+    return out
+
+
+def check_identity(expected: dict, source: FeatureSource, what: str, where: str) -> None:
+    """Raise ConfigError naming what differs if ``source``'s identity is not ``expected``."""
+    diff = identity_difference(expected, feature_identity(source.manifest))
+    if diff:
+        raise ConfigError(f"{where}: feature cache identity differs from the one {what} ({'; '.join(diff[:4])}); "
+                          "use the cache the model was trained with, or train a new model on this cache")
+
+
+def attribute_vocab_map(attr_vocab: Optional[list[str]], wtoi: dict[str, int]) -> np.ndarray:
+    """Cache attribute-vocabulary index -> caption-vocabulary id (out-of-vocabulary words -> <unk>)."""
+    return np.array([wtoi.get(w, UNK) for w in (attr_vocab or [])], dtype=np.int64)
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """Images of one split of prepared data with their features.
+
+    Args:
+        data: a :class:`glied.datasets.prepared.PreparedData`.
+        features: a :class:`FeatureSource`.
+        split: "train", "val" or "test".
+        max_attrs: keep at most this many attribute words per image (best first); None keeps all.
+        captions_per_image: if set, each access returns that many of the image's captions drawn at random
+            (torch RNG, so a seeded epoch is reproducible); None returns all of them.
+        where: name of the cache for error messages.
+
+    Raises InputError if any image of the split is missing from the cache (naming the ids and the cache).
+    """
+
+    def __init__(self, data: Any, features: FeatureSource, split: str, max_attrs: Optional[int] = None,
+                 where: str = "feature cache", captions_per_image: Optional[int] = None) -> None:
+        self.data, self.features, self.split, self.max_attrs = data, features, split, max_attrs
+        self.captions_per_image = captions_per_image
+        self.indices = data.split_indices(split)
+        if not self.indices:
+            raise InputError(f"{data.root}: the {split} split is empty")
+        self.ids = [data.images[i]["id"] for i in self.indices]
+        missing = [i for i in self.ids if i not in features]
+        if missing:
+            raise InputError(f"{where}: {len(missing)} of {len(self.ids)} {split} images are missing from the "
+                             f"feature cache (e.g. {', '.join(map(str, missing[:3]))}); extract features for "
+                             "every image of the prepared data first (`glied extract`)")
+        attr_identity = features.manifest.get("attributes") or {}
+        self.attr_map = attribute_vocab_map(attr_identity.get("vocab"), data.wtoi)
+        self.max_length = int(data.labels.shape[1])
+        order = np.argsort(data.image_index, kind="stable")
+        starts = np.searchsorted(data.image_index[order], np.arange(len(data.images) + 1))
+        self._rows = [order[starts[i]:starts[i + 1]] for i in self.indices]  # label rows per item
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        image_id = self.ids[i]
+        reg = self.features.regions(image_id)
+        feats = np.asarray(reg.features, dtype=np.float32)
+        if feats.ndim != 2 or feats.shape[0] == 0:
+            raise InputError(f"feature cache: image {image_id} has no regions (features shape {feats.shape})")
+        attrs = self.features.attributes(image_id)
+        if attrs is None or len(attrs) == 0:
+            a_ids, a_probs = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        else:
+            word_ids = np.asarray(attrs.word_ids, dtype=np.int64)
+            a_ids = self.attr_map[word_ids] if len(self.attr_map) else np.full(len(word_ids), UNK)
+            a_probs = np.asarray(attrs.probs, dtype=np.float32)
+            if self.max_attrs is not None:
+                a_ids, a_probs = a_ids[: self.max_attrs], a_probs[: self.max_attrs]
+        rows = self._rows[i]
+        if self.captions_per_image is not None and len(rows) > self.captions_per_image:
+            rows = rows[torch.randperm(len(rows))[: self.captions_per_image].numpy()]
+        return {"index": i, "regions": torch.from_numpy(feats), "attr_ids": torch.from_numpy(a_ids),
+                "attr_probs": torch.from_numpy(a_probs),
+                "captions": torch.from_numpy(self.data.labels[rows].astype(np.int64))}
+
+
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Pad a list of dataset items into a batch.
+
+    Returns: index (B,), regions (B, Rmax, D), region_mask (B, Rmax) bool, attr_ids (B, Kmax), attr_probs
+    (B, Kmax), attr_mask (B, Kmax) bool, captions (B, Smax, L) with L the longest caption of the batch (missing caption
+    slots all <pad>).
+    """
+    b = len(items)
+    r_max = max(it["regions"].shape[0] for it in items)
+    d = items[0]["regions"].shape[1]
+    k_max = max(it["attr_ids"].shape[0] for it in items)
+    s_max = max(it["captions"].shape[0] for it in items)
+    # trim caption columns to the longest real caption of the batch (saves decoding pad positions)
+    length = max(1, max(int((it["captions"] != 0).sum(1).max()) if it["captions"].numel() else 0 for it in items))
+    regions = torch.zeros(b, r_max, d)
+    region_mask = torch.zeros(b, r_max, dtype=torch.bool)
+    attr_ids = torch.zeros(b, k_max, dtype=torch.long)
+    attr_probs = torch.zeros(b, k_max)
+    attr_mask = torch.zeros(b, k_max, dtype=torch.bool)
+    captions = torch.zeros(b, s_max, length, dtype=torch.long)
+    for j, it in enumerate(items):
+        r, k, s = it["regions"].shape[0], it["attr_ids"].shape[0], it["captions"].shape[0]
+        if it["regions"].shape[1] != d:
+            raise ConfigError(f"feature dimension differs inside one batch ({d} vs {it['regions'].shape[1]})")
+        regions[j, :r], region_mask[j, :r] = it["regions"], True
+        attr_ids[j, :k], attr_probs[j, :k], attr_mask[j, :k] = it["attr_ids"], it["attr_probs"], True
+        captions[j, :s] = it["captions"][:, :length]
+    return {"index": torch.tensor([it["index"] for it in items]), "regions": regions, "region_mask": region_mask,
+            "attr_ids": attr_ids, "attr_probs": attr_probs, "attr_mask": attr_mask, "captions": captions}
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """(regions, region_mask, attr_ids, attr_probs, attr_mask) of a collated batch, on ``device``."""
+    return tuple(batch[k].to(device) for k in ("regions", "region_mask", "attr_ids", "attr_probs", "attr_mask"))

@@ -1,0 +1,96 @@
+"""Multi-head attention and the G(y; z) sub-layer of GLIED (Liu et al., IJCAI 2019, slides eq. 1-2).
+
+A(Q, K, V)_i = softmax(Q W_i^Q (K W_i^K)^T / sqrt(d_k)) V W_i^V,  H(Q, K, V) = [A_1; ...; A_h] W_k.
+G(y; z) = LayerNorm(z + Dropout(y)) — residual, dropout and layer norm, no position-wise FFN (the slides show none).
+
+Keys and values can be projected once (:meth:`MultiHeadAttention.project_kv`) and reused, which is how the decoder
+caches the region/attribute memories per image and the causal context keys/values across decoding steps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MultiHeadAttention(nn.Module):
+    """H(Q, K, V) with ``n_heads`` heads of size ``d_model // n_heads``.
+
+    Masks are boolean with True = attend. A query whose keys are all masked gets a zero output (never NaN), so an
+    image with no attribute words is valid input.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.d_model, self.n_heads, self.d_k = d_model, n_heads, d_model // n_heads
+        self.w_q = nn.Linear(d_model, d_model)
+        self.w_k = nn.Linear(d_model, d_model)
+        self.w_v = nn.Linear(d_model, d_model)
+        self.w_o = nn.Linear(d_model, d_model)
+        self.attn_dropout = nn.Dropout(dropout)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.n_heads, self.d_k).transpose(1, 2)  # (B, h, N, d_k)
+
+    def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, d_model) -> keys, values each (B, h, N, d_k)."""
+        return self._split(self.w_k(kv)), self._split(self.w_v(kv))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention with pre-projected keys/values.
+
+        Args:
+            q: (B, Tq, d_model) raw queries (projected here).
+            k, v: (B, h, N, d_k) from :meth:`project_kv`.
+            mask: bool, broadcastable to (B, Tq, N) (e.g. (B, 1, N) padding or (Tq, N) causal); True = attend.
+        Returns:
+            (B, Tq, d_model).
+        """
+        b, tq, _ = q.shape
+        qh = self._split(self.w_q(q))  # (B, h, Tq, d_k)
+        scores = torch.matmul(qh, k.transpose(-1, -2)) / math.sqrt(self.d_k)  # (B, h, Tq, N)
+        if mask is not None:
+            m = mask.unsqueeze(-3) if mask.dim() == 3 else mask  # (B, 1, Tq, N) or (Tq, N)
+            scores = scores.masked_fill(~m, float("-inf"))
+            attn = F.softmax(scores, dim=-1).masked_fill(~m, 0.0)  # rows with no key -> zeros, not NaN
+        else:
+            attn = F.softmax(scores, dim=-1)
+        attn = self.attn_dropout(attn)
+        out = torch.matmul(attn, v)  # (B, h, Tq, d_k)
+        out = out.transpose(1, 2).reshape(b, tq, self.d_model)  # (B, Tq, d_model)
+        return self.w_o(out)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """H(q, kv, kv): q (B, Tq, D), kv (B, N, D), mask as in :meth:`attend`. Returns (B, Tq, D)."""
+        k, v = self.project_kv(kv)
+        return self.attend(q, k, v, mask)
+
+
+class Residual(nn.Module):
+    """G(y; z) = LayerNorm(z + Dropout(y)) (post-LN, as in the original Transformer)."""
+
+    def __init__(self, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.norm(z + self.dropout(y))
+
+
+def sinusoid_table(n_positions: int, d_model: int) -> torch.Tensor:
+    """Fixed sinusoidal positional encodings (Vaswani et al. 2017): (n_positions, d_model) float32."""
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    i = torch.arange(0, d_model, 2, dtype=torch.float32)[None, :]
+    angle = pos / torch.pow(10000.0, i / d_model)
+    table = torch.zeros(n_positions, d_model)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle)
+    return table

@@ -1,0 +1,147 @@
+"""Incremental decoding for :class:`glied.models.glied.GliedDecoder`: greedy, sampling and batched beam search.
+
+The encoder memory (Ĩ and every cross-attention's keys/values) is computed once per image; the causal
+context-attention keys/values of earlier steps are carried explicitly as ``state`` and extended by one step at a
+time, never recomputed. :func:`greedy_uncached` recomputes the whole prefix each step; it exists to test that
+caching changes nothing.
+
+All functions return sequences (N, T) of word ids where every row ends with <eos> (then <pad>) unless it reached
+``max_len + 1`` tokens, in which case the last token is forced to <eos>.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from glied.models.glied import BOS, EOS, PAD, GliedDecoder, Memory, State
+
+
+@torch.no_grad()
+def greedy(model: GliedDecoder, mem: Memory, max_len: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax decoding with cached keys/values. Returns seqs (N, T) and per-step logits (N, T, V)."""
+    n = mem.batch_size
+    token = torch.full((n,), BOS, dtype=torch.long, device=mem.region_mask.device)
+    done = torch.zeros(n, dtype=torch.bool, device=token.device)
+    state, seqs, all_logits = None, [], []
+    for t in range(max_len + 1):
+        logits, state = model.step(mem, token, state)  # (N, V)
+        if t == max_len:
+            nxt = torch.full_like(token, EOS)
+        else:
+            nxt = model.word_logprobs(logits).argmax(-1)
+        nxt = nxt.masked_fill(done, PAD)
+        seqs.append(nxt)
+        all_logits.append(logits)
+        done = done | (nxt == EOS)
+        token = nxt
+        if bool(done.all()):
+            break
+    return torch.stack(seqs, 1), torch.stack(all_logits, 1)
+
+
+@torch.no_grad()
+def greedy_uncached(model: GliedDecoder, mem: Memory, max_len: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference greedy decoding that re-runs the teacher-forced decoder on the whole prefix at every step."""
+    n = mem.batch_size
+    prefix = torch.full((n, 1), BOS, dtype=torch.long, device=mem.region_mask.device)
+    done = torch.zeros(n, dtype=torch.bool, device=prefix.device)
+    seqs, all_logits = [], []
+    for t in range(max_len + 1):
+        logits = model.decode(mem, prefix)[:, -1]  # (N, V)
+        if t == max_len:
+            nxt = torch.full((n,), EOS, dtype=torch.long, device=prefix.device)
+        else:
+            nxt = model.word_logprobs(logits).argmax(-1)
+        nxt = nxt.masked_fill(done, PAD)
+        seqs.append(nxt)
+        all_logits.append(logits)
+        done = done | (nxt == EOS)
+        prefix = torch.cat([prefix, nxt[:, None]], 1)
+        if bool(done.all()):
+            break
+    return torch.stack(seqs, 1), torch.stack(all_logits, 1)
+
+
+@torch.no_grad()
+def sample(model: GliedDecoder, mem: Memory, n_samples: int, max_len: int = 16,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Multinomial samples from the model: each of the B images gets n_samples consecutive rows -> (B*n, T)."""
+    mem = mem.repeat(n_samples)
+    n = mem.batch_size
+    token = torch.full((n,), BOS, dtype=torch.long, device=mem.region_mask.device)
+    done = torch.zeros(n, dtype=torch.bool, device=token.device)
+    state, seqs = None, []
+    for t in range(max_len + 1):
+        logits, state = model.step(mem, token, state)
+        if t == max_len:
+            nxt = torch.full_like(token, EOS)
+        else:
+            nxt = torch.multinomial(model.word_logprobs(logits).exp(), 1, generator=generator)[:, 0]
+        nxt = nxt.masked_fill(done, PAD)
+        seqs.append(nxt)
+        done = done | (nxt == EOS)
+        token = nxt
+        if bool(done.all()):
+            break
+    return torch.stack(seqs, 1)
+
+
+@torch.no_grad()
+def beam_search(model: GliedDecoder, mem: Memory, beam_size: int = 3,
+                max_len: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched beam search (sum of log-probabilities, no length penalty).
+
+    Returns the best sequence per image (B, T) and its log-probability (B,). With beam_size 1 it returns exactly
+    :func:`greedy`'s sequences.
+    """
+    b, k = mem.batch_size, beam_size
+    device = mem.region_mask.device
+    mem = mem.repeat(k)  # (B*k, ...)
+    token = torch.full((b * k,), BOS, dtype=torch.long, device=device)
+    scores = torch.zeros(b, k, device=device)
+    scores[:, 1:] = float("-inf")  # all beams start identical: keep only the first alive at step 0
+    done = torch.zeros(b * k, dtype=torch.bool, device=device)
+    seqs = torch.zeros(b * k, 0, dtype=torch.long, device=device)
+    state = None
+    offsets = (torch.arange(b, device=device) * k)[:, None]  # (B, 1)
+    for t in range(max_len + 1):
+        logits, state = model.step(mem, token, state)  # (B*k, V)
+        logp = model.word_logprobs(logits)  # (B*k, V)
+        v = logp.shape[1]
+        if t == max_len:  # force the end
+            forced = torch.full_like(logp, float("-inf"))
+            forced[:, EOS] = logp[:, EOS]  # only <eos> allowed, at its own probability
+            logp = forced
+        # finished beams only extend with <pad> at no cost
+        finished_row = torch.full((v,), float("-inf"), device=device)
+        finished_row[PAD] = 0.0
+        logp = torch.where(done[:, None], finished_row[None], logp)
+        cand = (scores.view(b * k, 1) + logp).view(b, k * v)  # (B, k*V)
+        scores, flat = cand.topk(k, dim=1)  # (B, k)
+        beam_idx = flat // v  # (B, k)
+        word = flat % v  # (B, k)
+        rows = (offsets + beam_idx).view(-1)  # (B*k,)
+        state = (state[0].index_select(0, rows), state[1].index_select(0, rows))
+        seqs = torch.cat([seqs.index_select(0, rows), word.view(-1, 1)], 1)  # (B*k, t+1)
+        done = done.index_select(0, rows) | (word.view(-1) == EOS) | (word.view(-1) == PAD)
+        token = word.view(-1)
+        if bool(done.all()):
+            break
+    best = scores.argmax(1)  # (B,)
+    out = seqs.view(b, k, -1)[torch.arange(b, device=device), best]  # (B, T)
+    return out, scores.max(1).values
+
+
+def decode_text(seqs: torch.Tensor, itow: list[str]) -> list[str]:
+    """Word-id rows -> space-joined words up to the first <eos> (specials dropped)."""
+    out = []
+    for row in seqs.tolist():
+        words = []
+        for i in row:
+            if i == EOS or i == PAD:
+                break
+            if i == BOS:
+                continue
+            words.append(itow[i])
+        out.append(" ".join(words))
+    return out

@@ -1,0 +1,126 @@
+"""`glied train-attributes` and `glied evaluate-attributes`: the MIL word detector on prepared data.
+
+Training reads the prepared data's TRAINING captions, builds the K-word vocabulary and the image-level labels
+(:mod:`glied.extractors.mil.vocab`) and trains :class:`glied.extractors.mil.model.MilNet`; the val split, when
+present, is scored after every epoch. Evaluation scores a run on a held-out split and writes a metrics json.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from glied.datasets.prepared import PreparedData
+from glied.errors import ConfigError, InputError
+
+# Per-preset training defaults: (epochs, batch size, learning rate).
+TRAIN_DEFAULTS = {"small": (6, 32, 3e-3), "resnet18": (10, 16, 1e-4), "resnet50": (10, 8, 1e-4),
+                  "resnet101": (10, 8, 1e-4)}
+
+
+def _images_root(prep: PreparedData, images: str | Path | None) -> Path:
+    root = Path(images) if images is not None else prep.images_root
+    if not root.is_dir():
+        raise InputError(f"{root}: image folder not found; pass --images DIR (the folder the prepared data's "
+                         "image files are relative to)")
+    return root
+
+
+def _split_labels(prep: PreparedData, split: str, vocab: list[str], root: Path, policy: str):
+    from glied.extractors.mil.vocab import build_labels
+
+    idx = prep.split_indices(split)
+    ls = build_labels([prep.images[i]["sentences"] for i in idx], vocab, empty_policy=policy)
+    paths = [root / prep.images[idx[k]]["file"] for k in ls.keep]
+    ids = [prep.images[idx[k]]["id"] for k in ls.keep]
+    return ls, paths, ids
+
+
+def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | None = None,
+                     config: str = "small", epochs: int | None = None, batch_size: int | None = None,
+                     lr: float | None = None, vocab_size: int = 1000, input_size: int | None = None,
+                     stopwords: bool = False, empty_policy: str = "keep", resume: bool = False, seed: int = 0,
+                     backbone_weights: str | None = None, device: str = "cpu",
+                     log: Callable[[str], None] = print) -> dict:
+    """Train a MIL word detector on prepared data ``data`` into the run folder ``out``; returns a summary."""
+    import torch
+
+    from glied.extractors.mil.config import MilConfig, MilTrainConfig
+    from glied.extractors.mil.train import TrainSet, train_mil
+    from glied.extractors.mil.vocab import build_vocab
+
+    prep = PreparedData.load(data)
+    root = _images_root(prep, images)
+    if config not in TRAIN_DEFAULTS:
+        raise ConfigError(f"unknown --config {config!r}; use one of {', '.join(TRAIN_DEFAULTS)}")
+    d_epochs, d_batch, d_lr = TRAIN_DEFAULTS[config]
+    tcfg = MilTrainConfig(epochs=epochs or d_epochs, batch_size=batch_size or d_batch, lr=lr or d_lr,
+                          vocab_size=vocab_size, stopwords=stopwords, empty_label_policy=empty_policy,
+                          seed=seed, backbone_weights=str(backbone_weights) if backbone_weights else None)
+    train_idx = prep.split_indices("train")
+    if not train_idx:
+        raise InputError(f"{data}: the prepared data has no training image")
+    vocab = build_vocab([prep.images[i]["sentences"] for i in train_idx], tcfg.vocab_size,
+                        stopwords=tcfg.stopwords, min_count=tcfg.min_count)
+    tr, tr_paths, _ = _split_labels(prep, "train", vocab, root, tcfg.empty_label_policy)
+    stats = {"train_images": len(train_idx), "train_kept": len(tr.keep), "no_captions": len(tr.no_captions),
+             "no_vocab_word": len(tr.no_vocab_word), "empty_label_policy": tcfg.empty_label_policy}
+    if tr.no_captions:
+        log(f"warning: {len(tr.no_captions)} training image(s) have no caption and were dropped")
+    if tr.no_vocab_word:
+        what = "kept as all-negative examples" if tcfg.empty_label_policy == "keep" else "dropped"
+        log(f"warning: {len(tr.no_vocab_word)} training image(s) have no vocabulary word in their captions; {what}")
+    val_set = None
+    if prep.split_indices("val"):
+        va, va_paths, _ = _split_labels(prep, "val", vocab, root, "keep")
+        val_set = TrainSet(va_paths, va.labels, vocab)
+    cfg = MilConfig.preset(config, len(vocab), input_size=input_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"MIL {config}: {len(vocab)} words, {len(tr_paths)} training images, input {cfg.input_size}, "
+        f"{tcfg.epochs} epochs x batch {tcfg.batch_size}, lr {tcfg.lr}, {torch.get_num_threads()} threads")
+    summary = train_mil(TrainSet(tr_paths, tr.labels, vocab), out, cfg, tcfg, val=val_set, resume=resume,
+                        device=device, label_stats=stats, log=log)
+    (out / "config.json").write_text(json.dumps({"data": str(Path(data).resolve()), "images_root": str(root),
+                                                 "model": cfg.to_dict(), "train": tcfg.to_dict(),
+                                                 "label_stats": stats}, indent=1))
+    return summary | {"label_stats": stats, "out": str(out)}
+
+
+def evaluate_attributes(run: str | Path, data: str | Path, *, split: str = "test",
+                        top_ks: Sequence[int] = (5, 10, 50), images: str | Path | None = None,
+                        out: str | Path | None = None, batch_size: int = 32, device: str = "cpu",
+                        log: Callable[[str], None] = print) -> dict:
+    """Score a trained run on ``split`` of prepared data; writes ``out`` (default RUN/metrics_<split>.json).
+
+    Labels use the run's own vocabulary; images without captions are skipped, images whose captions have no
+    vocabulary word count as all-negative.
+    """
+    from glied.extractors.mil.data import read_image
+    from glied.extractors.mil.evaluate import word_metrics
+    from glied.extractors.mil.inference import load_attribute_extractor
+
+    prep = PreparedData.load(data)
+    root = _images_root(prep, images)
+    ext = load_attribute_extractor(run, device=device, batch_size=batch_size)
+    ls, paths, _ = _split_labels(prep, split, ext.vocab, root, "keep")
+    if not paths:
+        raise InputError(f"{data}: no image with captions in the {split} split")
+    probs, t_model = [], 0.0
+    for s in range(0, len(paths), batch_size):
+        batch = [read_image(p) for p in paths[s:s + batch_size]]
+        t0 = time.perf_counter()
+        probs.append(ext.probs(batch))
+        t_model += time.perf_counter() - t0
+    metrics = word_metrics(np.concatenate(probs), ls.labels, ext.vocab, top_ks)
+    metrics = {"split": split, "run": str(run), "identity": {k: v for k, v in ext.identity().items() if k != "vocab"},
+               "seconds_per_image": t_model / len(paths), "no_vocab_word_images": len(ls.no_vocab_word),
+               "no_caption_images": len(ls.no_captions)} | metrics
+    dest = Path(out) if out is not None else (Path(run) if Path(run).is_dir() else Path(run).parent) / f"metrics_{split}.json"
+    dest.write_text(json.dumps(metrics, indent=1))
+    metrics["written_to"] = str(dest)
+    return metrics
+

@@ -1,0 +1,130 @@
+"""`glied evaluate`: caption a split with a trained decoder and score it with pycocoevalcap.
+
+Writes ``predictions_<split>.json`` in the COCO results format ([{"image_id", "caption"}], image ids are the
+prepared ids, as in ``refs_<split>.json``) and ``metrics_<split>.json``. Metrics: BLEU-1..4, METEOR, ROUGE-L,
+CIDEr (pycocoevalcap's ``Cider`` = CIDEr-D, df from the evaluated references) after its PTB tokenizer (Java).
+SPICE runs only when its Stanford CoreNLP jars are present; otherwise it is reported as unavailable, never as a
+number.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from glied.datasets.captions import CaptionDataset, FeatureSource, check_identity, collate, model_inputs
+from glied.errors import ConfigError, InputError
+from glied.models.beam import beam_search, greedy
+from glied.models.glied import GliedDecoder
+
+SPICE_UNAVAILABLE = "SPICE: unavailable (Stanford CoreNLP models cannot be fetched offline)"
+
+
+@torch.no_grad()
+def predict_split(model: GliedDecoder, dataset: CaptionDataset, beam_size: int, batch_size: int,
+                  device: str, max_len: int) -> list[list[int]]:
+    """Decode every image of ``dataset`` in order; returns word-id lists (ending with <eos>)."""
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for batch in loader:
+        mem = model.encode(*model_inputs(batch, device))
+        seqs = greedy(model, mem, max_len)[0] if beam_size == 1 else beam_search(model, mem, beam_size, max_len)[0]
+        out += seqs.cpu().tolist()
+    model.train(was_training)
+    return out
+
+
+def spice_available() -> bool:
+    """True when pycocoevalcap's SPICE has its CoreNLP jars (it would otherwise try to download them)."""
+    try:
+        import pycocoevalcap.spice.spice as sp
+    except ImportError:
+        return False
+    lib = Path(sp.__file__).parent / "lib"
+    return (lib / "stanford-corenlp-3.6.0.jar").is_file() and (lib / "stanford-corenlp-3.6.0-models.jar").is_file()
+
+
+def coco_metrics(refs: dict[str, list[str]], preds: dict[str, str]) -> dict[str, Any]:
+    """pycocoevalcap scores of raw-text predictions against raw-text references (PTB-tokenized first)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+    res = tok.tokenize({k: [{"caption": preds[k]}] for k in refs})
+    scores: dict[str, Any] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    for i, b in enumerate(bleu):
+        scores[f"BLEU-{i + 1}"] = float(b)
+    meteor = Meteor()
+    try:
+        scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+    finally:
+        close = getattr(meteor, "close", None)
+        if close is not None:
+            close()
+    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    if spice_available():
+        from pycocoevalcap.spice.spice import Spice
+        scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
+    else:
+        scores["SPICE"] = SPICE_UNAVAILABLE
+    return scores
+
+
+def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | FeatureSource,
+             data: str | os.PathLike, split: str = "test", beam_size: int = 3, batch_size: int = 50,
+             out: Optional[str | os.PathLike] = None, device: str = "cpu",
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Caption ``split`` and score it; returns {"metrics": {...}, "predictions": path, "n_images", ...}.
+
+    ``out`` defaults to the checkpoint's run directory. Raises ConfigError if the feature cache is not the one the
+    model was trained on (naming what differs) and InputError if images of the split are missing from it.
+    """
+    from glied.datasets.prepared import PreparedData
+    from glied.models.checkpoint import build_model, load_checkpoint
+    from glied.pipeline.train import _open_features
+
+    if beam_size < 1:
+        raise ConfigError(f"beam size must be >= 1 (got {beam_size})")
+    ckpt = load_checkpoint(checkpoint)
+    prep = PreparedData.load(data)
+    source, source_name = _open_features(features)
+    check_identity(ckpt["feature_identity"], source, f"{ckpt['path']} was trained on", source_name)
+    if list(ckpt["vocab"]) != list(prep.vocab):
+        raise ConfigError(f"{ckpt['path']}: vocabulary differs from {data}/vocab.json; evaluate with the prepared "
+                          "data the model was trained with")
+    refs_file = Path(data) / f"refs_{split}.json"
+    if not refs_file.is_file():
+        raise InputError(f"{refs_file}: no references for split {split!r} (prepared data has val and test)")
+    model = build_model(ckpt).to(device)
+    ds = CaptionDataset(prep, source, split, (ckpt.get("train_config") or {}).get("max_attrs"), where=source_name)
+    seqs = predict_split(model, ds, beam_size, batch_size, device, int(prep.labels.shape[1]))
+    preds = {image_id: prep.decode(s) for image_id, s in zip(ds.ids, seqs)}
+    out_dir = Path(out) if out is not None else Path(ckpt["path"]).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pred_path = out_dir / f"predictions_{split}.json"
+    pred_path.write_text(json.dumps([{"image_id": k, "caption": v} for k, v in preds.items()]))
+    gt = json.loads(refs_file.read_text())
+    refs: dict[str, list[str]] = {str(im["id"]): [] for im in gt["images"]}
+    for a in gt["annotations"]:
+        refs[str(a["image_id"])].append(a["caption"])
+    missing = [k for k in refs if k not in preds]
+    if missing:
+        raise InputError(f"{refs_file}: {len(missing)} reference images have no prediction (e.g. {missing[:3]})")
+    metrics = coco_metrics(refs, {k: preds[k] for k in refs})
+    result = {"checkpoint": ckpt["path"], "split": split, "beam_size": beam_size, "n_images": len(refs),
+              "metrics": metrics, "predictions": str(pred_path)}
+    (out_dir / f"metrics_{split}.json").write_text(json.dumps(result, indent=1))
+    for k, v in metrics.items():
+        log(f"{k:8s} {v if isinstance(v, str) else f'{v:.4f}'}")
+    return result

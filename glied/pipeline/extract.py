@@ -1,0 +1,272 @@
+"""`glied extract`: photos -> region features (+ attribute words) in a crash-safe, resumable feature cache.
+
+Data flow::
+
+    enumerate_inputs(INPUT) -> shard -> skip ids already in the cache
+      -> decode in worker threads (Pillow/cv2 release the GIL), a few batches ahead of the model
+      -> region_extractor.extract(batch)  [or .extract_given_boxes(batch, boxes)]
+      -> attribute_extractor.predict(batch)          (optional)
+      -> boxes mapped back to original pixels -> CacheWriter.put (fsync'ed in groups)
+
+Bad images never stop the run: each gets one line on stderr and a record {id, path, kind, reason} in
+``CACHE/failures.jsonl`` (rewritten by each run; failed images are tried again on the next run).
+Extractors follow the contracts in COMMON.md; ``extractor_module`` ("pkg.mod:factory" or
+"path/to/file.py:factory") loads any factory ``factory(weights=..., device=..., precision=...)`` that returns
+such an object, which is how users plug their own extractor and how the tests drive a real subprocess.
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from glied.datasets import inputs as inp
+from glied.datasets.cache import FAILURES, CacheWriter, make_manifest
+from glied.datasets.images import ImageLoadError, LoadedImage, decode_image
+from glied.errors import ConfigError, InputError
+from glied.records import AttributeWords, RegionFeatures
+
+DEFAULT_MAX_SIDE = 2000     # decode huge photos at most this long (the detector works at <= 1000)
+
+
+@dataclass
+class ExtractSummary:
+    total: int              # images in INPUT (this shard)
+    already: int            # skipped: already in the cache
+    extracted: int
+    failed: int
+    seconds: float
+    failures_path: str
+
+    @property
+    def images_per_s(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+
+def load_factory(spec: str):
+    """'pkg.module:factory' or 'path/to/file.py:factory' -> the callable (ConfigError if not found)."""
+    mod_name, sep, attr = spec.rpartition(":")
+    if not sep or not mod_name or not attr:
+        raise ConfigError(f"--extractor-module {spec!r}: expected 'package.module:factory' or "
+                          f"'file.py:factory'")
+    try:
+        if mod_name.endswith(".py"):
+            if not os.path.isfile(mod_name):
+                raise ConfigError(f"--extractor-module: {mod_name} does not exist")
+            name = "glied_user_extractor_" + os.path.splitext(os.path.basename(mod_name))[0]
+            s = importlib.util.spec_from_file_location(name, mod_name)
+            module = importlib.util.module_from_spec(s)
+            sys.modules[name] = module
+            s.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"--extractor-module {spec!r}: cannot import {mod_name} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"--extractor-module {spec!r}: {mod_name} has no callable {attr!r}")
+    return fn
+
+
+def resolve_device(device: str) -> str:
+    """'cpu' | 'cuda' | 'cuda:N' | 'auto' -> a concrete torch device string (ConfigError if unavailable)."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
+        return device
+    raise ConfigError(f"--device {device!r}: expected cpu, cuda or auto")
+
+
+def build_region_extractor(detector: str | None, extractor_module: str | None, device: str, precision: str):
+    """The region extractor for `glied extract` (bottom-up weights/run, or a user factory)."""
+    if extractor_module:
+        return load_factory(extractor_module)(weights=detector, device=device, precision=precision)
+    if not detector:
+        raise ConfigError("glied extract needs --detector WEIGHTS_OR_RUN (bottom-up weights or a "
+                          "train-detector run folder), or --extractor-module pkg.mod:factory")
+    from glied.extractors.bottomup import load_region_extractor
+
+    return load_region_extractor(detector, device=device, precision=precision)
+
+
+def build_attribute_extractor(run: str | None, device: str, top_k: int | None):
+    """The MIL attribute-word extractor of ``run`` (None when no run is given); top_k None: the run's own."""
+    if not run:
+        return None
+    from glied.extractors.mil import load_attribute_extractor
+
+    kw = {} if top_k is None else {"top_k": top_k}
+    return load_attribute_extractor(run, device=device, **kw)
+
+
+def attribute_identity(attr_extractor, top_k: int | None) -> dict | None:
+    if attr_extractor is None:
+        return None
+    ident = dict(attr_extractor.identity())
+    ident["vocab"] = list(attr_extractor.vocab)
+    if top_k is None:
+        top_k = ident.get("top_k", getattr(attr_extractor, "top_k", None))
+    ident["top_k"] = top_k
+    return ident
+
+
+def load_boxes(path: str) -> dict[str, np.ndarray]:
+    """Given boxes: COCO annotations json (bbox x,y,w,h) or {image_id: [[x1,y1,x2,y2], ...]}
+    -> {id: (N, 4) float32 x1,y1,x2,y2}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"--boxes {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"--boxes {path}: not valid JSON ({e})") from None
+    out: dict[str, list] = collections.defaultdict(list)
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        for a in data["annotations"]:
+            x, y, w, h = a["bbox"]
+            out[str(a["image_id"])].append([x, y, x + w, y + h])
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            out[str(k)] = list(v)
+    else:
+        raise InputError(f"--boxes {path}: expected COCO annotations or {{image_id: [[x1,y1,x2,y2], ...]}}")
+    res = {}
+    for k, v in out.items():
+        a = np.asarray(v, dtype=np.float32).reshape(-1, 4) if len(v) else np.zeros((0, 4), np.float32)
+        res[k] = a
+    return res
+
+
+def _rescale(r: RegionFeatures, im: LoadedImage) -> RegionFeatures:
+    """Map regions found on a downscaled image back to original pixels and the original size."""
+    boxes = np.asarray(r.boxes, np.float32)
+    if (im.scale_x, im.scale_y) != (1.0, 1.0):
+        boxes = boxes / np.array([im.scale_x, im.scale_y] * 2, np.float32)  # (R, 4) / (4,)
+    return RegionFeatures(boxes=boxes, features=r.features, obj_ids=r.obj_ids, obj_scores=r.obj_scores,
+                          attr_ids=r.attr_ids, attr_scores=r.attr_scores, image_w=im.orig_w,
+                          image_h=im.orig_h)
+
+
+def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=None,
+            top_k: int | None = None, images_root: str | None = None, dtype: str = "float16",
+            shard: tuple[int, int] = (0, 1),
+            batch_size: int = 4, workers: int = 2, boxes: str | dict | None = None,
+            max_side: int | None = DEFAULT_MAX_SIDE, progress: bool = True, log=None,
+            commit_every: int = 256, commit_seconds: float = 2.0,
+            keep_word_maps: bool = False) -> ExtractSummary:
+    """Extract every image of ``input_path`` (shard ``shard``) not yet in cache ``out``; see module docstring.
+
+    Attribute word maps (V, h, w) are large (often more than the regions) and are dropped unless
+    ``keep_word_maps``. Returns an :class:`ExtractSummary`. Raises ConfigError when ``out`` holds features
+    of another extractor identity (the message says what differs); committed entries are never rewritten.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    items = inp.shard(inp.enumerate_inputs(input_path, images_root), *shard)
+    given = load_boxes(boxes) if isinstance(boxes, str) else boxes
+    manifest = make_manifest(dict(region_extractor.identity()), dtype,
+                             attribute_identity(attribute_extractor, top_k))
+    if given is not None:
+        manifest["extractor"] = dict(manifest["extractor"], boxes="given")
+    writer = CacheWriter(out, manifest, commit_every=commit_every, commit_seconds=commit_seconds)
+    fail_path = os.path.join(out, FAILURES)
+    n_fail = n_done = 0
+    try:
+        if writer.recovered_bytes:
+            log(f"{out}: repaired a torn index tail ({writer.recovered_bytes} bytes) "
+                f"left by an interrupted run")
+        todo = [it for it in items if it.id not in writer]
+        already = len(items) - len(todo)
+        with open(fail_path, "w", encoding="utf-8") as ff:
+            def fail(it: inp.InputImage, kind: str, reason: str) -> None:
+                nonlocal n_fail
+                n_fail += 1
+                ff.write(json.dumps({"id": it.id, "path": it.path, "kind": kind, "reason": reason}) + "\n")
+                ff.flush()
+                msg = f"skipped {it.id}: {reason} ({it.path})"
+                (bar.write(msg, file=sys.stderr) if bar is not None else log(msg))
+
+            bar = None
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1)
+            batch: list[tuple[inp.InputImage, LoadedImage]] = []
+
+            def flush() -> None:
+                nonlocal n_done
+                if not batch:
+                    return
+                ims = [b[1].image for b in batch]
+                if given is not None:
+                    bx = [given[it.id] * np.array([li.scale_x, li.scale_y] * 2, np.float32)  # (N, 4)
+                          for it, li in batch]
+                    regs = region_extractor.extract_given_boxes(ims, bx)
+                else:
+                    regs = region_extractor.extract(ims)
+                words = ([None] * len(ims) if attribute_extractor is None
+                         else attribute_extractor.predict(ims))
+                for (it, li), r, w in zip(batch, regs, words):
+                    if w is not None and w.word_map is not None and not keep_word_maps:
+                        w = AttributeWords(word_ids=w.word_ids, probs=w.probs)
+                    writer.put(it.id, _rescale(r, li), w)
+                n_done += len(batch)
+                if bar is not None:
+                    bar.update(len(batch))
+                batch.clear()
+
+            def load(it: inp.InputImage) -> LoadedImage:
+                return decode_image(it.path, max_side=max_side)
+
+            pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+            ahead: collections.deque[tuple[inp.InputImage, Future | None]] = collections.deque()
+            queue = iter(todo)
+            depth = max(2, workers) * batch_size * 2
+            try:
+                while True:
+                    while len(ahead) < depth:
+                        it = next(queue, None)
+                        if it is None:
+                            break
+                        if given is not None and it.id not in given:
+                            fail(it, "no_boxes", "no boxes given for this image id in --boxes")
+                            if bar is not None:
+                                bar.update(1)
+                            continue
+                        ahead.append((it, pool.submit(load, it) if pool else None))
+                    if not ahead:
+                        break
+                    it, fut = ahead.popleft()
+                    try:
+                        li = fut.result() if fut is not None else load(it)
+                    except ImageLoadError as e:
+                        fail(it, e.kind, e.reason)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    batch.append((it, li))
+                    if len(batch) >= batch_size:
+                        flush()
+                flush()
+            finally:
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                if bar is not None:
+                    bar.close()
+    finally:
+        writer.close()
+    return ExtractSummary(total=len(items), already=already, extracted=n_done, failed=n_fail,
+                          seconds=time.perf_counter() - t0, failures_path=fail_path)

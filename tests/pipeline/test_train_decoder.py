@@ -1,0 +1,112 @@
+"""glied train / evaluate on a tiny in-memory world: exact resume, identity checks, CLI errors, evaluation."""
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from glied.errors import ConfigError, InputError
+from glied.pipeline.train import train
+
+_spec = importlib.util.spec_from_file_location("decoder_fixtures", Path(__file__).with_name("decoder_fixtures.py"))
+fx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fx)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models on a loaded 2-core machine: OpenMP threads only spin; one thread is 10x faster here
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    prep = fx.make_prepared(root)
+    return root, prep
+
+
+def _losses(run):
+    with open(Path(run) / "metrics.csv") as f:
+        return [(r["phase"], r["loss"], r["val_cider"]) for r in csv.DictReader(f)]
+
+
+def _state(run):
+    return torch.load(Path(run) / "last.pt", weights_only=True)["model"]
+
+
+def test_resume_continues_exactly_through_xe_and_scst(world, tmp_path):
+    root, prep = world
+    feats = fx.MemoryFeatures(root)
+    log = lambda *_: None  # noqa: E731
+    full = train(prep, feats, tmp_path / "full", fx.tiny_config(epochs=2, scst_epochs=1), log=log)
+    train(prep, feats, tmp_path / "part", fx.tiny_config(epochs=1, scst_epochs=0), log=log)
+    train(prep, feats, tmp_path / "part", fx.tiny_config(epochs=2, scst_epochs=0), resume=True, log=log)
+    part = train(prep, feats, tmp_path / "part", fx.tiny_config(epochs=2, scst_epochs=1), resume=True, log=log)
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "part")
+    assert [p for p, _, _ in _losses(tmp_path / "full")] == ["xe", "xe", "scst"]
+    a, b = _state(tmp_path / "full"), _state(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full["progress"] == part["progress"] == {"xe_done": 2, "scst_done": 1, "step": 6}
+    ck = torch.load(tmp_path / "full" / "best.pt", weights_only=True)  # plain dict, no code
+    assert ck["feature_identity"]["extractor"]["name"] == "memory" and ck["vocab"][:4] == ["<pad>", "<bos>",
+                                                                                          "<eos>", "<unk>"]
+    # an existing run is never overwritten silently
+    with pytest.raises(InputError, match="--resume"):
+        train(prep, feats, tmp_path / "full", fx.tiny_config(), log=log)
+
+
+def test_mismatched_identity_and_missing_ids_fail_clearly(world, tmp_path):
+    root, prep = world
+    log = lambda *_: None  # noqa: E731
+    train(prep, fx.MemoryFeatures(root), tmp_path / "run", fx.tiny_config(), log=log)
+    with pytest.raises(ConfigError, match="extractor.name: 'memory' != 'other'"):
+        train(prep, fx.MemoryFeatures(root, name="other"), tmp_path / "run", fx.tiny_config(epochs=2),
+              resume=True, log=log)
+    with pytest.raises(InputError, match=r"missing from the feature cache \(e\.g\. 3\b"):
+        train(prep, fx.MemoryFeatures(root, drop=("3",)), tmp_path / "run2", fx.tiny_config(), log=log)
+
+
+def test_cli_errors_are_one_line(world, tmp_path, monkeypatch, capsys):
+    from glied.cli import main
+    import glied.pipeline.train as tr
+
+    root, prep = world
+    train(prep, fx.MemoryFeatures(root), tmp_path / "run", fx.tiny_config(), log=lambda *_: None)
+    args = ["evaluate", "--checkpoint", str(tmp_path / "run"), "--features", "CACHE", "--data", str(prep)]
+    monkeypatch.setattr(tr, "_open_features", lambda f: (fx.MemoryFeatures(root, name="other"), "CACHE"))
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and err.startswith("error: CACHE: feature cache identity differs")
+    monkeypatch.setattr(tr, "_open_features", lambda f: (fx.MemoryFeatures(root, drop=("33",)), "CACHE"))
+    with pytest.raises(SystemExit):
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert "33" in err and "missing" in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--features", "C", "--data", str(prep)])
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_evaluate_tiny_split(world, tmp_path):
+    from glied.pipeline.evaluate import SPICE_UNAVAILABLE, evaluate, spice_available
+
+    root, prep = world
+    feats = fx.MemoryFeatures(root)
+    train(prep, feats, tmp_path / "run", fx.tiny_config(epochs=12, lr=1e-2), log=lambda *_: None)
+    r = evaluate(tmp_path / "run", feats, prep, "test", beam_size=2, log=lambda *_: None)
+    m = r["metrics"]
+    assert set(m) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"}
+    assert all(0 <= m[k] for k in m if k != "SPICE") and m["BLEU-1"] > 0
+    if not spice_available():
+        assert m["SPICE"] == SPICE_UNAVAILABLE
+    preds = json.loads(Path(r["predictions"]).read_text())
+    refs = json.loads((Path(prep) / "refs_test.json").read_text())
+    assert sorted(p["image_id"] for p in preds) == sorted(im["id"] for im in refs["images"])
+    assert all(isinstance(p["caption"], str) and p["caption"] for p in preds)
