@@ -103,15 +103,16 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 @click.option("--max-images", type=int, default=None, help="Train on the first N images only.")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 def train_detector_cmd(annotations, images_dir, out, preset, epochs, batch_size, lr, input_size, split, split_file,
-                       max_images, resume, seed) -> None:
+                       max_images, resume, seed, threads) -> None:
     """Train the small bottom-up detector (boxes, classes, attributes) on COCO-format annotations."""
     from glied.pipeline.detector import train_detector
 
     summary = train_detector(annotations, images_dir, out, preset=preset, epochs=epochs, batch_size=batch_size,
                              lr=lr, resume=resume, seed=seed, split=None if split == "all" else split,
                              split_file=split_file, input_size=input_size, max_images=max_images,
-                             log=click.echo)
+                             threads=threads, log=click.echo)
     click.echo(f"trained {summary['iterations']} iterations on {summary['images']} images in "
                f"{summary['seconds']} s; checkpoint in {summary['run']}")
 
@@ -125,10 +126,15 @@ def train_detector_cmd(annotations, images_dir, out, preset, epochs, batch_size,
               help="Karpathy captions.json giving each image's split (when instances.json has none).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--max-images", type=int, default=None, help="Evaluate the first N images only.")
-def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, batch_size, max_images) -> None:
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, batch_size, max_images,
+                          threads) -> None:
     """Box mAP@0.5 (COCOeval) and attribute accuracy of a trained detector; writes RUN/metrics_<split>.json."""
     from glied.pipeline.detector import evaluate_detector_run
 
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
     evaluate_detector_run(run_dir, annotations, images_dir, split=None if split == "all" else split,
                           split_file=split_file, batch_size=batch_size, max_images=max_images, log=click.echo)
 
