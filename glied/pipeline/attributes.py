@@ -17,7 +17,7 @@ from glied.datasets.prepared import PreparedData
 from glied.errors import ConfigError, InputError
 
 # Per-preset training defaults: (epochs, batch size, learning rate).
-TRAIN_DEFAULTS = {"small": (6, 32, 3e-3), "resnet18": (10, 16, 1e-4), "resnet50": (10, 8, 1e-4),
+TRAIN_DEFAULTS = {"small": (8, 8, 1e-3), "resnet18": (10, 16, 1e-4), "resnet50": (10, 8, 1e-4),
                   "resnet101": (10, 8, 1e-4)}
 
 
@@ -56,6 +56,10 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
     root = _images_root(prep, images)
     if config not in TRAIN_DEFAULTS:
         raise ConfigError(f"unknown --config {config!r}; use one of {', '.join(TRAIN_DEFAULTS)}")
+    if backbone_weights is not None and not Path(backbone_weights).is_file():
+        from glied.errors import WeightsError
+        raise WeightsError(f"{backbone_weights}: backbone weights file not found; pass an existing torchvision "
+                           "ResNet state dict, or leave --backbone-weights out to start from random weights")
     d_epochs, d_batch, d_lr = TRAIN_DEFAULTS[config]
     tcfg = MilTrainConfig(epochs=epochs or d_epochs, batch_size=batch_size or d_batch, lr=lr or d_lr,
                           vocab_size=vocab_size, stopwords=stopwords, empty_label_policy=empty_policy,
@@ -90,14 +94,45 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
     return summary | {"label_stats": stats, "out": str(out)}
 
 
+def concept_words(prep: PreparedData) -> list[str] | None:
+    """The visual concept words of a shapes world (its shape, colour and size names, from the
+    ``instances.json`` next to the captions file), or None for other datasets."""
+    inst = Path(prep.manifest.get("source", "")).parent / "instances.json"
+    if prep.manifest.get("dataset") != "shapes" or not inst.is_file():
+        return None
+    try:
+        d = json.loads(inst.read_text())
+        return [c["name"] for c in d["categories"]] + [a["name"] for a in d.get("attributes", [])]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _read_words(path: str | Path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: word list not found (one word per line, or a json list)")
+    text = p.read_text()
+    try:
+        words = json.loads(text)
+    except ValueError:
+        words = text.split()
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise InputError(f"{p}: expected one word per line or a json list of strings")
+    return words
+
+
 def evaluate_attributes(run: str | Path, data: str | Path, *, split: str = "test",
                         top_ks: Sequence[int] = (5, 10, 50), images: str | Path | None = None,
+                        words: str | Path | None = None,
                         out: str | Path | None = None, batch_size: int = 32, device: str = "cpu",
                         log: Callable[[str], None] = print) -> dict:
     """Score a trained run on ``split`` of prepared data; writes ``out`` (default RUN/metrics_<split>.json).
 
     Labels use the run's own vocabulary; images without captions are skipped, images whose captions have no
-    vocabulary word count as all-negative.
+    vocabulary word count as all-negative. Besides the mAP over every vocabulary word (Fang's figure), a
+    subset mAP is reported for ``words`` (a file: one word per line or a json list) and, for a shapes world,
+    for its concept words (shape, colour and size names): many shapes-world caption words ("we", "see",
+    "left", ...) are drawn at random by the caption grammar and cannot be predicted from the image.
     """
     from glied.extractors.mil.data import read_image
     from glied.extractors.mil.evaluate import word_metrics
@@ -115,7 +150,13 @@ def evaluate_attributes(run: str | Path, data: str | Path, *, split: str = "test
         t0 = time.perf_counter()
         probs.append(ext.probs(batch))
         t_model += time.perf_counter() - t0
-    metrics = word_metrics(np.concatenate(probs), ls.labels, ext.vocab, top_ks)
+    subsets = {}
+    concepts = concept_words(prep)
+    if concepts:
+        subsets["concepts"] = concepts
+    if words is not None:
+        subsets["words"] = _read_words(words)
+    metrics = word_metrics(np.concatenate(probs), ls.labels, ext.vocab, top_ks, subsets)
     metrics = {"split": split, "run": str(run), "identity": {k: v for k, v in ext.identity().items() if k != "vocab"},
                "seconds_per_image": t_model / len(paths), "no_vocab_word_images": len(ls.no_vocab_word),
                "no_caption_images": len(ls.no_captions)} | metrics

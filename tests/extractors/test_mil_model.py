@@ -42,7 +42,7 @@ def test_configs_validate_and_round_trip():
 
 
 def test_small_map_size_and_prior_bias_matches_label_frequency():
-    cfg = MilConfig.preset("small", 4)
+    cfg = MilConfig.preset("small", 4, input_size=128)
     net = MilNet(cfg).eval()
     assert net.map_size() == (8, 8)
     freq = np.array([0.001, 0.1, 0.5, 1.0])

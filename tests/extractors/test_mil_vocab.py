@@ -51,3 +51,17 @@ def test_images_without_vocabulary_words_or_captions_are_handled_explicitly():
     assert dropped.labels.shape == (2, 3)
     with pytest.raises(ValueError):
         build_labels(caps, vocab, empty_policy="ignore")
+
+
+def test_word_metrics_ap_and_top_k():
+    from glied.extractors.mil.evaluate import word_metrics
+
+    vocab = ["a", "b", "c"]
+    labels = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 0]])
+    probs = np.array([[0.9, 0.1, 0.5], [0.8, 0.7, 0.1], [0.7, 0.2, 0.3]])
+    m = word_metrics(probs, labels, vocab, top_ks=(1, 2, 10), subsets={"s": ["b", "c"]})
+    assert m["ap"] == {"a": 1.0, "b": 1.0} and m["words_without_positives"] == ["c"]
+    assert m["mAP"] == 1.0 and m["subsets"]["s"] == {"mAP": 1.0, "n_words": 1, "missing": ["c"]}
+    assert m["at_k"]["1"] == {"precision": 1.0, "recall": pytest.approx((1 + 0.5 + 1) / 3)}
+    assert m["at_k"]["2"]["precision"] == pytest.approx((1 + 2 + 1) / 6)
+    assert set(m["at_k"]) == {"1", "2", "3"}  # k capped at the vocabulary size

@@ -3,7 +3,9 @@
 Presets (``MilConfig.preset(name, vocab_size)``):
 
 - ``small``: a 3-stage residual trunk (torchvision ``BasicBlock``; widths 32/64/128, output stride 16) on
-  a plain 128x128 resize, giving an 8x8 word map. Made for the shapes world: trains in minutes on 2 CPU cores.
+  a plain 64x64 resize, giving a 4x4 word map. Made for the shapes world (128x128 images): trains in a few
+  minutes on 2 CPU cores. At 64 px it reached a higher val mAP per CPU-minute than at 96 or 128 px in our
+  runs (shape words were not learned at any of these sizes within ~6000 steps; see the issue-4 notes).
 - ``resnet18`` / ``resnet50`` / ``resnet101``: torchvision ResNet up to ``layer4`` (no global pool, output
   stride 32) on Fang's input: the longer side scaled to 565 and zero-padded at the top-left to 565x565,
   giving an 18x18 word map. ``weights=None``: initial backbone weights come only from a local file
@@ -35,6 +37,7 @@ class MilConfig:
         resize_mode: ``pad`` (longer side to ``input_size``, zero-pad bottom/right, as Fang's 565 padding) or
             ``stretch`` (plain resize to ``input_size`` x ``input_size``).
         small_widths: channel widths of the ``small`` trunk's stages (ignored by the ResNet presets).
+        small_blocks: residual blocks per stage of the ``small`` trunk (same length as ``small_widths``).
         head_bias: ``prior`` (each word's bias matched to its training label frequency over the map's cells)
             or ``fang`` (-6.58 for every word).
         head_init_std: std of the 1x1 head's weights (Fang: 0.001).
@@ -45,9 +48,10 @@ class MilConfig:
 
     arch: str = "small"
     vocab_size: int = 1000
-    input_size: int = 128
+    input_size: int = 64
     resize_mode: str = "stretch"
     small_widths: tuple[int, ...] = (32, 64, 128)
+    small_blocks: tuple[int, ...] = (1, 1, 1)
     head_bias: str = "prior"
     head_init_std: float = 0.001
     dropout: float = 0.0
@@ -67,6 +71,9 @@ class MilConfig:
             raise ConfigError(f"head_bias must be 'prior' or 'fang' (got {self.head_bias!r})")
         if not self.small_widths or any(w < 1 for w in self.small_widths):
             raise ConfigError(f"small_widths must be positive (got {self.small_widths})")
+        if len(self.small_blocks) != len(self.small_widths) or any(b < 1 for b in self.small_blocks):
+            raise ConfigError(f"small_blocks {self.small_blocks} must give >= 1 block for each of the "
+                              f"{len(self.small_widths)} stages")
 
     @classmethod
     def preset(cls, name: str, vocab_size: int, **overrides) -> "MilConfig":
@@ -74,7 +81,7 @@ class MilConfig:
         if name not in ARCHS:
             raise ConfigError(f"unknown MIL config {name!r}; use one of {', '.join(ARCHS)}")
         if name == "small":
-            base = cls(arch="small", vocab_size=vocab_size, input_size=128, resize_mode="stretch")
+            base = cls(arch="small", vocab_size=vocab_size, input_size=64, resize_mode="stretch")
         else:
             base = cls(arch=name, vocab_size=vocab_size, input_size=565, resize_mode="pad", dropout=0.5)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})

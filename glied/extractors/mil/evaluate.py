@@ -16,7 +16,7 @@ from sklearn.metrics import average_precision_score
 
 
 def word_metrics(probs: np.ndarray, labels: np.ndarray, vocab: Sequence[str],
-                 top_ks: Sequence[int] = (5, 10, 50)) -> dict:
+                 top_ks: Sequence[int] = (5, 10, 50), subsets: dict[str, Sequence[str]] | None = None) -> dict:
     """Metrics of image-level word probabilities.
 
     Args:
@@ -24,10 +24,12 @@ def word_metrics(probs: np.ndarray, labels: np.ndarray, vocab: Sequence[str],
         labels: (N, V) {0, 1} truth (words in any caption of the image).
         vocab: V words.
         top_ks: cuts for precision / recall.
+        subsets: optional named word lists; each gets its own mAP over its words that have positives
+            (e.g. the visual concept words of a dataset).
 
     Returns:
         JSON-able dict: ``mAP``, ``n_images``, ``n_words_evaluated``, ``ap`` {word: AP}, ``words_without_positives``,
-        ``at_k`` {k: {precision, recall}}.
+        ``at_k`` {k: {precision, recall}}, ``subsets`` {name: {mAP, n_words, missing}}.
     """
     probs = np.asarray(probs, np.float64)
     labels = np.asarray(labels).astype(bool)
@@ -52,12 +54,18 @@ def word_metrics(probs: np.ndarray, labels: np.ndarray, vocab: Sequence[str],
             "precision": float(hits.mean() / kk) if n else float("nan"),
             "recall": float((hits[has] / n_true[has]).mean()) if has.any() else float("nan"),
         }
+    subs = {}
+    for name, words in (subsets or {}).items():
+        got = [ap[w] for w in words if w in ap]
+        subs[name] = {"mAP": float(np.mean(got)) if got else float("nan"), "n_words": len(got),
+                      "missing": [w for w in words if w not in ap]}
     return {
         "mAP": float(np.mean(list(ap.values()))) if ap else float("nan"),
         "n_images": int(n),
         "n_words_evaluated": len(ap),
         "mean_true_words_per_image": float(n_true.mean()) if n else 0.0,
         "at_k": at_k,
+        "subsets": subs,
         "ap": ap,
         "words_without_positives": no_pos,
     }

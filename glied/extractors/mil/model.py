@@ -72,8 +72,9 @@ class MilTransform:
         return batch.contiguous(), list(valid)
 
 
-def _small_trunk(widths: tuple[int, ...]) -> tuple[nn.Module, int, int]:
-    """Stem (5x5/2 conv + 2x2 max-pool) then one BasicBlock per width, stride 2 from the second on."""
+def _small_trunk(widths: tuple[int, ...], blocks: tuple[int, ...]) -> tuple[nn.Module, int, int]:
+    """Stem (5x5/2 conv + 2x2 max-pool) then ``blocks[k]`` BasicBlocks of width ``widths[k]`` per stage, the
+    first block of every stage after the first with stride 2."""
     w0 = widths[0]
     layers: list[nn.Module] = [nn.Conv2d(3, w0, 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(w0),
                                nn.ReLU(inplace=True), nn.MaxPool2d(2)]
@@ -85,6 +86,7 @@ def _small_trunk(widths: tuple[int, ...]) -> tuple[nn.Module, int, int]:
         if stride != 1 or c_in != w:
             down = nn.Sequential(nn.Conv2d(c_in, w, 1, stride=stride, bias=False), nn.BatchNorm2d(w))
         layers.append(BasicBlock(c_in, w, stride=stride, downsample=down))
+        layers.extend(BasicBlock(w, w) for _ in range(blocks[k] - 1))
         stride_total *= stride
         c_in = w
     return nn.Sequential(*layers), c_in, stride_total
@@ -111,7 +113,7 @@ class MilNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.arch == "small":
-            self.trunk, channels, self.stride = _small_trunk(tuple(cfg.small_widths))
+            self.trunk, channels, self.stride = _small_trunk(tuple(cfg.small_widths), tuple(cfg.small_blocks))
         else:
             self.trunk, channels, self.stride = _resnet_trunk(cfg.arch)
         self.dropout = nn.Dropout2d(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
