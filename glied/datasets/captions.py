@@ -58,7 +58,8 @@ def check_identity(expected: dict, source: FeatureSource, what: str, where: str)
     """Raise ConfigError naming what differs if ``source``'s identity is not ``expected``."""
     diff = identity_difference(expected, feature_identity(source.manifest))
     if diff:
-        raise ConfigError(f"{where}: feature cache identity differs from the one {what} ({'; '.join(diff[:4])}); "
+        raise ConfigError(f"{where}: feature cache identity differs from the one {what} "
+                          f"({'; '.join(diff[:4])}); "
                           "use the cache the model was trained with, or train a new model on this cache")
 
 
@@ -92,7 +93,8 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.ids = [data.images[i]["id"] for i in self.indices]
         missing = [i for i in self.ids if i not in features]
         if missing:
-            raise InputError(f"{where}: {len(missing)} of {len(self.ids)} {split} images are missing from the "
+            raise InputError(f"{where}: {len(missing)} of {len(self.ids)} {split} images are missing from "
+                             "the "
                              f"feature cache (e.g. {', '.join(map(str, missing[:3]))}); extract features for "
                              "every image of the prepared data first (`glied extract`)")
         attr_identity = features.manifest.get("attributes") or {}
@@ -108,16 +110,16 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         image_id = self.ids[i]
         reg = self.features.regions(image_id)
-        feats = np.asarray(reg.features, dtype=np.float32)
+        feats = np.array(reg.features, dtype=np.float32)  # a writable copy (cache arrays may be read-only)
         if feats.ndim != 2 or feats.shape[0] == 0:
             raise InputError(f"feature cache: image {image_id} has no regions (features shape {feats.shape})")
         attrs = self.features.attributes(image_id)
         if attrs is None or len(attrs) == 0:
             a_ids, a_probs = np.zeros(0, np.int64), np.zeros(0, np.float32)
         else:
-            word_ids = np.asarray(attrs.word_ids, dtype=np.int64)
+            word_ids = np.array(attrs.word_ids, dtype=np.int64)
             a_ids = self.attr_map[word_ids] if len(self.attr_map) else np.full(len(word_ids), UNK)
-            a_probs = np.asarray(attrs.probs, dtype=np.float32)
+            a_probs = np.array(attrs.probs, dtype=np.float32)
             if self.max_attrs is not None:
                 a_ids, a_probs = a_ids[: self.max_attrs], a_probs[: self.max_attrs]
         rows = self._rows[i]
@@ -132,8 +134,8 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     """Pad a list of dataset items into a batch.
 
     Returns: index (B,), regions (B, Rmax, D), region_mask (B, Rmax) bool, attr_ids (B, Kmax), attr_probs
-    (B, Kmax), attr_mask (B, Kmax) bool, captions (B, Smax, L) with L the longest caption of the batch (missing caption
-    slots all <pad>).
+    (B, Kmax), attr_mask (B, Kmax) bool, captions (B, Smax, L) with L the longest caption of the batch
+    (missing caption slots all <pad>).
     """
     b = len(items)
     r_max = max(it["regions"].shape[0] for it in items)
@@ -141,7 +143,8 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     k_max = max(it["attr_ids"].shape[0] for it in items)
     s_max = max(it["captions"].shape[0] for it in items)
     # trim caption columns to the longest real caption of the batch (saves decoding pad positions)
-    length = max(1, max(int((it["captions"] != 0).sum(1).max()) if it["captions"].numel() else 0 for it in items))
+    length = max(1, max(int((it["captions"] != 0).sum(1).max()) if it["captions"].numel() else 0
+                        for it in items))
     regions = torch.zeros(b, r_max, d)
     region_mask = torch.zeros(b, r_max, dtype=torch.bool)
     attr_ids = torch.zeros(b, k_max, dtype=torch.long)
@@ -155,10 +158,12 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
         regions[j, :r], region_mask[j, :r] = it["regions"], True
         attr_ids[j, :k], attr_probs[j, :k], attr_mask[j, :k] = it["attr_ids"], it["attr_probs"], True
         captions[j, :s] = it["captions"][:, :length]
-    return {"index": torch.tensor([it["index"] for it in items]), "regions": regions, "region_mask": region_mask,
+    return {"index": torch.tensor([it["index"] for it in items]), "regions": regions,
+            "region_mask": region_mask,
             "attr_ids": attr_ids, "attr_probs": attr_probs, "attr_mask": attr_mask, "captions": captions}
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, ...]:
     """(regions, region_mask, attr_ids, attr_probs, attr_mask) of a collated batch, on ``device``."""
-    return tuple(batch[k].to(device) for k in ("regions", "region_mask", "attr_ids", "attr_probs", "attr_mask"))
+    keys = ("regions", "region_mask", "attr_ids", "attr_probs", "attr_mask")
+    return tuple(batch[k].to(device) for k in keys)

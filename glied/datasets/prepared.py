@@ -14,10 +14,8 @@ truncated (counted in the manifest).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 
 from glied.datasets.karpathy import read_karpathy
 from glied.errors import ConfigError, InputError
+from glied.fileio import sha256_file, write_atomic, write_json_atomic
 
 FORMAT = "glied-prepared"
 VERSION = 1
@@ -43,32 +42,6 @@ class PrepareConfig:
             raise ConfigError(f"count threshold must be >= 0 (got {self.count_threshold})")
         if self.max_length < 1:
             raise ConfigError(f"max length must be >= 1 (got {self.max_length})")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _json_writer(obj):
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-    return w
 
 
 def prepare(captions_json: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareConfig = PrepareConfig(),
@@ -110,15 +83,15 @@ def prepare(captions_json: str | os.PathLike, out_dir: str | os.PathLike, cfg: P
     if old_manifest.exists():  # being rewritten: mark incomplete until the new manifest lands
         old_manifest.unlink()
     root = Path(images_root) if images_root is not None else src.parent
-    _write_atomic(out / "vocab.json", _json_writer({"itow": itow}))
-    _write_atomic(out / "images.json", _json_writer([
+    write_json_atomic(out / "vocab.json", {"itow": itow})
+    write_json_atomic(out / "images.json", [
         {"id": im.id, "file": im.file, "split": im.split, "source_split": im.source_split,
-         "sentences": [list(s) for s in im.sentences]} for im in images]))
+         "sentences": [list(s) for s in im.sentences]} for im in images])
 
     def write_npz(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, labels=labels, lengths=lengths, image_index=image_index)
-    _write_atomic(out / "labels.npz", write_npz)
+    write_atomic(out / "labels.npz", write_npz)
     for split in ("val", "test"):
         sel = [im for im in images if im.split == split]
         anns, ann_id = [], 0
@@ -126,17 +99,17 @@ def prepare(captions_json: str | os.PathLike, out_dir: str | os.PathLike, cfg: P
             for raw in im.raws:
                 anns.append({"image_id": im.id, "id": ann_id, "caption": raw})
                 ann_id += 1
-        _write_atomic(out / f"refs_{split}.json", _json_writer({
+        write_json_atomic(out / f"refs_{split}.json", {
             "info": {"description": f"{dataset} {split} references"}, "licenses": [], "type": "captions",
-            "images": [{"id": im.id} for im in sel], "annotations": anns}))
+            "images": [{"id": im.id} for im in sel], "annotations": anns})
     manifest = {
         "format": FORMAT, "version": VERSION, "dataset": dataset, "source": str(src.resolve()),
-        "source_sha256": _sha256(src), "images_root": str(root.resolve()), "config": asdict(cfg),
+        "source_sha256": sha256_file(src), "images_root": str(root.resolve()), "config": asdict(cfg),
         "counts": {"images": {s: sum(im.split == s for im in images) for s in ("train", "val", "test")},
                    "sentences": n_sent, "vocab": len(itow), "truncated_sentences": int(truncated),
                    "train_tokens_unk": int(sum(c for w, c in counts.items() if w not in wtoi))},
     }
-    _write_atomic(out / "manifest.json", _json_writer(manifest))
+    write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
 

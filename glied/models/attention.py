@@ -1,10 +1,12 @@
 """Multi-head attention and the G(y; z) sub-layer of GLIED (Liu et al., IJCAI 2019, slides eq. 1-2).
 
 A(Q, K, V)_i = softmax(Q W_i^Q (K W_i^K)^T / sqrt(d_k)) V W_i^V,  H(Q, K, V) = [A_1; ...; A_h] W_k.
-G(y; z) = LayerNorm(z + Dropout(y)) — residual, dropout and layer norm, no position-wise FFN (the slides show none).
+G(y; z) = LayerNorm(z + Dropout(y)): residual, dropout and layer norm, no position-wise FFN (the slides show
+none).
 
-Keys and values can be projected once (:meth:`MultiHeadAttention.project_kv`) and reused, which is how the decoder
-caches the region/attribute memories per image and the causal context keys/values across decoding steps.
+Keys and values can be projected once (:meth:`MultiHeadAttention.project_kv`) and reused, which is how the
+decoder caches the region/attribute memories per image and the causal context keys/values across decoding
+steps.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from torch import nn
 class MultiHeadAttention(nn.Module):
     """H(Q, K, V) with ``n_heads`` heads of size ``d_model // n_heads``.
 
-    Masks are boolean with True = attend. A query whose keys are all masked gets a zero output (never NaN), so an
-    image with no attribute words is valid input.
+    Masks are boolean with True = attend. A query whose keys are all masked gets a zero output (never NaN), so
+    an image with no attribute words is valid input.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:

@@ -1,19 +1,18 @@
-"""Incremental decoding for :class:`glied.models.glied.GliedDecoder`: greedy, sampling and batched beam search.
+"""Incremental decoding for :class:`glied.models.glied.GliedDecoder`: greedy, sampling, batched beam search.
 
 The encoder memory (Ĩ and every cross-attention's keys/values) is computed once per image; the causal
-context-attention keys/values of earlier steps are carried explicitly as ``state`` and extended by one step at a
-time, never recomputed. :func:`greedy_uncached` recomputes the whole prefix each step; it exists to test that
-caching changes nothing.
+context-attention keys/values of earlier steps are carried explicitly as ``state`` and extended by one step at
+a time, never recomputed. :func:`greedy_uncached` recomputes the whole prefix each step; it exists to test
+that caching changes nothing.
 
-All functions return sequences (N, T) of word ids where every row ends with <eos> (then <pad>) unless it reached
-``max_len + 1`` tokens, in which case the last token is forced to <eos>.
+All functions return sequences (N, T) of word ids where every row ends with <eos> (then <pad>) unless it
+reached ``max_len + 1`` tokens, in which case the last token is forced to <eos>.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from glied.models.glied import BOS, EOS, PAD, GliedDecoder, Memory, State
+from glied.models.glied import BOS, EOS, PAD, GliedDecoder, Memory
 
 
 @torch.no_grad()
@@ -65,7 +64,7 @@ def greedy_uncached(model: GliedDecoder, mem: Memory, max_len: int = 16) -> tupl
 @torch.no_grad()
 def sample(model: GliedDecoder, mem: Memory, n_samples: int, max_len: int = 16,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Multinomial samples from the model: each of the B images gets n_samples consecutive rows -> (B*n, T)."""
+    """Multinomial samples: each of the B images gets n_samples consecutive rows -> (B*n, T)."""
     mem = mem.repeat(n_samples)
     n = mem.batch_size
     token = torch.full((n,), BOS, dtype=torch.long, device=mem.region_mask.device)
@@ -91,8 +90,8 @@ def beam_search(model: GliedDecoder, mem: Memory, beam_size: int = 3,
                 max_len: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched beam search (sum of log-probabilities, no length penalty).
 
-    Returns the best sequence per image (B, T) and its log-probability (B,). With beam_size 1 it returns exactly
-    :func:`greedy`'s sequences.
+    Returns the best sequence per image (B, T) and its log-probability (B,). With beam_size 1 it returns
+    exactly :func:`greedy`'s sequences.
     """
     b, k = mem.batch_size, beam_size
     device = mem.region_mask.device

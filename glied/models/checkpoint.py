@@ -1,8 +1,8 @@
 """Decoder checkpoints: plain dicts of tensors and JSON-able values, loadable with ``weights_only=True``.
 
 Keys: format, version, config (GliedConfig.to_dict()), vocab (itow), feature_identity (extractor + attribute
-identity of the feature cache it was trained on), model (state dict), and, for training checkpoints, train_config,
-optimizer, rng, progress {xe_done, scst_done, step}, best_cider, history (list of metric rows).
+identity of the feature cache it was trained on), model (state dict), and, for training checkpoints,
+train_config, optimizer, rng, progress {xe_done, scst_done, step}, best_cider, history (list of metric rows).
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                 return p / name
         raise InputError(f"{p}: no best.pt or last.pt in this run directory; train first with `glied train`")
     if not p.is_file():
-        raise InputError(f"{p}: checkpoint not found; pass a run directory or a .pt file written by `glied train`")
+        raise InputError(f"{p}: checkpoint not found; pass a run directory or a .pt file written by "
+                         "`glied train`")
     return p
 
 
@@ -47,7 +48,7 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load without executing code; raises WeightsError with the file name if it is not a decoder checkpoint."""
+    """Load without executing code; raises WeightsError naming the file if it is not a decoder checkpoint."""
     p = resolve_checkpoint(path)
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
@@ -55,7 +56,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise WeightsError(f"{p}: cannot load as a glied decoder checkpoint ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:120]}); re-train or pass another file") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise WeightsError(f"{p}: not a glied decoder checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else '?'})")
+        fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise WeightsError(f"{p}: not a glied decoder checkpoint (format {fmt!r}); "
+                           "pass a file written by `glied train`")
     if ckpt.get("version") != VERSION:
         raise WeightsError(f"{p}: decoder checkpoint version {ckpt.get('version')} is not {VERSION}")
     ckpt["path"] = str(p)

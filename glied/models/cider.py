@@ -3,14 +3,15 @@
 pycocoevalcap's ``Cider`` (= CIDEr-D: clipped candidate weights, Gaussian length penalty with sigma 6, x10) is
 re-implemented with numpy over integer n-gram codes:
 
-* tf-idf weight of an n-gram = count x (log N - log max(1, df)), df = number of images whose references contain it,
-  N = number of indexed images;
+* tf-idf weight of an n-gram = count x (log N - log max(1, df)), df = number of images whose references
+  contain it, N = number of indexed images;
 * per reference: sum_g min(w_cand, w_ref) w_ref / (|cand| |ref|) for each n = 1..4, times
-  exp(-(len_c - len_r)^2 / (2 sigma^2)) where len is the bigram count (pycocoevalcap's quirk: max(words - 1, 0));
+  exp(-(len_c - len_r)^2 / (2 sigma^2)) where len is the bigram count (pycocoevalcap's quirk:
+  max(words - 1, 0));
 * mean over n, mean over references, x10.
 
-:class:`CiderD` builds the document-frequency index and the reference vectors ONCE (as SCST needs, with train-split
-df) and then scores any batch of candidates against them. :func:`cider_d` is the drop-in for
+:class:`CiderD` builds the document-frequency index and the reference vectors ONCE (as SCST needs, with
+train-split df) and then scores any batch of candidates against them. :func:`cider_d` is the drop-in for
 ``Cider().compute_score(gts, res)`` (df from the evaluated references). Inputs are already-tokenized strings
 (whitespace-separated), exactly as given to pycocoevalcap.
 """
@@ -47,7 +48,8 @@ def _ngram_codes(ids: np.ndarray, sent: np.ndarray, n_max: int) -> tuple[np.ndar
 def _count(sent: np.ndarray, codes: np.ndarray, n_sent: int) -> tuple[np.ndarray, ...]:
     """Distinct (sentence, n-gram) pairs with their counts.
 
-    Returns sent_u (P,), gid_u (P,) index into uniq_codes, uniq_codes (G,) sorted distinct codes, count_u (P,).
+    Returns sent_u (P,), gid_u (P,) index into uniq_codes, uniq_codes (G,) sorted distinct codes,
+    count_u (P,).
     """
     uniq, inv = np.unique(codes, return_inverse=True)  # (G,), (M,)
     g = max(len(uniq), 1)
@@ -141,7 +143,7 @@ class CiderD:
         return ids, sent, lens
 
     def score(self, cands: Sequence[str], image_index: Sequence[int] | np.ndarray) -> np.ndarray:
-        """CIDEr-D of each candidate against the references of image ``image_index[i]``; returns (C,) float64."""
+        """CIDEr-D of each candidate against the references of image ``image_index[i]``: (C,) float64."""
         n, c = self.n, len(cands)
         img = np.asarray(image_index, dtype=np.int64)
         if img.shape != (c,):

@@ -2,7 +2,7 @@
 
 Equations follow the paper's slides (FACTS.md §1.2); G(y; z) = LayerNorm(z + Dropout(y)) with no FFN.
 
-    I  = ReLU(W_r r) regions (2048 -> 512);  A = W_e E[a] + W_p p   attribute words with their MIL probabilities
+    I  = ReLU(W_r r) regions (2048 -> 512);  A = W_e E[a] + W_p p  attribute words + MIL probabilities
     x  = W_e E[w] + PE(t)                    input word (E is ONE 256-d table shared by words and attributes)
     GLIED:
       Ĩ  = G(H_vd(I, I, I), I)                              global visual distilling   (once per image)
@@ -13,15 +13,16 @@ Equations follow the paper's slides (FACTS.md §1.2); G(y; z) = LayerNorm(z + Dr
     base:  Ĩ = I, t̃ = x, c̃ = G(H_v(x̃, I, I) + H_a(x̃, A, A), x̃)
     y ~ softmax(W^c c̃)
 
-Each of the three distilling parts has its own switch in :class:`GliedConfig`, so base, single additions and full
-GLIED are the same code. Choices the paper leaves open (FACTS §1.6), made here:
+Each of the three distilling parts has its own switch in :class:`GliedConfig`, so base, single additions and
+full GLIED are the same code. Choices the paper leaves open (FACTS §1.6), made here:
   * one shared 256->512 projection W_e for words and attributes (the table is shared, so is its projection);
   * regions: Linear 2048->512 + ReLU + dropout, no normalisation;
   * fixed sinusoidal positional encoding added to input words (no parameters);
   * MIL probabilities enter as an added learned projection W_p p (Linear 1->512) on each attribute embedding,
-    so a top-k list that includes absent words is told how confident each word is (``attr_probs=False`` drops it);
-  * W^c is a separate 512->V layer (no weight tying: the table is 256-d); label smoothing is a config value, 0 by
-    default; dropout 0.1; post-LN.
+    so a top-k list that includes absent words is told how confident each word is (``attr_probs=False``
+    drops it);
+  * W^c is a separate 512->V layer (no weight tying: the table is 256-d); label smoothing is a config value,
+  0 by   default; dropout 0.1; post-LN.
 """
 from __future__ import annotations
 
@@ -104,14 +105,15 @@ class Memory:
 
     def index_select(self, index: torch.Tensor) -> "Memory":
         """Rows ``index`` (e.g. ``arange(B).repeat_interleave(k)`` to expand for k beams/captions)."""
-        return Memory({n: (k.index_select(0, index), v.index_select(0, index)) for n, (k, v) in self.kv.items()},
-                      self.region_mask.index_select(0, index), self.attr_mask.index_select(0, index))
+        kv = {n: (k.index_select(0, index), v.index_select(0, index)) for n, (k, v) in self.kv.items()}
+        return Memory(kv, self.region_mask.index_select(0, index), self.attr_mask.index_select(0, index))
 
     def repeat(self, n: int) -> "Memory":
         """Each image repeated n times in a row: (B, ...) -> (B*n, ...)."""
         if n == 1:
             return self
-        return self.index_select(torch.arange(self.batch_size, device=self.region_mask.device).repeat_interleave(n))
+        rows = torch.arange(self.batch_size, device=self.region_mask.device).repeat_interleave(n)  # (B*n,)
+        return self.index_select(rows)
 
 
 #: decoding state: causal context-attention keys and values of the steps so far, each (B, h, t, d_k)
@@ -123,7 +125,8 @@ class GliedDecoder(nn.Module):
 
     Inputs everywhere (batch of B images, R regions, K attribute words):
         regions (B, R, feature_dim) float; region_mask (B, R) bool, True = real region;
-        attr_ids (B, K) long caption-vocabulary ids (OOV -> <unk>); attr_probs (B, K) float; attr_mask (B, K) bool.
+        attr_ids (B, K) long caption-vocabulary ids (OOV -> <unk>); attr_probs (B, K) float;
+        attr_mask (B, K) bool.
     Caption vocabulary: 0 <pad>, 1 <bos>, 2 <eos>, 3 <unk>.
     """
 
@@ -163,7 +166,7 @@ class GliedDecoder(nn.Module):
         if self.prob_proj is not None:
             A = A + self.prob_proj(attr_probs.float().unsqueeze(-1))  # (B, K, D)
         A = self.drop(A)
-        rmask, amask = region_mask[:, None, :], attr_mask[:, None, :]  # (B, 1, R), (B, 1, K)
+        rmask = region_mask[:, None, :]  # (B, 1, R)
         I_tilde = self.g_vd(self.h_vd(I, I, rmask), I) if c.global_visual else I  # (B, R, D)
         kv = {"v": self.h_v.project_kv(I_tilde)}
         if c.global_attribute:
@@ -179,11 +182,13 @@ class GliedDecoder(nn.Module):
         """tokens (N, T) -> (N, T, D) with positions start..start+T-1."""
         t = tokens.shape[1]
         if start + t > self.config.max_positions:
-            raise ValueError(f"caption position {start + t} exceeds max_positions {self.config.max_positions}")
+            raise ValueError(f"caption position {start + t} exceeds max_positions "
+                             f"{self.config.max_positions}")
         x = self.embed_proj(self.embed(tokens)) + self.pos_table[start:start + t]
         return self.drop(x)
 
-    def _after_context(self, t_tilde: torch.Tensor, ctx: torch.Tensor, mem: Memory) -> torch.Tensor:
+    def _after_context(self, t_tilde: torch.Tensor, ctx: torch.Tensor, mem: Memory,
+                       few_rows: bool = False) -> torch.Tensor:
         """From the context-attention output to logits: (N, T, D) -> (N, T, V)."""
         c = self.config
         rmask, amask = mem.region_mask[:, None, :], mem.attr_mask[:, None, :]
@@ -193,8 +198,15 @@ class GliedDecoder(nn.Module):
             local = self.h_vl.attend(c_g, *mem.kv["vl"], rmask) + self.h_al.attend(c_g, *mem.kv["al"], amask)
             c_tilde = self.g_c(local, c_g)
         else:
-            both = self.h_v.attend(x_tilde, *mem.kv["v"], rmask) + self.h_a.attend(x_tilde, *mem.kv["a"], amask)
+            both = (self.h_v.attend(x_tilde, *mem.kv["v"], rmask)
+                    + self.h_a.attend(x_tilde, *mem.kv["a"], amask))
             c_tilde = self.g_c(both, x_tilde)
+        if few_rows and c_tilde.shape[0] * c_tilde.shape[1] <= 8:
+            # decoding a handful of rows: W (V, D) @ c^T is several times faster on CPU than c @ W^T (the
+            # BLAS picks a packing GEMM for 2..8 rows); same values up to float rounding
+            flat = c_tilde.reshape(-1, c_tilde.shape[-1])  # (N*T, D)
+            return torch.addmm(self.word.bias[:, None], self.word.weight, flat.T).T.reshape(
+                *c_tilde.shape[:-1], -1)  # (N, T, V)
         return self.word(c_tilde)
 
     def _pivot(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
@@ -204,8 +216,8 @@ class GliedDecoder(nn.Module):
         return self.g_ad(self.h_ad.attend(x, *mem.kv["ad"], mem.attr_mask[:, None, :]), x)
 
     def decode(self, mem: Memory, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced (uncached) decoding of whole sequences: tokens (N, T) starting with <bos>, mem for N rows.
-        Returns logits (N, T, V); position t sees tokens 0..t only."""
+        """Teacher-forced (uncached) decoding of whole sequences: tokens (N, T) starting with <bos>, mem for N
+        rows. Returns logits (N, T, V); position t sees tokens 0..t only."""
         t = tokens.shape[1]
         t_tilde = self._pivot(self._embed_words(tokens, 0), mem)  # (N, T, D)
         causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()  # (T, T)
@@ -216,8 +228,8 @@ class GliedDecoder(nn.Module):
         """One incremental decoding step.
 
         Args:
-            mem: memory for N rows; token: (N,) the current input word; state: None at the first step, else the
-                (keys, values) returned by the previous step.
+            mem: memory for N rows; token: (N,) the current input word; state: None at the first step, else
+                the (keys, values) returned by the previous step.
         Returns:
             logits (N, V) for the next word, and the new state (keys/values extended by this step).
         """
@@ -225,9 +237,10 @@ class GliedDecoder(nn.Module):
         t_tilde = self._pivot(self._embed_words(token[:, None], pos), mem)  # (N, 1, D)
         k_new, v_new = self.h_x.project_kv(t_tilde)  # (N, h, 1, d_k)
         if state is not None:
-            k_new, v_new = torch.cat([state[0], k_new], 2), torch.cat([state[1], v_new], 2)  # (N, h, t+1, d_k)
+            k_new = torch.cat([state[0], k_new], 2)  # (N, h, t+1, d_k)
+            v_new = torch.cat([state[1], v_new], 2)  # (N, h, t+1, d_k)
         ctx = self.h_x.attend(t_tilde, k_new, v_new)
-        return self._after_context(t_tilde, ctx, mem)[:, 0], (k_new, v_new)
+        return self._after_context(t_tilde, ctx, mem, few_rows=True)[:, 0], (k_new, v_new)
 
     def region_attention(self, mem: Memory, seqs: torch.Tensor) -> torch.Tensor:
         """Head-averaged attention over the raw regions I while writing given sequences, for pictures.
@@ -256,8 +269,8 @@ class GliedDecoder(nn.Module):
         """Teacher-forced cross-entropy.
 
         Args:
-            captions: (B, S, L) word ids without <bos>/<eos>, 0-padded; S captions per image (an all-pad row is
-                ignored).
+            captions: (B, S, L) word ids without <bos>/<eos>, 0-padded; S captions per image (an all-pad row
+                is ignored).
         Returns:
             logits (B*S, L+1, V) and the mean token cross-entropy over real target tokens (words + <eos>).
         """

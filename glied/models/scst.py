@@ -5,9 +5,10 @@ reward(w) = CIDEr-D(w) against the image's training references, with document fr
 every candidate, so that finishing a sentence properly is part of the reward.
 
 Baselines:
-  * ``greedy`` (Rennie et al.): the reward of the model's own greedy decode, run without gradients in eval mode;
-  * ``mean`` (Luo 2020, "new self-critical"): for n samples per image, each sample's baseline is the mean reward
-    of the other n-1 samples (no greedy pass).
+  * ``greedy`` (Rennie et al.): the reward of the model's own greedy decode, run without gradients in eval
+    mode;
+  * ``mean`` (Luo 2020, "new self-critical"): for n samples per image, each sample's baseline is the mean
+    reward of the other n-1 samples (no greedy pass).
 The loss is -(r - b) * mean over tokens of log p, tokens up to and including the first <eos>.
 """
 from __future__ import annotations

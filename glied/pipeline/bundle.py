@@ -14,7 +14,6 @@ Nothing in a bundle executes code on load: every checkpoint is read with ``torch
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,18 +23,11 @@ from typing import Callable
 
 from glied import __version__
 from glied.errors import ConfigError, InputError
+from glied.fileio import sha256_file
 
 FORMAT = "glied-bundle"
 VERSION = 1
 PARTS = ("detector", "attributes", "decoder")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _checkpoint_file(path: str | os.PathLike, part: str) -> Path:
@@ -72,7 +64,7 @@ def write_bundle(out: str | os.PathLike, *, detector: str | os.PathLike, attribu
         for part, src in sources.items():
             dst = tmp / f"{part}.pt"
             shutil.copyfile(src, dst)
-            meta["parts"][part] = {"file": dst.name, "sha256": _sha256(dst), "bytes": dst.stat().st_size,
+            meta["parts"][part] = {"file": dst.name, "sha256": sha256_file(dst), "bytes": dst.stat().st_size,
                                    "source": str(src.resolve())}
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=1))
         if verify is not None:
@@ -115,7 +107,7 @@ def read_bundle(path: str | os.PathLike) -> tuple[dict, dict[str, Path]]:
         f = root / info["file"]
         if not f.is_file():
             raise InputError(f"{f}: the bundle's {part} checkpoint is missing; rebuild it with `glied bundle`")
-        if f.stat().st_size != info.get("bytes", f.stat().st_size) or _sha256(f) != info["sha256"]:
+        if f.stat().st_size != info.get("bytes", f.stat().st_size) or sha256_file(f) != info["sha256"]:
             raise InputError(f"{f}: the bundle's {part} checkpoint is damaged (checksum differs); "
                              "rebuild it with `glied bundle`")
         files[part] = f

@@ -38,7 +38,7 @@ class DemoConfig:
     attribute_epochs: int = 8
     top_k: int = 15
     xe_epochs: int = 8
-    scst_epochs: int = 3
+    scst_epochs: int = 2
     batch_size: int = 50
     beam_size: int = 3
     unseen_images: int = 200
@@ -112,8 +112,12 @@ def _decoder_stage(prep: Path, cache: str, model: str, stage: str, epochs: int, 
     def run(d: Path) -> dict:
         from glied.pipeline.train import TrainConfig, train
 
+        # the shapes-world recipe (benchmarks/shapes_recipe.py): a 256-wide model, one caption per image and
+        # epoch, 2 SCST samples per image with the greedy baseline
         tc = TrainConfig(model=model, stage=stage, epochs=epochs if stage == "xe" else 0,
-                         scst_epochs=epochs if stage == "scst" else 0, batch_size=cfg.batch_size, seed=cfg.seed)
+                         scst_epochs=epochs if stage == "scst" else 0, batch_size=cfg.batch_size, seed=cfg.seed,
+                         d_model=256, d_embed=128, lr=1e-3, warmup_steps=100, captions_per_image=1,
+                         scst_samples=2)
         s = train(prep, cache, d, tc, init=init, log=log, resume=(d / "last.pt").exists())
         return {"run": str(d), "best_val_cider": s.get("best_val_cider")}
     return run

@@ -3,8 +3,8 @@
 Writes ``predictions_<split>.json`` in the COCO results format ([{"image_id", "caption"}], image ids are the
 prepared ids, as in ``refs_<split>.json``) and ``metrics_<split>.json``. Metrics: BLEU-1..4, METEOR, ROUGE-L,
 CIDEr (pycocoevalcap's ``Cider`` = CIDEr-D, df from the evaluated references) after its PTB tokenizer (Java).
-SPICE runs only when its Stanford CoreNLP jars are present; otherwise it is reported as unavailable, never as a
-number.
+SPICE runs only when its Stanford CoreNLP jars are present; otherwise it is reported as unavailable, never
+as a number.
 """
 from __future__ import annotations
 
@@ -33,7 +33,10 @@ def predict_split(model: GliedDecoder, dataset: CaptionDataset, beam_size: int, 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     for batch in loader:
         mem = model.encode(*model_inputs(batch, device))
-        seqs = greedy(model, mem, max_len)[0] if beam_size == 1 else beam_search(model, mem, beam_size, max_len)[0]
+        if beam_size == 1:
+            seqs = greedy(model, mem, max_len)[0]
+        else:
+            seqs = beam_search(model, mem, beam_size, max_len)[0]
         out += seqs.cpu().tolist()
     model.train(was_training)
     return out
@@ -46,7 +49,7 @@ def spice_available() -> bool:
     except ImportError:
         return False
     lib = Path(sp.__file__).parent / "lib"
-    return (lib / "stanford-corenlp-3.6.0.jar").is_file() and (lib / "stanford-corenlp-3.6.0-models.jar").is_file()
+    return all((lib / f"stanford-corenlp-3.6.0{s}.jar").is_file() for s in ("", "-models"))
 
 
 def coco_metrics(refs: dict[str, list[str]], preds: dict[str, str]) -> dict[str, Any]:
@@ -87,8 +90,8 @@ def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | Featur
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Caption ``split`` and score it; returns {"metrics": {...}, "predictions": path, "n_images", ...}.
 
-    ``out`` defaults to the checkpoint's run directory. Raises ConfigError if the feature cache is not the one the
-    model was trained on (naming what differs) and InputError if images of the split are missing from it.
+    ``out`` defaults to the checkpoint's run directory. Raises ConfigError if the feature cache is not the one
+    the model was trained on (naming what differs) and InputError if images of the split are missing from it.
     """
     from glied.datasets.prepared import PreparedData
     from glied.models.checkpoint import build_model, load_checkpoint
@@ -101,13 +104,15 @@ def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | Featur
     source, source_name = _open_features(features)
     check_identity(ckpt["feature_identity"], source, f"{ckpt['path']} was trained on", source_name)
     if list(ckpt["vocab"]) != list(prep.vocab):
-        raise ConfigError(f"{ckpt['path']}: vocabulary differs from {data}/vocab.json; evaluate with the prepared "
+        raise ConfigError(f"{ckpt['path']}: vocabulary differs from {data}/vocab.json; evaluate with the "
+                          "prepared "
                           "data the model was trained with")
     refs_file = Path(data) / f"refs_{split}.json"
     if not refs_file.is_file():
         raise InputError(f"{refs_file}: no references for split {split!r} (prepared data has val and test)")
     model = build_model(ckpt).to(device)
-    ds = CaptionDataset(prep, source, split, (ckpt.get("train_config") or {}).get("max_attrs"), where=source_name)
+    max_attrs = (ckpt.get("train_config") or {}).get("max_attrs")
+    ds = CaptionDataset(prep, source, split, max_attrs, where=source_name)
     seqs = predict_split(model, ds, beam_size, batch_size, device, int(prep.labels.shape[1]))
     preds = {image_id: prep.decode(s) for image_id, s in zip(ds.ids, seqs)}
     out_dir = Path(out) if out is not None else Path(ckpt["path"]).parent
@@ -120,7 +125,8 @@ def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | Featur
         refs[str(a["image_id"])].append(a["caption"])
     missing = [k for k in refs if k not in preds]
     if missing:
-        raise InputError(f"{refs_file}: {len(missing)} reference images have no prediction (e.g. {missing[:3]})")
+        raise InputError(f"{refs_file}: {len(missing)} reference images have no prediction "
+                         f"(e.g. {missing[:3]})")
     metrics = coco_metrics(refs, {k: preds[k] for k in refs})
     result = {"checkpoint": ckpt["path"], "split": split, "beam_size": beam_size, "n_images": len(refs),
               "metrics": metrics, "predictions": str(pred_path)}

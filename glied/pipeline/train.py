@@ -2,20 +2,22 @@
 
 Recipe (defaults of :class:`TrainConfig`; FACTS §1.6 leaves optimiser and schedule open):
   * XE: Adam(0.9, 0.98), lr 5e-4 with linear warm-up over ``warmup_steps`` iterations, x``lr_decay`` every
-    ``lr_decay_every`` epochs; gradient norm clipped at 2.0; all captions of an image in one batch row.
-  * SCST: Adam at ``scst_lr``; ``scst_samples`` multinomial samples per image drawn without gradients; baseline
-    ``greedy`` (own greedy decode, no_grad, eval mode) or ``mean`` (mean of the other samples); the sampled
-    sequences are re-scored with ONE teacher-forced pass with gradients, so an SCST step holds no more activation
-    memory than an XE step with the same number of sequences. Dropout is off during SCST (eval mode) so the
-    re-scored log-probabilities are exactly those of the sampling policy.
-  * after every epoch: greedy decoding of the val split, CIDEr-D (val-split df, prepared tokens) -> metrics.csv,
-    TensorBoard events (if installed), last.pt, and best.pt when val CIDEr-D improves.
+    ``lr_decay_every`` epochs; gradient norm clipped at 2.0; all captions of an image in one batch row
+    (or ``captions_per_image`` drawn at random per epoch).
+  * SCST: Adam at ``scst_lr``; ``scst_samples`` multinomial samples per image drawn without gradients;
+    baseline ``greedy`` (own greedy decode, no_grad, eval mode) or ``mean`` (mean of the other samples).
+    The sampled sequences are re-scored with ONE teacher-forced pass with gradients, so an SCST step holds
+    no more activation memory than an XE step with the same number of sequences. Dropout is off during
+    SCST (eval mode), so the re-scored log-probabilities are exactly those of the sampling policy.
+  * after every epoch: greedy decoding of the val split, CIDEr-D (val-split df, prepared tokens) ->
+    metrics.csv, TensorBoard events (if installed), last.pt, and best.pt when val CIDEr-D improves;
+    xe.pt keeps the model at the end of the cross-entropy stage (for XE-vs-SCST comparisons).
 
-Exact resume: the checkpoint holds model, optimiser, progress (epochs done per stage, iteration), best score and
-history; shuffling (DistributedSampler seeded with seed + epoch) and the torch RNG (re-seeded from seed, epoch and
-rank at each epoch start) are functions of the epoch, so a resumed run repeats the uninterrupted one.
-Distributed: under ``torchrun`` (WORLD_SIZE > 1) it uses DistributedDataParallel (gloo on CPU, nccl on GPU);
-``batch_size`` is per process; rank 0 validates and writes.
+Exact resume: the checkpoint holds model, optimiser, progress (epochs done per stage, iteration), best
+score and history; shuffling (DistributedSampler seeded with seed + epoch) and the torch RNG (re-seeded
+from seed, epoch and rank at each epoch start) are functions of the epoch, so a resumed run repeats the
+uninterrupted one. Distributed: under ``torchrun`` (WORLD_SIZE > 1) it uses DistributedDataParallel
+(gloo on CPU, nccl on GPU); ``batch_size`` is per process; rank 0 validates and writes.
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.model not in MODEL_PRESETS:
-            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(sorted(MODEL_PRESETS))}")
+            names = ", ".join(sorted(MODEL_PRESETS))
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {names}")
         if self.stage not in ("xe", "scst", "both"):
             raise ConfigError(f"unknown stage {self.stage!r}: use xe, scst or both")
         if self.scst_baseline not in ("greedy", "mean"):
@@ -151,8 +154,8 @@ def _xe_step(ddp_model, batch: dict, device: str) -> tuple[torch.Tensor, dict]:
     return loss, {"loss": float(loss.detach())}
 
 
-def _scst_step(ddp_model, module: GliedDecoder, batch: dict, device: str, cfg: TrainConfig, reward: CiderReward,
-               itow: list[str], max_len: int) -> tuple[torch.Tensor, dict]:
+def _scst_step(ddp_model, module: GliedDecoder, batch: dict, device: str, cfg: TrainConfig,
+               reward: CiderReward, itow: list[str], max_len: int) -> tuple[torch.Tensor, dict]:
     inputs = model_inputs(batch, device)
     n = cfg.scst_samples
     img = batch["index"].numpy()  # (B,) dataset rows = rows of the reward index
@@ -179,10 +182,10 @@ def _scst_step(ddp_model, module: GliedDecoder, batch: dict, device: str, cfg: T
 def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, out: str | os.PathLike,
           cfg: TrainConfig = TrainConfig(), *, resume: bool = False, init: Optional[str] = None,
           device: str = "cpu", log: Callable[[str], None] = print) -> dict:
-    """Train a decoder into ``out`` (last.pt, best.pt, metrics.csv, train_config.json).
+    """Train a decoder into ``out`` (last.pt, best.pt, xe.pt, metrics.csv, train_config.json).
 
-    Returns a summary dict: out, best_val_cider, progress, model (preset name), rank, world_size and ``decoder``
-    (the trained module of this process).
+    Returns a summary dict: out, best_val_cider, progress, model (preset name), rank, world_size and
+    ``decoder`` (the trained module of this process).
 
     ``init``: a checkpoint whose weights start the run (e.g. an XE model for ``stage="scst"``).
     """
@@ -206,16 +209,19 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
             raise InputError(f"{out}: nothing to resume (no last.pt); drop --resume to start a new run")
         ckpt = load_checkpoint(out / "last.pt")
     elif (out / "last.pt").is_file():
-        raise InputError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose a new --out")
+        raise InputError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose "
+                         "a new --out")
     start = ckpt if ckpt is not None else (load_checkpoint(init) if init else None)
     if start is not None:
         check_identity(start["feature_identity"], source, f"{start['path']} was trained on", source_name)
         if list(start["vocab"]) != list(prep.vocab):
-            raise ConfigError(f"{start['path']}: vocabulary differs from {data}/vocab.json; use the prepared data "
+            raise ConfigError(f"{start['path']}: vocabulary differs from {data}/vocab.json; use the prepared "
+                              "data "
                               "the model was trained with")
         mcfg = GliedConfig.from_dict(start["config"])
     else:
-        mcfg = GliedConfig.preset(cfg.model, vocab_size=len(prep.vocab), feature_dim=int(train_ds[0]["regions"].shape[1]),
+        feature_dim = int(train_ds[0]["regions"].shape[1])
+        mcfg = GliedConfig.preset(cfg.model, vocab_size=len(prep.vocab), feature_dim=feature_dim,
                                   d_model=cfg.d_model, d_embed=cfg.d_embed, n_heads=cfg.n_heads,
                                   dropout=cfg.dropout, label_smoothing=cfg.label_smoothing,
                                   max_positions=max(64, max_len + 2))
@@ -234,7 +240,8 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
 
     ddp_model = model
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [device])
+        ids = None if device == "cpu" else [device]
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     phase = "xe" if progress["xe_done"] < xe_epochs else "scst"
     opt, opt_phase = _make_optimizer(model, cfg.lr if phase == "xe" else cfg.scst_lr), phase
     if ckpt is not None and ckpt.get("optimizer_phase") == phase:
@@ -252,7 +259,8 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
     val_scorer = CiderD(refs_val)
     if rank == 0:
         log(f"train: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
-            f"{len(train_ds)} train / {len(val_ds)} val images, world {world}, XE {xe_epochs} + SCST {scst_epochs} "
+            f"{len(train_ds)} train / {len(val_ds)} val images, world {world}, "
+            f"XE {xe_epochs} + SCST {scst_epochs} "
             f"epochs, starting at XE {progress['xe_done']} / SCST {progress['scst_done']}")
 
     while progress["xe_done"] < xe_epochs or progress["scst_done"] < scst_epochs:
@@ -292,12 +300,14 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
             seqs = predict_split(model, val_ds, cfg.val_beam, cfg.batch_size, device, max_len)
             texts = [prep.decode(s) for s in seqs]
             val_cider = float(val_scorer.score(texts, np.arange(len(texts))).mean())
-            row = {"epoch": epoch + 1, "phase": phase, **{k: round(v / max(count, 1), 6) for k, v in sums.items()},
+            means = {k: round(v / max(count, 1), 6) for k, v in sums.items()}
+            row = {"epoch": epoch + 1, "phase": phase, **means,
                    "val_cider": round(val_cider, 6), "lr": opt.param_groups[0]["lr"],
                    "seconds": round(time.perf_counter() - t0, 2)}
             row.setdefault("reward", "")
             row.setdefault("baseline", "")
-            row = {k: row[k] for k in ("epoch", "phase", "loss", "reward", "baseline", "val_cider", "lr", "seconds")}
+            cols = ("epoch", "phase", "loss", "reward", "baseline", "val_cider", "lr", "seconds")
+            row = {k: row[k] for k in cols}
             logger.log(row)
             log(f"epoch {epoch + 1} {phase}: loss {row['loss']:.4f} val CIDEr-D {val_cider:.4f} "
                 f"({row['seconds']:.1f} s) e.g. \"{texts[0]}\"")
@@ -307,12 +317,15 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
                      "progress": dict(progress), "best_cider": max(best, val_cider), "history": logger.rows,
                      "val_cider": val_cider}
             save_checkpoint(state, out / "last.pt")
+            if phase == "xe" and progress["xe_done"] == xe_epochs:
+                save_checkpoint(state, out / "xe.pt")  # the model at the end of cross-entropy training
             if val_cider > best:
                 best = val_cider
                 save_checkpoint(state, out / "best.pt")
         if world > 1:
             dist.barrier()
-    summary = {"out": str(out), "best_val_cider": best, "progress": progress, "model": cfg.model, "rank": rank,
+    summary = {"out": str(out), "best_val_cider": best, "progress": progress, "model": cfg.model,
+               "rank": rank,
                "world_size": world, "decoder": model}
     if rank == 0 and logger.tb is not None:
         logger.tb.close()

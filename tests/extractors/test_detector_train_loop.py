@@ -15,7 +15,7 @@ from glied.extractors.bottomup.training import (
     TrainConfig, detector_losses, load_checkpoint, model_from_checkpoint)
 from glied.pipeline.detector import evaluate_detector_run, train_detector
 
-TINY = dict(base_width=4, stem_channels=8, min_size=64, max_size=64, pooler_resolution=4, rpn_hidden=16,
+TINY = dict(base_width=4, stem_channels=8, stage_blocks=(1, 1, 1, 1), min_size=64, max_size=64, pooler_resolution=4, rpn_hidden=16,
             attr_embed_dim=8, attr_hidden=16)
 
 

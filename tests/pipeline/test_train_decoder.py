@@ -110,3 +110,48 @@ def test_evaluate_tiny_split(world, tmp_path):
     refs = json.loads((Path(prep) / "refs_test.json").read_text())
     assert sorted(p["image_id"] for p in preds) == sorted(im["id"] for im in refs["images"])
     assert all(isinstance(p["caption"], str) and p["caption"] for p in preds)
+
+
+def test_scst_stage_from_an_xe_checkpoint(world, tmp_path):
+    root, prep = world
+    feats = fx.MemoryFeatures(root)
+    log = lambda *_: None  # noqa: E731
+    train(prep, feats, tmp_path / "xe", fx.tiny_config(stage="xe", epochs=1), log=log)
+    assert (tmp_path / "xe" / "xe.pt").is_file()
+    with pytest.raises(ConfigError, match="--init"):
+        train(prep, feats, tmp_path / "rl", fx.tiny_config(stage="scst", scst_epochs=1), log=log)
+    s = train(prep, feats, tmp_path / "rl", fx.tiny_config(stage="scst", scst_epochs=1),
+              init=str(tmp_path / "xe" / "xe.pt"), log=log)
+    assert s["progress"] == {"xe_done": 0, "scst_done": 1, "step": 0}
+    assert [p for p, _, _ in _losses(tmp_path / "rl")] == ["scst"]
+
+
+def _write_cache(path, feats):
+    from glied.datasets.cache import CacheWriter, make_manifest
+
+    m = make_manifest(feats.manifest["extractor"], "float16", feats.manifest["attributes"])
+    with CacheWriter(path, m) as w:
+        for i in feats.ids():
+            w.put(i, feats.regions(i), feats.attributes(i))
+    return path
+
+
+def test_cli_train_and_evaluate_on_a_real_cache(world, tmp_path, capsys):
+    from glied.cli import main
+
+    root, prep = world
+    good = _write_cache(tmp_path / "cache", fx.MemoryFeatures(root))
+    other = _write_cache(tmp_path / "other", fx.MemoryFeatures(root, name="other"))
+    run = tmp_path / "run"
+    main(["train", "--data", str(prep), "--features", str(good), "--out", str(run), "--stage", "xe",
+          "--epochs", "1", "--batch-size", "8", "--d-model", "32", "--d-embed", "16", "--heads", "4"])
+    assert (run / "best.pt").is_file() and (run / "metrics.csv").is_file()
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--checkpoint", str(run), "--features", str(other), "--data", str(prep)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0
+    assert str(other) in err and "extractor.name: 'memory' != 'other'" in err
+    with pytest.raises(SystemExit):  # resuming on another cache fails the same way
+        main(["train", "--data", str(prep), "--features", str(other), "--out", str(run), "--resume",
+              "--d-model", "32", "--d-embed", "16", "--heads", "4"])
+    assert "feature cache identity differs" in capsys.readouterr().err

@@ -6,9 +6,7 @@ bytes whatever the number of worker processes, and a world of N images is a pref
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ import numpy as np
 from glied.datasets.shapes.grammar import captions_for
 from glied.datasets.shapes.render import COLOURS, SHAPES, SIZES, render_scene, sample_scene
 from glied.errors import ConfigError
+from glied.fileio import write_json_atomic
 
 FORMAT_VERSION = 1
 
@@ -91,13 +90,6 @@ def _make_one(args: tuple[int, ShapesConfig, str]) -> dict:
     }
 
 
-def _atomic_json(path: Path, obj: object) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
 def make_shapes(out_dir: str | os.PathLike, cfg: ShapesConfig, workers: int | None = None,
                 progress: bool = False) -> dict:
     """Render ``cfg.n_images`` scenes into ``out_dir`` and write the two annotation files.
@@ -144,8 +136,8 @@ def make_shapes(out_dir: str | os.PathLike, cfg: ShapesConfig, workers: int | No
                         "split": it["split"], "sentids": [s["sentid"] for s in sentences],
                         "sentences": sentences})
     info = {"description": "glied synthetic shapes world", "version": FORMAT_VERSION, "config": cfg.to_dict()}
-    _atomic_json(out / "instances.json", {"info": info, "images": images, "annotations": annotations,
+    write_json_atomic(out / "instances.json", {"info": info, "images": images, "annotations": annotations,
                                           "categories": categories, "attributes": attributes})
-    _atomic_json(out / "captions.json", {"dataset": "shapes", "info": info, "images": kimages})
+    write_json_atomic(out / "captions.json", {"dataset": "shapes", "info": info, "images": kimages})
     splits = {s: sum(1 for im in images if im["split"] == s) for s in ("train", "val", "test")}
     return {"images": len(images), "objects": len(annotations), "splits": splits, "out": str(out)}

@@ -6,7 +6,8 @@ Input contract (``instances.json``, as ``glied make-shapes`` writes it; any COCO
                    (background is index C, last, as in the bottom-up model)
     attributes[]:  optional {id 0..A-1, name, [type]}; without it, attribute names are the ids as strings
     annotations[]: {id, image_id, category_id, bbox [x, y, w, h] in pixels, iscrowd,
-                    attribute_ids [0-based, -1 = padding]} or Visual Genome-style ``attribute`` (1-based, 0 = none)
+                    attribute_ids [0-based, -1 = padding]}
+                   or Visual Genome-style ``attribute`` (1-based, 0 = none)
 
 Crowd boxes are dropped from training (COCOeval still sees them through the raw json). The split of an image
 comes from its ``split`` field when present, otherwise from a Karpathy ``captions.json`` (``cocoid`` -> split,
@@ -58,7 +59,7 @@ class DetectionDataset:
     category_ids: list[int]  # contiguous class index -> COCO category id
     attribute_names: list[str]
     attribute_types: list[str] = field(default_factory=list)  # "" where the json gives no type
-    coco: dict = field(default_factory=dict, repr=False)  # the raw json restricted to the split (for COCOeval)
+    coco: dict = field(default_factory=dict, repr=False)  # raw json restricted to the split (COCOeval)
     source: str = ""
 
     def __len__(self) -> int:
@@ -131,7 +132,8 @@ class DetectionDataset:
             w, h = int(im["width"]), int(im["height"])
             path = images_root / im["file_name"]
             if check_files and not path.is_file():
-                raise InputError(f"image file {path} (image id {iid} of {ann_path}) is missing; check --images")
+                raise InputError(f"image file {path} (image id {iid} of {ann_path}) is missing; "
+                                 f"check --images")
             boxes, classes, attr_lists = [], [], []
             for a in by_image[iid]:
                 if a.get("iscrowd", 0):
@@ -142,8 +144,8 @@ class DetectionDataset:
                 x, y, bw, bh = (float(v) for v in a["bbox"])
                 if bw <= 0 or bh <= 0 or x < -BOX_TOLERANCE or y < -BOX_TOLERANCE \
                         or x + bw > w + BOX_TOLERANCE or y + bh > h + BOX_TOLERANCE:
-                    raise InputError(f"{ann_path}: annotation {a.get('id')} box {a['bbox']} is empty or outside "
-                                     f"its {w}x{h} image {im['file_name']}; fix or remove it")
+                    raise InputError(f"{ann_path}: annotation {a.get('id')} box {a['bbox']} is empty or "
+                                     f"outside its {w}x{h} image {im['file_name']}; fix or remove it")
                 boxes.append([max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)])
                 classes.append(cat_index[int(a["category_id"])])
                 ids = _attribute_ids(a)
@@ -164,7 +166,8 @@ class DetectionDataset:
             attribute_names = [str(i) for i in range(max_attr + 1)]
             attribute_types = [""] * len(attribute_names)
         keep = {r.image_id for r in records}
-        sub = dict(coco, images=images, annotations=[a for a in coco["annotations"] if int(a["image_id"]) in keep])
+        sub = dict(coco, images=images,
+                   annotations=[a for a in coco["annotations"] if int(a["image_id"]) in keep])
         return cls(records=records, class_names=class_names, category_ids=category_ids,
                    attribute_names=attribute_names, attribute_types=attribute_types, coco=sub,
                    source=str(ann_path))
@@ -191,7 +194,8 @@ def _attribute_ids(ann: dict) -> list[int]:
     return ids
 
 
-def _select_split(images: list[dict], split: str, split_file: str | Path | None, ann_path: Path) -> list[dict]:
+def _select_split(images: list[dict], split: str, split_file: str | Path | None,
+                  ann_path: Path) -> list[dict]:
     """Images whose split is ``split``: their own ``split`` field, else the Karpathy captions file."""
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -206,8 +210,8 @@ def _select_split(images: list[dict], split: str, split_file: str | Path | None,
         return [im for im in images if of.get(int(im["id"])) == split]
     if images and all("split" in im for im in images):
         return [im for im in images if ("train" if im["split"] == "restval" else im["split"]) == split]
-    raise InputError(f"{ann_path} has no 'split' per image; pass --split-file captions.json (Karpathy format) "
-                     f"to choose the {split} images")
+    raise InputError(f"{ann_path} has no 'split' per image; pass --split-file captions.json (Karpathy "
+                     f"format) to choose the {split} images")
 
 
 def read_image(record: DetectionRecord) -> np.ndarray:
@@ -230,13 +234,15 @@ def hflip(img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(img[:, ::-1]), flipped
 
 
-def make_batch(records: list[DetectionRecord], transform, flips: list[bool] | None = None, size_divisor: int = 16):
+def make_batch(records: list[DetectionRecord], transform, flips: list[bool] | None = None,
+               size_divisor: int = 16):
     """Load, optionally mirror, transform and zero-pad a batch for training.
 
     ``transform`` is the model's own (``model.transform``): BGR uint8 (H, W, 3) -> ((1, 3, h, w) float tensor,
-    info with ``scale_xy`` = (sx, sy) from original to input pixels; a plain (sx, sy) pair works too). Returns ``images`` (B, 3, Hp, Wp) padded to a multiple of
-    ``size_divisor``, ``sizes`` [(h, w)] of each image inside the batch, and ``targets`` [{"boxes" (G, 4) in
-    input pixels, "classes" (G,), "attributes" (G, L)}].
+    info with ``scale_xy`` = (sx, sy) from original to input pixels; a plain (sx, sy) pair works too).
+    Returns ``images`` (B, 3, Hp, Wp) padded to a multiple of ``size_divisor``, ``sizes`` [(h, w)] of each
+    image inside the batch, and ``targets`` [{"boxes" (G, 4) in input pixels, "classes" (G,),
+    "attributes" (G, L)}].
     """
     import torch
 

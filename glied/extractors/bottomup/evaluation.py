@@ -1,9 +1,9 @@
 """Evaluation of a trained bottom-up detector: box mAP@0.5 (pycocotools COCOeval) and attribute accuracy.
 
 Detections for evaluation come from :func:`detect`: detection-style post-processing of the RoI head, as
-torchvision/detectron2 inference does it (class-specific regressed boxes decoded with weights (10, 10, 5, 5) and
-clipped, softmax scores above ``score_thresh`` 0.05, per-class NMS at IoU 0.5, at most 100 per image), not the
-feature-extraction selection (which keeps unregressed proposals). The attribute head of each detection is
+torchvision/detectron2 inference does it (class-specific regressed boxes decoded with weights (10, 10, 5, 5)
+and clipped, softmax scores above ``score_thresh`` 0.05, per-class NMS at IoU 0.5, at most 100 per image), not
+the feature-extraction selection (which keeps unregressed proposals). The attribute head of each detection is
 conditioned on the detection's class; its probabilities are a softmax over the A real attributes ("none"
 dropped before the softmax, as the detectron2 port does).
 
@@ -129,7 +129,8 @@ def attribute_accuracy(dataset: DetectionDataset, detections: dict[int, dict],
 def to_coco_results(image_id: int, det: dict, category_ids: list[int]) -> list[dict]:
     """COCO results entries (bbox x, y, w, h in original pixels) for one image's detections."""
     out = []
-    for box, score, cls in zip(np.asarray(det["boxes"]), np.asarray(det["scores"]), np.asarray(det["classes"])):
+    rows = zip(np.asarray(det["boxes"]), np.asarray(det["scores"]), np.asarray(det["classes"]))
+    for box, score, cls in rows:
         x1, y1, x2, y2 = (float(v) for v in box)
         out.append({"image_id": int(image_id), "category_id": int(category_ids[int(cls)]),
                     "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
@@ -165,7 +166,8 @@ def detect(model, images: list[np.ndarray], *, score_thresh: float = 0.05, nms_t
         res4 = model.backbone(batch)  # (B, C4, Hf, Wf)
         objectness, deltas = model.rpn.head(res4)
         proposals = [p for p, _ in model.rpn.propose(objectness, deltas, sizes)]  # list of (P, 4)
-        rois = torch.cat([torch.cat([torch.full((len(p), 1), float(i)), p], 1) for i, p in enumerate(proposals)])
+        rois = torch.cat([torch.cat([torch.full((len(p), 1), float(i)), p], 1)
+                          for i, p in enumerate(proposals)])  # (K, 5) batch index, x1, y1, x2, y2
         feats = model.roi_heads.features(res4, rois)  # (K, D)
         cls_logits, box_deltas = model.roi_heads.box_predictor(feats)  # (K, C+1), (K, 4C)
         probs = torch.softmax(cls_logits, dim=1)
@@ -177,7 +179,8 @@ def detect(model, images: list[np.ndarray], *, score_thresh: float = 0.05, nms_t
             n = len(p)
             boxes = box_ops.decode(box_deltas[sl], p, model.cfg.roi_bbox_weights,
                                    model.cfg.bbox_scale_clamp)  # (P, 4C)
-            boxes = box_ops.clip(boxes.reshape(n * num_classes, 4), sizes[i]).view(n, num_classes, 4)  # (P, C, 4)
+            boxes = box_ops.clip(boxes.reshape(n * num_classes, 4), sizes[i])
+            boxes = boxes.view(n, num_classes, 4)  # (P, C, 4)
             scores = probs[sl, :num_classes]  # (P, C)
             prop_idx, cls = torch.nonzero(scores > score_thresh, as_tuple=True)
             b, s = boxes[prop_idx, cls], scores[prop_idx, cls]

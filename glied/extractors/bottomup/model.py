@@ -132,10 +132,51 @@ class BottomUpDetector(nn.Module):
         self.rpn = RPN(cfg)
         self.roi_heads = RoIHeads(cfg)
 
+    compute_dtype = torch.float32
+    channels_last = False
+
+    def replace_cfg(self, **changes) -> "BottomUpDetector":
+        """Change settings that do not touch the architecture (thresholds, selection, res5_chunk, resizer)."""
+        arch = {"stage_blocks", "base_width", "stem_channels", "norm", "gn_groups", "stride_in_1x1", "caffe_maxpool",
+                "res5_dilation", "num_classes", "num_attributes", "attr_embed_dim", "attr_hidden", "rpn_hidden",
+                "anchor_sizes", "anchor_ratios", "pooler_resolution", "feature_stride"}
+        if arch & set(changes):
+            raise ValueError(f"replace_cfg cannot change the architecture: {sorted(arch & set(changes))}")
+        cfg = self.cfg.replace(**changes)
+        for m in (self, self.transform, self.rpn, self.roi_heads):
+            m.cfg = cfg
+        return self
+
+    def optimise_for_inference(self, *, dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                               fuse_frozen_bn: bool = True) -> "BottomUpDetector":
+        """In place, for inference only: fold every FrozenBN into its conv (weight * s, bias b - mean * s with
+        s = w / sqrt(var + eps), computed in float64), cast the conv stacks (backbone, RPN head, res5) to ``dtype``
+        (the box predictor and attribute head stay float32 on float32 features), and use channels-last memory.
+        The state dict no longer has the detectron2 layout afterwards."""
+        from glied.extractors.bottomup.backbone import ConvNorm, FrozenBatchNorm2d
+        if fuse_frozen_bn:
+            with torch.no_grad():
+                for mod in self.modules():
+                    if isinstance(mod, ConvNorm) and isinstance(mod.norm, FrozenBatchNorm2d):
+                        n, conv = mod.norm, mod.conv
+                        scale = n.weight.double() / torch.sqrt(n.running_var.double() + n.eps)
+                        conv.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+                        bias = (n.bias.double() - n.running_mean.double() * scale).to(conv.weight.dtype)
+                        conv.bias = nn.Parameter(bias, requires_grad=False)
+                        mod.norm = nn.Identity()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        for part in (self.backbone, self.rpn.head, self.roi_heads.res5):
+            part.to(dtype=dtype, memory_format=fmt)
+        self.compute_dtype = dtype
+        self.channels_last = channels_last
+        self.roi_heads.compute_dtype = dtype
+        self.roi_heads.channels_last = channels_last
+        return self
+
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         p = next(self.parameters())
-        return x.to(device=p.device).contiguous(
-            memory_format=torch.channels_last if getattr(self, "channels_last", False) else torch.contiguous_format)
+        return x.to(device=p.device, dtype=self.compute_dtype).contiguous(
+            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def proposals_for(self, x: torch.Tensor, input_hw: tuple):
         """x (1, 3, h, w) -> res4, (proposal boxes (P, 4), objectness logits (P,))."""

@@ -46,6 +46,9 @@ class AttributeHead(nn.Module):
 
 
 class RoIHeads(nn.Module):
+    compute_dtype = torch.float32     # res5's dtype (set by BottomUpDetector.optimise_for_inference)
+    channels_last = False
+
     def __init__(self, cfg: BottomUpConfig):
         super().__init__()
         self.cfg = cfg
@@ -57,18 +60,19 @@ class RoIHeads(nn.Module):
     def pool(self, res4: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """res4 (B, C4, Hf, Wf), rois (K, 5) [batch_idx, x1, y1, x2, y2] in input pixels -> (K, C4, P, P)."""
         r = self.cfg.pooler_resolution
-        return roi_pool(res4, rois.to(res4.dtype), (r, r), 1.0 / self.cfg.feature_stride)
+        # float32 always: RoIPool has no CPU bf16 kernel, and box coordinates must not be rounded to 8 bits
+        return roi_pool(res4.float(), rois.float(), (r, r), 1.0 / self.cfg.feature_stride)
 
     def features(self, res4: torch.Tensor, rois: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Pool + res5 + mean over the PxP map, chunk by chunk: (K, D) region features."""
         chunk = chunk or self.cfg.res5_chunk
-        res4 = res4.contiguous()     # RoIPool reads NCHW; convert once, not per chunk
+        res4 = res4.float().contiguous()     # RoIPool reads float32 NCHW; convert once, not per chunk
         outs = []
         for s in range(0, rois.shape[0], chunk):
             pooled = self.pool(res4, rois[s:s + chunk])         # (k, C4, P, P)
-            if getattr(self, "channels_last", False):
-                pooled = pooled.contiguous(memory_format=torch.channels_last)
-            outs.append(self.res5(pooled).mean(dim=(2, 3)))    # (k, D)
+            pooled = pooled.to(self.compute_dtype).contiguous(
+                memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+            outs.append(self.res5(pooled).float().mean(dim=(2, 3)))    # (k, D) float32
         if not outs:
             return res4.new_zeros((0, self.cfg.feature_dim))
         return torch.cat(outs, dim=0)
@@ -76,6 +80,7 @@ class RoIHeads(nn.Module):
     def predict(self, feat: torch.Tensor):
         """feat (K, D) -> cls_logits (K, C+1), box_deltas (K, 4C), attr_logits (K, A+1), all float32; the attribute
         head is conditioned on the argmax over all C+1 logits (background included)."""
+        feat = feat.float()
         cls_logits, deltas = self.box_predictor(feat)
         attr_logits = self.attr_head(feat, cls_logits.argmax(dim=1))
         return cls_logits.float(), deltas.float(), attr_logits.float()

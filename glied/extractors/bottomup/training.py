@@ -1,4 +1,4 @@
-"""Training losses of the bottom-up Faster R-CNN (Ren et al. 2015; Anderson et al. 2018), on torch/torchvision ops.
+"""Training losses of the bottom-up Faster R-CNN (Ren et al. 2015; Anderson et al. 2018) on torchvision ops.
 
 Everything here reads the model through the module contract (CONTRACT_DETECTOR.md): ``backbone``,
 ``rpn.head``/``rpn.anchors``/``rpn.propose`` and ``roi_heads.pool``/``res5``/``box_predictor``/``attr_head``.
@@ -10,15 +10,15 @@ positives (box weights 1), both normalised by the number of sampled anchors.
 
 RoI head: proposals (gradient stopped) plus the ground-truth boxes; a proposal with IoU >= 0.5 is foreground
 of its best box's class, below 0.5 background (class index C, last); ``roi_batch`` RoIs per image with at most
-``roi_positive_fraction`` foreground. Losses: cross-entropy over C+1 classes; class-specific smooth-L1 (beta 1)
-on box deltas encoded with weights (10, 10, 5, 5), summed over foreground and divided by the number of sampled
-RoIs; attribute loss on foreground RoIs only.
+``roi_positive_fraction`` foreground. Losses: cross-entropy over C+1 classes; class-specific smooth-L1
+(beta 1) on box deltas encoded with weights (10, 10, 5, 5), summed over foreground and divided by the number
+of sampled RoIs; attribute loss on foreground RoIs only.
 
-Attribute loss (the bottom-up Caffe recipe): the attribute head is conditioned on the GROUND-TRUTH class of the
-RoI's box, and its A+1-way softmax ("none" last) is trained with cross-entropy against EACH label of the box
-(the mean of -log p(label) over all (RoI, label) pairs); a box without attributes has the target "none". With
-one colour and one size per box the optimum puts about half the mass on each, so evaluation reads the arg-max
-within each attribute type (see evaluation.py).
+Attribute loss (the bottom-up Caffe recipe): the attribute head is conditioned on the GROUND-TRUTH class of
+the RoI's box, and its A+1-way softmax ("none" last) is trained with cross-entropy against EACH label of the
+box (the mean of -log p(label) over all (RoI, label) pairs); a box without attributes has the target "none".
+With one colour and one size per box the optimum puts about half the mass on each, so evaluation reads the
+arg-max within each attribute type (see evaluation.py).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from glied.errors import ConfigError
 class TrainConfig:
     """Optimisation and target-assignment settings of ``glied train-detector``."""
 
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -50,8 +50,8 @@ class TrainConfig:
     rpn_positive_fraction: float = 0.5
     rpn_smooth_l1_beta: float = 1.0 / 9.0
     roi_fg_iou: float = 0.5
-    roi_batch_per_image: int = 64
-    roi_positive_fraction: float = 0.25
+    roi_batch_per_image: int = 32       # detectron2: 512, Caffe bottom-up: 128; few objects per shapes image
+    roi_positive_fraction: float = 0.5  # detectron2/Caffe: 0.25; shape classes need the foreground examples
     roi_smooth_l1_beta: float = 1.0
     attr_loss_weight: float = 1.0
     log_every: int = 20
@@ -69,7 +69,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"--epochs and --batch-size must be at least 1 (got {self.epochs}, {self.batch_size})")
+            raise ConfigError(f"--epochs and --batch-size must be at least 1 "
+                              f"(got {self.epochs}, {self.batch_size})")
         if not 0 <= self.hflip_prob <= 1:
             raise ConfigError(f"hflip_prob must be in [0, 1] (got {self.hflip_prob})")
 
@@ -91,10 +92,11 @@ def encode_boxes(reference: torch.Tensor, target: torch.Tensor, weights=(1.0, 1.
     th = (target[:, 3] - target[:, 1]).clamp(min=1e-3)
     tx = target[:, 0] + 0.5 * tw
     ty = target[:, 1] + 0.5 * th
-    return torch.stack([wx * (tx - rx) / rw, wy * (ty - ry) / rh, ww * torch.log(tw / rw), wh * torch.log(th / rh)], 1)
+    return torch.stack([wx * (tx - rx) / rw, wy * (ty - ry) / rh,
+                        ww * torch.log(tw / rw), wh * torch.log(th / rh)], 1)
 
 
-# ------------------------------------------------------------------------------------------- target assignment
+# --------------------------------------------------------------------------------------- target assignment
 
 def match_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, fg_iou: float = 0.7,
                   bg_iou: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,11 +142,11 @@ def sample_rois(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: tor
 
     Args:
         proposals: (P, 4) RPN boxes in input pixels (no gradient). gt_boxes (G, 4), gt_classes (G,) in 0..C-1,
-        gt_attributes (G, L) 0-based attribute ids, -1 padded; ``weights``: the model's RoI box-coding weights.
+        gt_attributes (G, L) 0-based attribute ids, -1 padded; ``weights``: the model's RoI box coding.
     Returns:
         {"rois" (K, 4), "classes" (K,) with background = num_classes, "deltas" (K, 4) regression targets
-         (zeros for background), "attributes" (K, L) labels of the matched box (-1 for background)}, foreground
-         first.
+         (zeros for background), "attributes" (K, L) labels of the matched box (-1 for background)},
+         foreground first.
     """
     proposals = torch.cat([proposals.detach(), gt_boxes], 0)
     if gt_boxes.numel() == 0:
@@ -169,7 +171,7 @@ def sample_rois(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: tor
             "num_fg": torch.tensor(fg.numel())}
 
 
-# ------------------------------------------------------------------------------------------------------ losses
+# -------------------------------------------------------------------------------------------------- losses
 
 def attribute_loss(attr_logits: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
     """Mean of -log softmax(attr_logits)[label] over every (RoI, label) pair.
@@ -220,7 +222,8 @@ def detector_losses(model: torch.nn.Module, images: torch.Tensor, image_sizes: l
             obj_flat[i, idx], labels[idx].to(obj_flat.dtype), reduction="sum"))
         if pos.numel():
             reg = encode_boxes(anchors[pos], t["boxes"][matched[pos]], model.cfg.rpn_bbox_weights)
-            box_terms.append(F.smooth_l1_loss(del_flat[i, pos], reg, beta=cfg.rpn_smooth_l1_beta, reduction="sum"))
+            box_terms.append(F.smooth_l1_loss(del_flat[i, pos], reg, beta=cfg.rpn_smooth_l1_beta,
+                                              reduction="sum"))
     norm = max(n_sampled, 1)
     rpn_cls = torch.stack(cls_terms).sum() / norm
     rpn_box = (torch.stack(box_terms).sum() if box_terms else del_flat.sum() * 0.0) / norm
@@ -264,7 +267,7 @@ def lr_at(it: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-# ------------------------------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------------------------- checkpoints
 # The layout is the bottom-up package's own glied checkpoint (weights.save_checkpoint / load_checkpoint:
 # {format "glied-bottomup", version, config, model, classes, attributes, extra}), so that
 # ``load_region_extractor(RUN/checkpoint.pt)`` extracts with a trained model as it is; the training state
@@ -314,14 +317,17 @@ def load_checkpoint(path) -> dict:
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
-        raise WeightsError(f"detector checkpoint {path} does not exist; train one with `glied train-detector`")
+        raise WeightsError(f"detector checkpoint {path} does not exist; train one with "
+                           f"`glied train-detector`")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise WeightsError(f"{path} is not a readable glied detector checkpoint ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); retrain or point at the right file") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise WeightsError(f"{path} is not a readable glied detector checkpoint "
+                           f"({type(e).__name__}: {first}); retrain or point at the right file") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise WeightsError(f"{path} is not a glied detector checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+        raise WeightsError(f"{path} is not a glied detector checkpoint "
+                           f"(format {CHECKPOINT_FORMAT!r} expected)")
     if obj.get("version") != CHECKPOINT_VERSION:
         raise WeightsError(f"{path} has checkpoint version {obj.get('version')}, this glied reads "
                            f"{CHECKPOINT_VERSION}; retrain with this version")
@@ -349,5 +355,6 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
-        raise WeightsError(f"checkpoint does not fit its own model config: {str(e).splitlines()[0]}") from None
+        raise WeightsError(f"checkpoint does not fit its own model config: "
+                           f"{str(e).splitlines()[0]}") from None
     return model.eval()

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from glied.extractors.bottomup import selection as sel
 from glied.extractors.bottomup.model import ImageInfo
 
 REPO_ROOT = Path(__file__).resolve().parents[4]
