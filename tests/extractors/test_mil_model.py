@@ -74,3 +74,18 @@ def test_resnet_backbone_weights_from_local_file_only(tmp_path):
         load_backbone_weights(net, tmp_path / "wrong.pth")
     with pytest.raises(WeightsError, match="ResNet"):
         load_backbone_weights(MilNet(MilConfig.preset("small", 5)), path)
+
+
+def test_random_zoom_keeps_batch_shape_and_zooms():
+    from glied.extractors.mil.train import _random_zoom
+
+    x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    x[:, :, :16, :16] = 255  # top-left quarter white
+    g = torch.Generator().manual_seed(0)
+    outs = [_random_zoom(x, 0.25, g) for _ in range(20)]
+    assert all(o.shape == (2, 3, 32, 32) for o in outs)
+    assert any(o.float().mean() != x.float().mean() for o in outs)  # some crops zoom in
+    torch.testing.assert_close(_random_zoom(x, 1.0, g).float(), x.float())
+    with pytest.raises(ConfigError):
+        from glied.extractors.mil.config import MilTrainConfig
+        MilTrainConfig(crop_scale=0.0)

@@ -113,6 +113,8 @@ class MilTrainConfig:
             ``drop`` it. Either way the count is reported. Images with no captions at all carry no label and
             are always dropped (counted too).
         flip: random horizontal flips.
+        crop_scale: smallest area fraction of a random square crop (one per batch) zoomed back to the input
+            size; 1.0 = no cropping. Crops can cut a captioned object out (label noise).
         pos_weight: weight of positive terms in the BCE (1 = plain).
         seed: torch / numpy seed.
         backbone_weights: path of a local state dict used to initialise the trunk (ResNet presets), or None.
@@ -127,6 +129,7 @@ class MilTrainConfig:
     min_count: int = 1
     empty_label_policy: str = "keep"
     flip: bool = True
+    crop_scale: float = 1.0
     pos_weight: float = 1.0
     seed: int = 0
     backbone_weights: str | None = None
@@ -138,6 +141,8 @@ class MilTrainConfig:
             raise ConfigError(f"learning rate must be > 0 (got {self.lr})")
         if self.vocab_size < 1:
             raise ConfigError(f"vocab size must be >= 1 (got {self.vocab_size})")
+        if not 0.05 <= self.crop_scale <= 1.0:
+            raise ConfigError(f"crop_scale must be in [0.05, 1] (got {self.crop_scale})")
         if self.empty_label_policy not in EMPTY_LABEL_POLICIES:
             raise ConfigError(f"empty_label_policy must be keep or drop (got {self.empty_label_policy!r})")
 

@@ -57,6 +57,17 @@ def predict_probs(model: MilNet, bank: ImageBank, indices: Sequence[int] | None 
     return np.concatenate(out) if out else np.zeros((0, model.cfg.vocab_size), np.float32)
 
 
+def _random_zoom(x: torch.Tensor, min_area: float, g: torch.Generator) -> torch.Tensor:
+    """One random square crop of area fraction in [min_area, 1] for the whole batch, resized back: (B, 3, S, S)."""
+    s = x.shape[-1]
+    side = int(round(s * math.sqrt(min_area + (1 - min_area) * float(torch.rand(1, generator=g)))))
+    if side >= s:
+        return x
+    y0, x0 = (int(v) for v in torch.randint(0, s - side + 1, (2,), generator=g))
+    crop = x[:, :, y0:y0 + side, x0:x0 + side].float()  # (B, 3, side, side)
+    return torch.nn.functional.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False)
+
+
 def _check_resume(ckpt: dict, cfg: MilConfig, tcfg: MilTrainConfig, vocab: list[str], path: Path) -> None:
     if ckpt["vocab"] != vocab:
         raise ConfigError(f"{path}: --resume with a different vocabulary (other data or --vocab-size); use a new "
@@ -135,6 +146,8 @@ def train_mil(train: TrainSet, out_dir: str | Path, cfg: MilConfig, tcfg: MilTra
             if tcfg.flip:
                 flip = torch.rand(len(idx), generator=g) < 0.5
                 x = torch.where(flip.view(-1, 1, 1, 1).to(device), x.flip(-1), x)
+            if tcfg.crop_scale < 1.0:
+                x = _random_zoom(x, tcfg.crop_scale, g)
             _, loss = model(x, labels[idx].to(device), pos_weight=tcfg.pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
