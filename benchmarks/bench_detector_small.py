@@ -21,8 +21,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--input-size", type=int, default=None, help="default: the small preset's")
-    ap.add_argument("--base-width", type=int, default=None, help="default: the small preset's")
+    ap.add_argument("--input-size", type=int, default=None, help="default: train-detector's (256)")
+    ap.add_argument("--base-width", type=int, default=None, help="default: train-detector's (8)")
     ap.add_argument("--rois", type=int, default=32, help="sampled RoIs per image in training")
     args = ap.parse_args()
 
@@ -34,10 +34,11 @@ def main() -> None:
     from glied.extractors.bottomup.evaluation import detect
     from glied.extractors.bottomup.model import BottomUpDetector
     from glied.extractors.bottomup.training import TrainConfig, detector_losses
+    from glied.pipeline.detector import SHAPES_SMALL
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    over = {}
+    over = dict(SHAPES_SMALL)  # the configuration `glied train-detector` trains
     if args.input_size:
         over.update(min_size=args.input_size, max_size=args.input_size)
     if args.base_width:

@@ -176,9 +176,10 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
                        "images_per_s": round(len(data) / seconds, 2),
                        **{k: round(v / iters_per_epoch, 4) for k, v in sums.items()}}
             history.append(summary)
-            logf.write(json.dumps(summary) + "\n")
             save_checkpoint(ckpt_path, model=model, train_config=tcfg.to_dict(), vocab=vocab,
                             optimizer=optimizer, epoch=epoch + 1, iteration=it, history=history)
+            logf.write(json.dumps(summary) + "\n")  # an epoch line in the log means its checkpoint is saved
+            logf.flush()
             log(f"epoch {epoch + 1} done in {seconds:.1f} s ({summary['images_per_s']} images/s); "
                 f"saved {ckpt_path}")
     return {"run": str(run), "epochs": tcfg.epochs, "iterations": it, "images": len(data),
