@@ -59,8 +59,9 @@ def glied_fields(extractor, ref: dict, procedures=("butd", "fixed36", "adapt")) 
     out = {}
     with torch.inference_mode(), extractor._autocast():
         x = model.transform.from_resized(ref["input_bgr_u8"])
-        res4 = model.backbone(model._prep(x)).float()
+        res4 = model.backbone(model._prep(x))                 # compute dtype (bf16 in bf16 mode)
         obj, dlt = model.rpn.head(res4)
+        obj, res4 = obj.float(), res4.float()
         props, logits = model.rpn.propose(obj, dlt, (hh, ww))[0]
         feats, cls_logits, deltas, attr_logits = model.box_outputs(res4, props.float())
         gb = torch.from_numpy(np.asarray(ref["given_boxes_input"], dtype=np.float32))
