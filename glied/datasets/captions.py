@@ -41,22 +41,11 @@ def feature_identity(manifest: dict) -> dict:
     return {"extractor": manifest.get("extractor"), "attributes": manifest.get("attributes")}
 
 
-def identity_difference(expected: dict, actual: dict, prefix: str = "") -> list[str]:
-    """Human-readable list of the keys whose values differ between two identities (nested)."""
-    out = []
-    for k in sorted(set(expected) | set(actual), key=str):
-        a, b = expected.get(k), actual.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += identity_difference(a, b, f"{prefix}{k}.")
-        elif a != b:
-            sa, sb = repr(a), repr(b)
-            out.append(f"{prefix}{k}: {sa[:60]} != {sb[:60]}")
-    return out
-
-
 def check_identity(expected: dict, source: FeatureSource, what: str, where: str) -> None:
     """Raise ConfigError naming what differs if ``source``'s identity is not ``expected``."""
-    diff = identity_difference(expected, feature_identity(source.manifest))
+    from glied.datasets.cache import diff_identity
+
+    diff = diff_identity(feature_identity(source.manifest), expected)
     if diff:
         raise ConfigError(f"{where}: feature cache identity differs from the one {what} "
                           f"({'; '.join(diff[:4])}); "

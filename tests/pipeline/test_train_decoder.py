@@ -65,7 +65,7 @@ def test_mismatched_identity_and_missing_ids_fail_clearly(world, tmp_path):
     root, prep = world
     log = lambda *_: None  # noqa: E731
     train(prep, fx.MemoryFeatures(root), tmp_path / "run", fx.tiny_config(), log=log)
-    with pytest.raises(ConfigError, match="extractor.name: 'memory' != 'other'"):
+    with pytest.raises(ConfigError, match='extractor.name: cache has "other", expected "memory"'):
         train(prep, fx.MemoryFeatures(root, name="other"), tmp_path / "run", fx.tiny_config(epochs=2),
               resume=True, log=log)
     with pytest.raises(InputError, match=r"missing from the feature cache \(e\.g\. 3\b"):
@@ -150,7 +150,7 @@ def test_cli_train_and_evaluate_on_a_real_cache(world, tmp_path, capsys):
         main(["evaluate", "--checkpoint", str(run), "--features", str(other), "--data", str(prep)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.count("\n") == 0
-    assert str(other) in err and "extractor.name: 'memory' != 'other'" in err
+    assert str(other) in err and 'extractor.name: cache has "other", expected "memory"' in err
     with pytest.raises(SystemExit):  # resuming on another cache fails the same way
         main(["train", "--data", str(prep), "--features", str(other), "--out", str(run), "--resume",
               "--d-model", "32", "--d-embed", "16", "--heads", "4"])
