@@ -11,7 +11,7 @@ noisy shared machine affects them alike) for:
 - ``port-style``: glied's model run the way the detectron2 port runs it (fp32, FrozenBN as separate ops, NCHW,
   res5 on all 300 RoIs in one batch) -- the same-run anchor for the port (about 13 s/image on a quiet machine here);
 - ``fp32``: glied's default (BN folded, NCHW, res5 in chunks of 16 RoIs);
-- ``bf16``: bf16 conv stacks, channels-last, res5 in chunks of 16;
+- ``bf16``: res5 in bf16 (backbone and RPN fp32), channels-last, res5 in chunks of 16;
 
 then the small shapes configuration (128 px, fp32 and bf16), and bf16-vs-fp32 agreement on three photos:
 median / min feature cosine on the same boxes (fp32's butd boxes, given-box extraction) and the share of fp32's

@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--images", nargs="+", default=list(IMAGES))
     ap.add_argument("--bench-log", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--update", action="store_true", help="measure --precisions, keep other saved ones")
     ap.add_argument("--reuse", action="store_true", help="rebuild the page from the saved measurements (.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,6 +82,12 @@ def main():
         args.precisions, args.images = saved["precisions"], saved["images"]
     else:
         results, secs = measure(args)
+        if args.update and data_path.is_file():      # keep the saved measurements of other precisions
+            saved = json.loads(data_path.read_text())
+            old_r = {tuple(k.split("|")): v for k, v in saved["results"].items()}
+            old_s = {tuple(k.split("|")): v for k, v in saved["secs"].items()}
+            results, secs = {**old_r, **results}, {**old_s, **secs}
+            args.precisions = saved["precisions"] + [p for p in args.precisions if p not in saved["precisions"]]
         data_path.parent.mkdir(parents=True, exist_ok=True)
         data_path.write_text(json.dumps({"precisions": args.precisions, "images": args.images,
                                          "results": {"|".join(k): v for k, v in results.items()},
@@ -127,7 +134,8 @@ def write_page(args, results, secs):
       "<= 1e-4, class and attribute probabilities <= 1e-4, and RPN proposals and butd / fixed36 / adapt "
       "detections all matched one to one at IoU >= 0.99 with the same classes and attributes.\n")
     w("Normwise relative error = ||a - b|| / ||a||; max abs = largest absolute difference; glied runs with its "
-      "inference optimisations on (FrozenBN folded into the convs, channels-last, res5 in chunks).\n")
+      "default inference settings: fp32 = NCHW, FrozenBN as separate ops (the port's rounding), res5 in chunks "
+      "of 16 RoIs; bf16 = res5 in bf16 with FrozenBN folded and channels-last, backbone and RPN fp32.\n")
     for prec in args.precisions:
         w(f"## {prec}: error per stage (reference vs glied)\n")
         w("| stage | metric | " + " | ".join(args.images) + " |")

@@ -47,7 +47,7 @@ class RegionExtractor:
 
     def __init__(self, model: BottomUpDetector, *, precision: str = "fp32", fingerprint: str = "",
                  classes=None, attributes=None, name: str = "bottomup", channels_last: bool | None = None,
-                 fuse_frozen_bn: bool = True):
+                 fuse_frozen_bn: bool | None = None):
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model = model.eval()
@@ -63,6 +63,10 @@ class RegionExtractor:
             # proposals clipped at the border) match the port; channels-last gains ~5% there. bf16/fp16: on.
             channels_last = precision != "fp32"
         self.channels_last = channels_last
+        if fuse_frozen_bn is None:
+            # fp32 keeps FrozenBN as separate ops: the port's exact rounding (bit-identical outputs on the
+            # parity images); folding shifts ~1e-7 and can flip the IoU of sliver proposals at the border.
+            fuse_frozen_bn = precision != "fp32"
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         # the extractor owns the model: BN folding and the dtype/memory-format changes happen in place
         self.model.optimise_for_inference(dtype=dtype, channels_last=channels_last, fuse_frozen_bn=fuse_frozen_bn)
