@@ -3,7 +3,6 @@ import hashlib
 import json
 
 import cv2
-import numpy as np
 import pytest
 
 from glied.datasets.shapes import ShapesConfig, make_shapes

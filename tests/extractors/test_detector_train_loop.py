@@ -19,13 +19,7 @@ TINY = dict(base_width=4, stem_channels=8, stage_blocks=(1, 1, 1, 1), min_size=6
             attr_embed_dim=8, attr_hidden=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run faster on one thread (and do not spin against other jobs on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import cv2
-import numpy as np
 import pytest
 
 from glied.errors import ConfigError, InputError

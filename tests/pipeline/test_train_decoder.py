@@ -15,13 +15,7 @@ fx = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fx)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a loaded 2-core machine: OpenMP threads only spin; one thread is 10x faster here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
