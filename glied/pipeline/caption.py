@@ -74,10 +74,6 @@ def expand_inputs(paths: Sequence[str]) -> list[str]:
     return out
 
 
-def _norm(obj):
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
 class Captioner:
     """Region extractor + attribute extractor + decoder, composed.
 
@@ -118,7 +114,7 @@ class Captioner:
         attributes = load_attribute_extractor(files["attributes"], device=device, **({"top_k": top_k} if top_k else {}))
         live = {"extractor": dict(regions.identity()), "attributes": attribute_identity(attributes, top_k)}
         from glied.datasets.cache import diff_identity
-        diff = diff_identity(_norm(_drop_runtime(live)), _norm(_drop_runtime(trained_on)))
+        diff = diff_identity(_drop_runtime(live), _drop_runtime(trained_on))
         if diff:
             raise ConfigError(f"{path}: the bundle's decoder was trained on features unlike those its detector and "
                               f"attribute detector give ({'; '.join(diff[:3])}); rebuild the bundle from matching runs")
@@ -138,6 +134,7 @@ class Captioner:
         import torch
 
         from glied.datasets.captions import collate, model_inputs
+        from glied.models.beam import decode_text
 
         t0 = time.perf_counter()
         regs = self.regions.extract(images)
@@ -156,9 +153,10 @@ class Captioner:
         self.timings["detector"] += t1 - t0
         self.timings["attributes"] += t2 - t1
         self.timings["decoder"] += t3 - t2
+        texts = decode_text(seqs, self.vocab)
         out = []
         for b in range(len(images)):
-            toks = self._tokens(seqs[b].tolist())
+            toks = texts[b].split()
             a = None
             if att is not None:
                 a = att[b, : len(toks), : len(regs[b])].cpu().numpy()
@@ -176,15 +174,6 @@ class Captioner:
                 "attr_ids": torch.from_numpy(self.attr_map[word_ids]),
                 "attr_probs": torch.from_numpy(np.asarray(w.probs, np.float32)),
                 "captions": torch.zeros(1, 1, dtype=torch.long)}
-
-    def _tokens(self, ids: list[int]) -> list[str]:
-        out = []
-        for i in ids:
-            if i in (0, 2):  # <pad>, <eos>
-                break
-            if i != 1:
-                out.append(self.vocab[i])
-        return out
 
     def _attention(self, inputs, seqs):
         """(B, T, R) attention of the aspect vector over the regions at each generated word (head mean)."""
@@ -232,7 +221,8 @@ class Captioner:
 
 
 def _drop_runtime(identity: dict) -> dict:
-    """Identity without settings that do not change the features' meaning (device)."""
+    """Identity as plain JSON values (tuples -> lists), without settings that do not change the features'
+    meaning (device), so a live extractor's identity compares equal to one stored in a checkpoint."""
     out = json.loads(json.dumps(identity, default=str))
     for part in ("extractor", "attributes"):
         if isinstance(out.get(part), dict):

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 
 def stage_key(settings: dict, upstream: list[str]) -> str:
@@ -68,7 +68,3 @@ class StageRunner:
 
     def timings(self) -> list[tuple[str, float, bool]]:
         return [(r.name, r.seconds, r.cached) for r in self.results.values()]
-
-    @staticmethod
-    def settings_of(**kw: Any) -> dict:
-        return kw
