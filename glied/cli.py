@@ -13,6 +13,9 @@ import click
 
 from glied import __version__
 from glied.errors import GliedError
+from glied.extractors.mil.config import ARCHS as _MIL_PRESETS
+from glied.models.presets import MODEL_PRESETS
+from glied.pipeline.detector import PRESETS as _DETECTOR_PRESETS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,8 +44,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
 
 
+def _given(renames: dict | None = None) -> set[str]:
+    """Names of the current command's options typed on the command line (not defaults); ``renames`` maps a
+    setting name to its parameter name where they differ."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    typed = {n for n in ctx.params if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
+    back = {v: k for k, v in (renames or {}).items()}
+    return {back.get(n, n) for n in typed}
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Data: the synthetic shapes world and dataset preparation (issue 2)
+# Data: the synthetic shapes world and dataset preparation
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -86,7 +100,7 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Bottom-up region detector: train-detector, evaluate-detector (issues 3, 9)
+# Bottom-up region detector: train-detector, evaluate-detector
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -96,7 +110,8 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 @click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False),
               help="Directory the file_name entries are relative to.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoint, logs).")
-@click.option("--config", "preset", default="small", show_default=True, help="Model preset.")
+@click.option("--config", "preset", type=click.Choice(_DETECTOR_PRESETS), default="small", show_default=True,
+              help="Model preset.")
 @click.option("--epochs", type=int, default=None, help="Epochs (default: the training config's).")
 @click.option("--batch-size", type=int, default=None, help="Images per step.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).")
@@ -105,8 +120,9 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 @click.option("--split-file", type=click.Path(dir_okay=False), default=None,
               help="Karpathy captions.json giving each image's split (when instances.json has none).")
 @click.option("--max-images", type=int, default=None, help="Train on the first N images only.")
-@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out with its stored settings (a conflicting flag is refused).")
+@click.option("--seed", type=int, default=None, help="Random seed (default 0).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 def train_detector_cmd(annotations, images_dir, out, preset, epochs, batch_size, lr, input_size, split, split_file,
                        max_images, resume, seed, threads) -> None:
@@ -144,7 +160,7 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
 
 
 # ---------------------------------------------------------------------------------------------------------
-# MIL attribute words: train-attributes, evaluate-attributes (issue 4)
+# MIL attribute words: train-attributes, evaluate-attributes
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -153,8 +169,8 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--images", type=click.Path(), default=None,
               help="Image folder (default: the prepared data's images_root).")
-@click.option("--config", "config", type=click.Choice(["small", "resnet18", "resnet50", "resnet101"]),
-              default="small", show_default=True, help="Model preset (small: the shapes world).")
+@click.option("--config", "config", type=click.Choice(_MIL_PRESETS), default="small", show_default=True,
+              help="Model preset (small: the shapes world).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default per preset: small 8).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step (small: 8).")
 @click.option("--lr", type=float, default=None, help="Adam learning rate (small: 1e-3, ResNets: 1e-4).")
@@ -168,7 +184,9 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
               show_default=True, help="Images whose captions have no vocabulary word: all-negative, or dropped.")
 @click.option("--backbone-weights", type=click.Path(), default=None,
               help="Local torchvision ResNet state dict to initialise the trunk (nothing is downloaded).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last.pt with its stored settings (a conflicting flag is "
+                   "refused; --epochs may be raised).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -182,10 +200,11 @@ def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, voca
         import torch
         torch.set_num_threads(threads)
 
-    s = train_attributes(data, out, images=images, config=config, epochs=epochs, batch_size=batch_size, lr=lr,
-                         vocab_size=vocab_size, input_size=input_size, stopwords=stopwords,
-                         empty_policy=empty_policy, resume=resume, seed=seed, backbone_weights=backbone_weights,
-                         device=device, log=click.echo)
+    typed = _given()   # untyped settings: the preset's defaults, or the run's own on --resume
+    settings = dict(config=config, epochs=epochs, batch_size=batch_size, lr=lr, vocab_size=vocab_size,
+                    input_size=input_size, stopwords=stopwords, empty_policy=empty_policy, seed=seed)
+    s = train_attributes(data, out, images=images, resume=resume, backbone_weights=backbone_weights,
+                         device=device, log=click.echo, **{k: (v if k in typed else None) for k, v in settings.items()})
     val = f", val mAP {s['val_mAP']:.4f}" if s.get("val_mAP") is not None else ""
     click.echo(f"trained {s['epochs']} epochs in {s['seconds_this_run']:.1f} s (loss {s['final_loss']:.4f}{val}) "
                f"-> {out}/model.pt")
@@ -224,7 +243,7 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Feature cache: extract, import-features, export-features, merge-caches (issue 5)
+# Feature cache: extract, import-features, export-features, merge-caches
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -266,14 +285,14 @@ def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, 
     """
     from glied.datasets.images import DEFAULT_MAX_SIDE, check_max_side
     from glied.datasets.inputs import parse_shard
-    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, extract,
-                                        resolve_device)
+    from glied.extractors import load_extractors
+    from glied.pipeline.extract import extract, resolve_device
 
     sh = parse_shard(shard)
     max_side = check_max_side(DEFAULT_MAX_SIDE if max_side is None else max_side)
     dev = resolve_device(device)
-    region = build_region_extractor(detector, extractor_module, dev, precision)
-    attr = build_attribute_extractor(attributes, dev, top_k)
+    region, attr = load_extractors(detector, attributes, extractor_module=extractor_module, device=dev,
+                                   precision=precision, top_k=top_k)
     s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
                 images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
                 boxes=boxes, max_side=max_side, progress=not quiet, commit_seconds=commit_seconds,
@@ -325,10 +344,10 @@ def export_features_cmd(cache, out) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# GLIED decoder: train, evaluate (issue 6)
+# GLIED decoder: train, evaluate
 # ---------------------------------------------------------------------------------------------------------
 
-_MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
+_MODELS = list(MODEL_PRESETS)
 
 
 @cli.command("train")
@@ -364,12 +383,16 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs
 
     Runs under `torchrun --nproc_per_node N glied train ...` with DistributedDataParallel.
     """
-    from glied.pipeline.train import TrainConfig, train
+    from glied.pipeline.train import train
 
-    cfg = TrainConfig(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
-                      lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
-                      scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed)
-    s = train(data, features, out, cfg, resume=resume, init=init, device=device, log=click.echo)
+    settings = dict(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
+                    lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
+                    scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model,
+                    d_embed=d_embed, n_heads=heads, seed=seed)
+    # only the settings typed on the command line: the others are the defaults, or the run's own on --resume
+    given = _given({"n_heads": "heads"})
+    s = train(data, features, out, {k: v for k, v in settings.items() if k in given}, resume=resume, init=init,
+              device=device, log=click.echo)
     if s.get("rank", 0) == 0:
         click.echo(f"best val CIDEr-D {s['best_val_cider']:.4f}; checkpoints in {out}")
 
@@ -394,7 +417,7 @@ def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: in
 
 
 # ---------------------------------------------------------------------------------------------------------
-# End to end: caption, bundle, demo (issue 7)
+# End to end: caption, bundle, demo
 # ---------------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """Robust photo decoding for extraction: any common file in, BGR uint8 (H, W, 3) out, or one clear reason.
 
-Decoder choice (see ``/work/shared/FACTS.md`` section 8 for the measured facts behind it):
+Decoder choice (docs/architecture.md, "Decoding photos", has the measured facts behind it):
 
 * Pillow decodes, because it *raises* on a truncated JPEG/PNG, while ``cv2.imread`` silently fills the
   missing part with grey and only prints a warning: an OpenCV-only loader caches corrupt images.
@@ -28,7 +28,7 @@ import numpy as np
 
 from glied.errors import InputError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 DEFAULT_MAX_SIDE = 2000         # photos are decoded at most this long for the detector (which works at <= 1000)
 MIN_SIDE = 8                     # smaller images are skipped: a detector cannot see anything in them
 MAX_PIXELS = 400_000_000         # refuse to decode more than this (after JPEG draft reduction)
@@ -42,6 +42,17 @@ _MAGIC = (
     (b"GIF87a", "GIF"),
     (b"GIF89a", "GIF"),
 )
+
+
+def find_images(root: str | os.PathLike) -> list[str]:
+    """Image files (suffix in :data:`IMAGE_EXTENSIONS`, any case; hidden files skipped) under ``root``,
+    recursively, sorted by folder then name."""
+    out = []
+    for d, dirs, files in os.walk(os.fspath(root)):
+        dirs.sort()
+        out += [os.path.join(d, f) for f in sorted(files)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return out
 
 
 def check_max_side(max_side: int | None) -> int | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from glied.models.glied import BOS, EOS, PAD, GliedDecoder, Memory
+from glied.tokens import ids_to_text
 
 
 @torch.no_grad()
@@ -132,15 +133,5 @@ def beam_search(model: GliedDecoder, mem: Memory, beam_size: int = 3,
 
 
 def decode_text(seqs: torch.Tensor, itow: list[str]) -> list[str]:
-    """Word-id rows -> space-joined words up to the first <eos> (specials dropped)."""
-    out = []
-    for row in seqs.tolist():
-        words = []
-        for i in row:
-            if i == EOS or i == PAD:
-                break
-            if i == BOS:
-                continue
-            words.append(itow[i])
-        out.append(" ".join(words))
-    return out
+    """Word-id rows -> space-joined words up to the first <eos> (:func:`glied.tokens.ids_to_text`)."""
+    return [ids_to_text(row, itow) for row in seqs.tolist()]

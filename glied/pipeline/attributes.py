@@ -40,30 +40,49 @@ def _split_labels(prep: PreparedData, split: str, vocab: list[str], root: Path, 
 
 
 def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | None = None,
-                     config: str = "small", epochs: int | None = None, batch_size: int | None = None,
-                     lr: float | None = None, vocab_size: int = 1000, input_size: int | None = None,
-                     stopwords: bool = False, empty_policy: str = "keep", resume: bool = False, seed: int = 0,
-                     backbone_weights: str | None = None, device: str = "cpu",
+                     config: str | None = None, epochs: int | None = None, batch_size: int | None = None,
+                     lr: float | None = None, vocab_size: int | None = None, input_size: int | None = None,
+                     stopwords: bool | None = None, empty_policy: str | None = None, resume: bool = False,
+                     seed: int | None = None, backbone_weights: str | None = None, device: str = "cpu",
                      log: Callable[[str], None] = print) -> dict:
-    """Train a MIL word detector on prepared data ``data`` into the run folder ``out``; returns a summary."""
+    """Train a MIL word detector on prepared data ``data`` into the run folder ``out``; returns a summary.
+
+    Settings left None take the preset's defaults (``config`` default "small"), or with ``resume`` the run's
+    stored settings; a given one that conflicts with the stored one is refused
+    (:func:`glied.checkpoint.resume_settings`; ``epochs`` may be raised)."""
     import torch
 
+    from glied.checkpoint import resume_settings
+    from glied.extractors.mil.checkpoint import LAST_FILE, load_checkpoint
     from glied.extractors.mil.config import MilConfig, MilTrainConfig
     from glied.extractors.mil.train import TrainSet, train_mil
     from glied.extractors.mil.vocab import build_vocab
 
     prep = PreparedData.load(data)
     root = _images_root(prep, images)
-    if config not in TRAIN_DEFAULTS:
+    if config is not None and config not in TRAIN_DEFAULTS:
         raise ConfigError(f"unknown --config {config!r}; use one of {', '.join(TRAIN_DEFAULTS)}")
     if backbone_weights is not None and not Path(backbone_weights).is_file():
         from glied.errors import WeightsError
         raise WeightsError(f"{backbone_weights}: backbone weights file not found; pass an existing torchvision "
                            "ResNet state dict, or leave --backbone-weights out to start from random weights")
-    d_epochs, d_batch, d_lr = TRAIN_DEFAULTS[config]
-    tcfg = MilTrainConfig(epochs=epochs or d_epochs, batch_size=batch_size or d_batch, lr=lr or d_lr,
-                          vocab_size=vocab_size, stopwords=stopwords, empty_label_policy=empty_policy,
-                          seed=seed, backbone_weights=str(backbone_weights) if backbone_weights else None)
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "vocab_size": vocab_size,
+             "stopwords": stopwords, "empty_label_policy": empty_policy, "seed": seed,
+             "backbone_weights": str(backbone_weights) if backbone_weights else None}
+    stored = load_checkpoint(Path(out) / LAST_FILE) if resume and (Path(out) / LAST_FILE).is_file() else None
+    if stored is not None:  # --resume: the run's own settings; a conflicting flag is refused
+        where = stored["path"]
+        tcfg = MilTrainConfig.from_dict(resume_settings(stored["train_config"], given, where=where,
+                                                        flags={"empty_label_policy": "--empty-labels"}))
+        resume_settings({"config": stored["config"]["arch"], "input_size": stored["config"]["input_size"]},
+                        {"config": config, "input_size": input_size}, where=where)
+        config, input_size = stored["config"]["arch"], stored["config"]["input_size"]
+    else:
+        config = config or "small"
+        d_epochs, d_batch, d_lr = TRAIN_DEFAULTS[config]
+        tcfg = MilTrainConfig(**{**{k: v for k, v in given.items() if v is not None},
+                                 "epochs": epochs or d_epochs, "batch_size": batch_size or d_batch,
+                                 "lr": lr or d_lr})
     train_idx = prep.split_indices("train")
     if not train_idx:
         raise InputError(f"{data}: the prepared data has no training image")
@@ -81,7 +100,8 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
     if prep.split_indices("val"):
         va, va_paths, _ = _split_labels(prep, "val", vocab, root, "keep")
         val_set = TrainSet(va_paths, va.labels, vocab)
-    cfg = MilConfig.preset(config, len(vocab), input_size=input_size)
+    cfg = (MilConfig.from_dict(stored["config"]) if stored is not None
+           else MilConfig.preset(config, len(vocab), input_size=input_size))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log(f"MIL {config}: {len(vocab)} words, {len(tr_paths)} training images, input {cfg.input_size}, "

@@ -88,10 +88,10 @@ def _attributes_eval_stage(prep: Path, mil_run: str, cfg: DemoConfig, log) -> Ca
 
 def _features_stage(world: Path, det_run: str, mil_run: str, cfg: DemoConfig, log) -> Callable[[Path], dict]:
     def run(d: Path) -> dict:
-        from glied.pipeline.extract import build_attribute_extractor, build_region_extractor, extract
+        from glied.extractors import load_extractors
+        from glied.pipeline.extract import extract
 
-        regions = build_region_extractor(det_run, None, "cpu", "fp32")
-        words = build_attribute_extractor(mil_run, "cpu", cfg.top_k)
+        regions, words = load_extractors(det_run, mil_run, device="cpu", precision="fp32", top_k=cfg.top_k)
         s = extract(str(world / "captions.json"), str(d / "cache"), region_extractor=regions,
                     attribute_extractor=words, top_k=cfg.top_k, images_root=str(world), dtype="float16",
                     batch_size=16, progress=False, log=log)
@@ -110,11 +110,11 @@ def _jsonable(v) -> bool:
 def _decoder_stage(prep: Path, cache: str, model: str, stage: str, epochs: int, cfg: DemoConfig, log,
                    init: str | None = None) -> Callable[[Path], dict]:
     def run(d: Path) -> dict:
-        from glied.pipeline.train import TrainConfig, train
+        from glied.pipeline.train import DecoderTrainConfig, train
 
         # the shapes-world recipe (benchmarks/shapes_recipe.py): a 256-wide model, one caption per image and
         # epoch, 2 SCST samples per image with the greedy baseline
-        tc = TrainConfig(model=model, stage=stage, epochs=epochs if stage == "xe" else 0,
+        tc = DecoderTrainConfig(model=model, stage=stage, epochs=epochs if stage == "xe" else 0,
                          scst_epochs=epochs if stage == "scst" else 0, batch_size=cfg.batch_size, seed=cfg.seed,
                          d_model=256, d_embed=128, lr=1e-3, warmup_steps=100, captions_per_image=1,
                          scst_samples=2)

@@ -10,7 +10,6 @@ checkpoint (``save_checkpoint``; config and vocabularies inside).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from glied.errors import ConfigError, InputError, WeightsError
 from glied.extractors.bottomup import selection as sel
 from glied.extractors.bottomup.config import BottomUpConfig
 from glied.extractors.bottomup.model import BottomUpDetector, RawOutputs
-from glied.extractors.bottomup.weights import (DETECTOR, load_checkpoint, load_detectron2_state, missing_weights_message,
-                                               model_from_checkpoint,
+from glied.extractors.bottomup.weights import (DETECTOR, load_checkpoint, load_detectron2_state,
+                                               missing_weights_message, model_from_checkpoint,
                                                read_detectron2_pickle, read_vocab, weights_fingerprint)
 from glied.records import RegionFeatures
 
@@ -81,14 +80,9 @@ class RegionExtractor:
                 "weights_fingerprint": self.fingerprint, "feature_dim": self.cfg.feature_dim}
 
     # ---- running ---------------------------------------------------------------------------------------------
-    def _autocast(self):
-        """Reduced precision is done by casting the conv stacks (see optimise_for_inference), not by autocast,
-        so weights are not re-cast on every call; kept as a hook for callers that run pieces by hand."""
-        return contextlib.nullcontext()
-
     def raw(self, image: np.ndarray, name: str = "image") -> RawOutputs:
         """All detector outputs for one BGR uint8 image (see :class:`RawOutputs`)."""
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             return self.model.run_image(image, name)
 
     def select(self, out: RawOutputs, procedure: str | None = None) -> sel.Selection:
@@ -142,7 +136,7 @@ class RegionExtractor:
             if x2 <= x1 or y2 <= y1:
                 raise InputError(f"{name}: box {k} [{x1:g}, {y1:g}, {x2:g}, {y2:g}] has zero area (need x2 > x1, "
                                  f"y2 > y1)")
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             x, info = self.model.transform(image, name)
             h, w = info.input_hw
             sx, sy = np.float32(w / w0), np.float32(h / h0)

@@ -11,7 +11,7 @@ from glied.errors import WeightsError
 from glied.extractors.bottomup import load_region_extractor
 from glied.extractors.bottomup.config import BottomUpConfig
 from glied.extractors.bottomup.model import BottomUpDetector
-from glied.extractors.bottomup.parity.make_random_ckpt import _Numpy1Pickler
+from scripts.bottomup_parity.make_random_ckpt import _Numpy1Pickler
 from glied.extractors.bottomup.weights import (ANCHOR_KEY, detectron2_key_map, load_detectron2_state,
                                                read_detectron2_pickle, safe_unpickle, save_checkpoint,
                                                weights_fingerprint)
