@@ -82,7 +82,9 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
     c = m["counts"]
     click.echo(f"{m['dataset']}: {c['images']['train']} train / {c['images']['val']} val / "
                f"{c['images']['test']} test images, {c['sentences']} captions, vocabulary {c['vocab']} "
-               f"({c['truncated_sentences']} captions truncated to {max_length}) -> {out}")
+               f"({c['truncated_sentences']} captions truncated to {max_length}"
+               + (f"; {c['empty_sentences_skipped']} empty captions skipped" if c.get("empty_sentences_skipped")
+                  else "") + f") -> {out}")
 
 
 # ---------------------------------------------------------------------------------------------------------

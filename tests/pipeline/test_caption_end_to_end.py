@@ -81,6 +81,37 @@ def test_bad_photo_among_good_ones(bundle, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_photo_without_regions_or_too_elongated_among_good_ones(bundle, tmp_path):
+    """One photo the detector cannot take and one where it finds no region: each gets its own error, the
+    rest of the batch is captioned."""
+    import numpy as np
+
+    from glied.pipeline.caption import Captioner
+    from glied.records import RegionFeatures
+
+    c = Captioner.from_bundle(bundle["bundle"])
+    real = c.regions.extract
+
+    def extract(images):                          # no region in a photo 99 pixels wide
+        regs = real(images)
+        return [RegionFeatures(r.boxes[:0], r.features[:0], r.obj_ids[:0], r.obj_scores[:0], r.attr_ids[:0],
+                               r.attr_scores[:0], r.image_w, r.image_h) if im.shape[1] == 99 else r
+                for r, im in zip(regs, images)]
+
+    c.regions.extract = extract
+    empty, sliver = tmp_path / "empty.png", tmp_path / "sliver.png"
+    cv2.imwrite(str(empty), cv2.resize(cv2.imread(str(bundle["world"] / "images" / "000004.jpg")), (99, 80)))
+    cv2.imwrite(str(sliver), np.full((20, 4000, 3), 128, np.uint8))
+    good = [str(bundle["world"] / "images" / f"00000{k}.jpg") for k in (5, 6)]
+    res = c.caption_files([good[0], str(empty), str(sliver), good[1]], batch_size=4)
+    assert [r.path for r in res] == [good[0], str(empty), str(sliver), good[1]]
+    assert res[0].caption and res[3].caption and not res[0].error and not res[3].error
+    assert res[1].error == "the detector found no region in the photo"
+    assert "too elongated" in res[2].error
+    alone = c.caption_files(good, batch_size=2)
+    assert [r.caption for r in alone] == [res[0].caption, res[3].caption]
+
+
 def test_damaged_or_incomplete_bundle_is_refused(bundle, tmp_path):
     from glied.pipeline.caption import Captioner
 
