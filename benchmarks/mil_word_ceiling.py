@@ -6,12 +6,13 @@ a gradient-boosted classifier on the TRUE scene contents over the training split
 mAP on a held-out split: an estimate of the ceiling for the MIL detector's all-word mAP, computed with the
 same vocabulary, labels and metric as `glied evaluate-attributes`.
 
-The scene contents are the counts of each shape, colour and size and the number of objects, plus the scene's
-geometry as the grammar reads it (which the photo shows): for a single object whether it sits left, right or
-in the middle; for several, how many ordered pairs stand in each relation (left of / right of / above /
-below / next to, by the grammar's own rule on the boxes' centres and half-sizes). Without the geometry
-(``--no-geometry``) the relation words ("left", "above", "near", ...) look random although they are not, and
-the ceiling comes out too low.
+The scene contents are the counts of each shape, colour and size and the number of objects, plus what else the
+grammar reads off the scene (and the photo shows): per shape, the largest number of its objects sharing one
+colour (the grammar counts identical objects: "two red circles"); and the geometry: for a single object
+whether it sits left, right or in the middle, for several how many ordered pairs stand in each relation (left
+of / right of / above / below / next to, by the grammar's own rule on the boxes' centres and half-sizes).
+Without these (``--no-geometry``: counts only, the first version of this estimate) plural and relation words
+("circles", "left", "above", ...) look random although they are not, and the ceiling comes out too low.
 
 Usage: python benchmarks/mil_word_ceiling.py PREP [--split test] [--vocab-size 1000] [--no-geometry]
 (PREP: prepared data of a shapes world; instances.json is read next to its captions file.)
@@ -63,7 +64,8 @@ def scene_features(prep: PreparedData, geometry: bool = True) -> np.ndarray:
     per_image: dict[int, list] = {}
     for a in inst["annotations"]:
         per_image.setdefault(a["image_id"], []).append(a)
-    n_geo = 3 + len(RELATIONS) if geometry else 0
+    shapes = sorted(set(cats.values()))
+    n_geo = len(shapes) + 3 + len(RELATIONS) if geometry else 0
     feats = np.zeros((len(prep.images), len(names) + 6 + n_geo))
     for i, im in enumerate(prep.images):
         anns = per_image.get(int(im["id"]), [])
@@ -72,7 +74,9 @@ def scene_features(prep: PreparedData, geometry: bool = True) -> np.ndarray:
             feats[i, names.index(k)] = n
         feats[i, len(names) + min(len(anns), 5)] = 1
         if geometry:
-            feats[i, len(names) + 6:] = _geometry(anns, sizes.get(int(im["id"]), 128.0))
+            same = Counter((cats[a["category_id"]], tuple(a["attributes"][:1])) for a in anns)  # (shape, colour)
+            groups = [max([n for (sh, _), n in same.items() if sh == s] or [0]) for s in shapes]
+            feats[i, len(names) + 6:] = groups + _geometry(anns, sizes.get(int(im["id"]), 128.0))
     return feats
 
 
