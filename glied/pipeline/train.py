@@ -65,6 +65,7 @@ class TrainConfig:
     dropout: float = 0.1
     label_smoothing: float = 0.0
     max_attrs: Optional[int] = None
+    box_geometry: bool = False  # give the decoder each region's box position and size (new models only)
     val_beam: int = 1
     seed: int = 0
 
@@ -198,9 +199,6 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
     prep = PreparedData.load(data)
     source, source_name = _open_features(features)
     identity = feature_identity(source.manifest)
-    train_ds = CaptionDataset(prep, source, "train", cfg.max_attrs, where=source_name,
-                              captions_per_image=cfg.captions_per_image)
-    val_ds = CaptionDataset(prep, source, "val", cfg.max_attrs, where=source_name)
     max_len = int(prep.labels.shape[1])
 
     ckpt = None
@@ -212,6 +210,11 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
         raise InputError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose "
                          "a new --out")
     start = ckpt if ckpt is not None else (load_checkpoint(init) if init else None)
+    # a continued model reads its features the way it was trained; a new one as cfg says
+    geometry = bool(start["config"].get("box_geometry", False)) if start is not None else cfg.box_geometry
+    train_ds = CaptionDataset(prep, source, "train", cfg.max_attrs, where=source_name,
+                              captions_per_image=cfg.captions_per_image, box_geometry=geometry)
+    val_ds = CaptionDataset(prep, source, "val", cfg.max_attrs, where=source_name, box_geometry=geometry)
     if start is not None:
         check_identity(start["feature_identity"], source, f"{start['path']} was trained on", source_name)
         if list(start["vocab"]) != list(prep.vocab):
@@ -224,7 +227,7 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
         mcfg = GliedConfig.preset(cfg.model, vocab_size=len(prep.vocab), feature_dim=feature_dim,
                                   d_model=cfg.d_model, d_embed=cfg.d_embed, n_heads=cfg.n_heads,
                                   dropout=cfg.dropout, label_smoothing=cfg.label_smoothing,
-                                  max_positions=max(64, max_len + 2))
+                                  max_positions=max(64, max_len + 2), box_geometry=geometry)
     torch.manual_seed(cfg.seed)  # initial weights are a function of the seed
     model = GliedDecoder(mcfg).to(device)
     progress = {"xe_done": 0, "scst_done": 0, "step": 0}
