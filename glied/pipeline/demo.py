@@ -74,12 +74,25 @@ def _detector_stage(world: Path, cfg: DemoConfig, log) -> Callable[[Path], dict]
     return run
 
 
+def _portable(obj, root: Path):
+    """``obj`` with every string that names a path inside the demo folder made relative to it."""
+    if isinstance(obj, dict):
+        return {k: _portable(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_portable(v, root) for v in obj]
+    if isinstance(obj, str) and os.sep in obj:
+        rel = _rel(obj, root)
+        if not rel.startswith(os.pardir) and (root / rel).exists():
+            return rel
+    return obj
+
+
 def _detector_eval_stage(world: Path, det_run: str, log) -> Callable[[Path], dict]:
     def run(d: Path) -> dict:
         from glied.pipeline.detector import evaluate_detector_run
 
-        return evaluate_detector_run(det_run, str(world / "instances.json"), str(world / "images"), split="test",
-                                     log=log)
+        return _portable(evaluate_detector_run(det_run, str(world / "instances.json"), str(world / "images"),
+                                               split="test", log=log), d.parent)
     return run
 
 
@@ -97,8 +110,8 @@ def _attributes_eval_stage(prep: Path, mil_run: str, cfg: DemoConfig, log) -> Ca
     def run(d: Path) -> dict:
         from glied.pipeline.attributes import evaluate_attributes
 
-        return evaluate_attributes(mil_run, prep, split="test", top_ks=(5, cfg.top_k), out=d / "metrics.json",
-                                   log=log)
+        return _portable(evaluate_attributes(mil_run, prep, split="test", top_ks=(5, cfg.top_k),
+                                             out=d / "metrics.json", log=log), d.parent)
     return run
 
 
@@ -112,7 +125,7 @@ def _features_stage(world: Path, det_run: str, mil_run: str, cfg: DemoConfig, lo
                     attribute_extractor=words, top_k=cfg.top_k, images_root=str(world), dtype="float16",
                     batch_size=16, progress=False, log=log)
         return {"cache": f"{d.name}/cache",
-                "summary": {k: v for k, v in vars(s).items() if _jsonable(v) and k not in ("out", "path")}}
+                "summary": _portable({k: v for k, v in vars(s).items() if _jsonable(v)}, d.parent)}
     return run
 
 
