@@ -18,7 +18,7 @@ from glied.errors import ConfigError, InputError
 
 # Per-preset training defaults: (epochs, batch size, learning rate).
 TRAIN_DEFAULTS = {"small": (8, 8, 1e-3), "resnet18": (10, 16, 1e-4), "resnet50": (10, 8, 1e-4),
-                  "resnet101": (10, 8, 1e-4)}
+                  "resnet101": (10, 8, 1e-4), "bottomup": (8, 8, 1e-3)}
 
 
 def _images_root(prep: PreparedData, images: str | Path | None) -> Path:
@@ -43,9 +43,15 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
                      config: str = "small", epochs: int | None = None, batch_size: int | None = None,
                      lr: float | None = None, vocab_size: int = 1000, input_size: int | None = None,
                      stopwords: bool = False, empty_policy: str = "keep", resume: bool = False, seed: int = 0,
-                     backbone_weights: str | None = None, device: str = "cpu",
+                     backbone_weights: str | None = None, init_from: str | Path | None = None,
+                     freeze_stages: int = 0, trunk_lr_mult: float = 1.0, device: str = "cpu",
                      log: Callable[[str], None] = print) -> dict:
-    """Train a MIL word detector on prepared data ``data`` into the run folder ``out``; returns a summary."""
+    """Train a MIL word detector on prepared data ``data`` into the run folder ``out``; returns a summary.
+
+    ``init_from``: a detector (the published bottom-up .pkl or a ``glied train-detector`` run) whose trunk
+    becomes the MIL trunk (config ``bottomup``, see :mod:`glied.extractors.mil.init_from`); its path and sha256
+    are kept in the checkpoint's training config. ``freeze_stages`` / ``trunk_lr_mult``: how that trunk trains.
+    """
     import torch
 
     from glied.extractors.mil.config import MilConfig, MilTrainConfig
@@ -56,6 +62,13 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
     root = _images_root(prep, images)
     if config not in TRAIN_DEFAULTS:
         raise ConfigError(f"unknown --config {config!r}; use one of {', '.join(TRAIN_DEFAULTS)}")
+    if (config == "bottomup") != (init_from is not None):
+        raise ConfigError(f"--config {config} {'needs' if init_from is None else 'cannot take'} --init-from: the "
+                          "detector-initialised trunk is --config bottomup (the default with --init-from)")
+    trunk = None
+    if init_from is not None:  # on --resume too: its config must match the run's (the weights come from last.pt)
+        from glied.extractors.mil.init_from import load_detector_trunk
+        trunk = load_detector_trunk(init_from)
     if backbone_weights is not None and not Path(backbone_weights).is_file():
         from glied.errors import WeightsError
         raise WeightsError(f"{backbone_weights}: backbone weights file not found; pass an existing torchvision "
@@ -63,7 +76,9 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
     d_epochs, d_batch, d_lr = TRAIN_DEFAULTS[config]
     tcfg = MilTrainConfig(epochs=epochs or d_epochs, batch_size=batch_size or d_batch, lr=lr or d_lr,
                           vocab_size=vocab_size, stopwords=stopwords, empty_label_policy=empty_policy,
-                          seed=seed, backbone_weights=str(backbone_weights) if backbone_weights else None)
+                          seed=seed, backbone_weights=str(backbone_weights) if backbone_weights else None,
+                          init_from=trunk.source if trunk is not None else None, freeze_stages=freeze_stages,
+                          trunk_lr_mult=trunk_lr_mult)
     train_idx = prep.split_indices("train")
     if not train_idx:
         raise InputError(f"{data}: the prepared data has no training image")
@@ -81,13 +96,16 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
     if prep.split_indices("val"):
         va, va_paths, _ = _split_labels(prep, "val", vocab, root, "keep")
         val_set = TrainSet(va_paths, va.labels, vocab)
-    cfg = MilConfig.preset(config, len(vocab), input_size=input_size)
+    cfg = MilConfig.preset(config, len(vocab), input_size=input_size, trunk=trunk.config if trunk else None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if trunk is not None:
+        log(f"MIL trunk from {trunk.source.get('kind')} {trunk.source.get('path')} (sha256 "
+            f"{str(trunk.source.get('sha256'))[:12]}...)")
     log(f"MIL {config}: {len(vocab)} words, {len(tr_paths)} training images, input {cfg.input_size}, "
         f"{tcfg.epochs} epochs x batch {tcfg.batch_size}, lr {tcfg.lr}, {torch.get_num_threads()} threads")
     summary = train_mil(TrainSet(tr_paths, tr.labels, vocab), out, cfg, tcfg, val=val_set, resume=resume,
-                        device=device, label_stats=stats, log=log)
+                        device=device, label_stats=stats, trunk_init=trunk if not resume else None, log=log)
     (out / "config.json").write_text(json.dumps({"data": str(Path(data).resolve()), "images_root": str(root),
                                                  "model": cfg.to_dict(), "train": tcfg.to_dict(),
                                                  "label_stats": stats}, indent=1))
