@@ -101,18 +101,18 @@ def main() -> None:
     prep, cache = demo / "prep", demo / "features" / "cache"
     unseen = unseen_inputs(demo, cfg, cfg.top_k)
     rows: dict[tuple[str, str], list[dict]] = {}
-    for model in a.models:
-        for seed in a.seeds:
+    for seed in a.seeds:  # seed by seed, so a stopped run still has both models of the seeds it finished
+        for model in a.models:
             xe, scst = out / f"{model}_xe_seed{seed}", out / f"{model}_scst_seed{seed}"
-            for run, stage, init in ((xe, "xe", None), (scst, "scst", xe / "last.pt")):
+            for run, stage, init in ((xe, "xe", None), (scst, "scst", xe)):  # run folders: best.pt, as the demo
                 if not (run / "done.json").is_file():
                     train(prep, cache, run, decoder_recipe(model, stage, seed, cfg), init=init and str(init),
                           resume=(run / "last.pt").is_file(), log=lambda s: None)
                     (run / "done.json").write_text("{}")
-                res = evaluate(run / "last.pt", cache, prep, "test", beam_size=cfg.beam_size, out=run,
+                res = evaluate(run, cache, prep, "test", beam_size=cfg.beam_size, out=run,
                                log=lambda s: None)["metrics"]
                 res = {k: v for k, v in res.items() if isinstance(v, (int, float))}
-                res["naming"] = naming_of(run / "last.pt", unseen, cfg.beam_size)
+                res["naming"] = naming_of(run, unseen, cfg.beam_size)
                 rows.setdefault((model, stage), []).append(res)
                 print(f"{model} {stage} seed {seed}: CIDEr {res['CIDEr']:.3f} BLEU-4 {res['BLEU-4']:.3f} "
                       f"naming {100 * res['naming']:.1f}%", flush=True)
