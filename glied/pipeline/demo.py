@@ -322,7 +322,7 @@ def format_report(det_eval: dict, mil_eval: dict, table: dict, caps: dict, cfg: 
                      f"(objects named: {100 * u.get('objects_named', 0):.1f}%)")
         err = u.get("errors", {})
         by_n = u.get("by_objects", {})
-        lines.append(f"  by objects per photo: " + ", ".join(f"{n}: {c}/{t}" for n, (c, t) in by_n.items())
+        lines.append("  by objects per photo: " + ", ".join(f"{n}: {c}/{t}" for n, (c, t) in by_n.items())
                      + f"; errors: {err.get('missed', 0)} missed, {err.get('doubled', 0)} named twice, "
                      f"{err.get('invented', 0)} invented")
     return "\n".join(lines) + "\n"
