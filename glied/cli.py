@@ -385,6 +385,7 @@ _MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
 @click.option("--d-model", type=int, default=512, show_default=True, help="Model width (paper: 512).")
 @click.option("--d-embed", type=int, default=256, show_default=True, help="Shared embedding size (paper: 256).")
 @click.option("--heads", type=int, default=8, show_default=True, help="Attention heads (paper: 8).")
+@click.option("--box-geometry", is_flag=True, help="Give the decoder each region's box position and size.")
 @click.option("--init", type=click.Path(), default=None, help="Start from this checkpoint's weights.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -392,7 +393,7 @@ _MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
 def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs: int, scst_epochs: int,
               batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
               scst_samples: int, captions_per_image: int | None, d_model: int, d_embed: int, heads: int,
-              init: str | None, resume: bool, seed: int, device: str) -> None:
+              box_geometry: bool, init: str | None, resume: bool, seed: int, device: str) -> None:
     """Train the GLIED decoder on cached features: cross-entropy, then SCST with a CIDEr-D reward.
 
     Runs under `torchrun --nproc_per_node N glied train ...` with DistributedDataParallel.
@@ -401,7 +402,8 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs
 
     cfg = TrainConfig(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
                       lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
-                      scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed)
+                      scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed,
+                      box_geometry=box_geometry)
     s = train(data, features, out, cfg, resume=resume, init=init, device=device, log=click.echo)
     if s.get("rank", 0) == 0:
         click.echo(f"best val CIDEr-D {s['best_val_cider']:.4f}; checkpoints in {out}")

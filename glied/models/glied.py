@@ -63,6 +63,7 @@ class GliedConfig:
     local_distilling: bool = True
     attr_probs: bool = True
     label_smoothing: float = 0.0
+    box_geometry: bool = False  # region rows end with 5 box-geometry columns (glied.datasets.captions)
 
     @classmethod
     def preset(cls, name: str, **kw: Any) -> "GliedConfig":

@@ -173,7 +173,9 @@ class Captioner:
         if len(r) == 0:
             raise InputError("the detector found no region in the photo")
         word_ids = np.asarray(w.word_ids, np.int64)
-        return {"index": i, "regions": torch.from_numpy(np.asarray(r.features, np.float32)),
+        from glied.datasets.captions import region_matrix
+
+        return {"index": i, "regions": torch.from_numpy(region_matrix(r, self.decoder.config.box_geometry)),
                 "attr_ids": torch.from_numpy(self.attr_map[word_ids]),
                 "attr_probs": torch.from_numpy(np.asarray(w.probs, np.float32)),
                 "captions": torch.zeros(1, 1, dtype=torch.long)}
