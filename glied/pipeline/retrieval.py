@@ -156,11 +156,14 @@ def embed_images(model: RetrievalModel, cache, ids: Sequence[str], batch_size: i
 def embed_texts(model: RetrievalModel, tokenizer, sentences: Sequence, batch_size: int = 512,
                 device: str = "cpu") -> Embedding:
     model.eval()
+    order = np.argsort([len(words_of(s)) for s in sentences], kind="stable")   # similar lengths together
     parts = []
     for i in range(0, len(sentences), batch_size):
-        ids, mask = tokenizer.encode(sentences[i:i + batch_size])
+        ids, mask = tokenizer.encode([sentences[j] for j in order[i:i + batch_size]])
         parts.append(model.embed_texts(ids.to(device), mask.to(device)))
-    return concat(parts)
+    e = concat(parts) if parts else Embedding(torch.zeros(0, 1, 1), torch.zeros(0, 1, dtype=torch.bool))
+    back = torch.from_numpy(np.argsort(order, kind="stable"))                  # sorted position of each sentence
+    return Embedding(e.vectors[back], e.mask[back])
 
 
 @torch.inference_mode()
