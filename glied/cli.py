@@ -560,28 +560,26 @@ def search_cmd(query, index_path, photo, image_id, features, bundle, detector, e
     BUNDLE, or --image-id ID --features CACHE."""
     import json
 
-    from glied.pipeline.retrieval import Index, check_query, open_cache, photo_regions
+    from glied.pipeline import retrieval as rt
 
     if sum(x is not None for x in (query, photo, image_id)) != 1:
         raise GliedError("search needs exactly one of: a QUERY sentence, --image PHOTO, --image-id ID")
-    check_query(query)
-    regions = None
-    if photo is not None:  # decode (and extract) first: an unreadable photo fails before the index is loaded
-        regions, ident, where = photo_regions(photo, bundle=bundle, detector=detector,
-                                              extractor_module=extractor_module)
+    rt.check_query(query)
     if image_id is not None and features is None:
         raise GliedError("--image-id needs --features CACHE (the cache holding that image)")
-    index = Index(index_path)
+    index = rt.Index(index_path)
     if run:
         index.check_run(run)
     if query is not None:
         hits, what = index.text_to_images(query, k), {"query": query}
     else:
-        if regions is not None:
-            index.check_extractor(ident, where)
-            emb, what = index.embed_photo(regions), {"image": photo}
+        if photo is not None:
+            loaded = rt.decode_photo(photo, index.max_side)
+            extractor, where = rt.region_extractor_for(bundle, detector, extractor_module)
+            index.check_extractor(extractor, where)
+            emb, what = index.embed_photo(rt.photo_regions(extractor, loaded)), {"image": photo}
         else:
-            emb, what = index.embed_cached(open_cache(features), image_id), {"image_id": image_id}
+            emb, what = index.embed_cached(rt.open_cache(features), image_id), {"image_id": image_id}
         hits = index.image_to_captions(emb, k, captions_file)
     if as_json:
         click.echo(json.dumps({**what, "results": hits}))

@@ -24,7 +24,6 @@ optionally every prepared caption with its embedding (for image -> sentence sear
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import time
@@ -35,16 +34,19 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from glied.datasets.captions import CaptionDataset, feature_identity
-from glied.errors import ConfigError, InputError, WeightsError
+from glied import checkpoint as ck
+from glied.datasets import identity as idn
+from glied.datasets.captions import CaptionDataset
+from glied.errors import ConfigError, InputError
 from glied.fileio import sha256_file, write_json_atomic
-from glied.models.checkpoint import save_checkpoint
 from glied.models.retrieval import Embedding, RetrievalModel, build_retrieval_model, config_from_dict
 from glied.models.retrieval.model import make_config
 from glied.models.retrieval.text import build_tokenizer, words_of
 
-FORMAT, VERSION = "glied-retrieval", 1
-INDEX_FORMAT, INDEX_VERSION = "glied-retrieval-index", 1
+RETRIEVAL = ck.Format("glied-retrieval", 1, "retrieval model", ("best.pt", "last.pt"),
+                      "train one with `glied train-retrieval`")
+INDEX = ck.Format("glied-retrieval-index", 1, "retrieval index", ("index.pt",),
+                  "build one with `glied index --run RUN --features CACHE --out INDEX`")
 PROTOCOLS = ("1k", "5k", "all")
 # per-model training defaults: VSE∞ (AdamW 5e-4, x0.1 at 15 of 25, batch 128, 1 warm-up epoch) and TERAN
 # (Adam, x0.1 every 20 of 30, batch 40; its 1e-5 fine-tunes BERT — a GRU trained from scratch needs more)
@@ -92,12 +94,11 @@ class RetrievalTrainConfig:
 
 def retrieval_identity(manifest: dict) -> dict:
     """What a retrieval model depends on: the region extractor's identity (attribute words are not read)."""
-    return {"extractor": feature_identity(manifest)["extractor"]}
+    return {"extractor": idn.for_decoder(manifest)["extractor"]}
 
 
-def _diff(have: dict, want: dict) -> list[str]:
-    from glied.datasets.cache import diff_identity
-    return diff_identity(json.loads(json.dumps(have, default=str)), json.loads(json.dumps(want, default=str)))
+def _diff(have: dict, want: dict, have_name: str = "cache") -> list[str]:
+    return idn.diff(idn.normalise(have), idn.normalise(want), have_name=have_name)
 
 
 def open_cache(features: str | os.PathLike):
@@ -251,20 +252,7 @@ def protocol_folds(n_images: int, protocol: str) -> list[tuple[int, int]]:
 
 def load_retrieval_checkpoint(path: str | os.PathLike) -> dict:
     """A retrieval checkpoint (file, or a run folder's best.pt / last.pt), loaded without executing code."""
-    p = Path(path)
-    if p.is_dir():
-        p = next((p / n for n in ("best.pt", "last.pt") if (p / n).is_file()), p / "best.pt")
-    if not p.is_file():
-        raise InputError(f"{path}: no retrieval run or checkpoint here; train one with `glied train-retrieval`")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, unsafe content
-        raise WeightsError(f"{p}: cannot load as a retrieval checkpoint ({type(e).__name__}); "
-                           "re-train or pass another file") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("version") != VERSION:
-        raise WeightsError(f"{p}: not a glied retrieval checkpoint; pass a run of `glied train-retrieval`")
-    ckpt["path"] = str(p)
-    return ckpt
+    return ck.load(path, RETRIEVAL, required=("config", "vocab", "feature_identity", "model"))
 
 
 def model_from(ckpt: dict, device: str = "cpu") -> tuple[RetrievalModel, Any]:
@@ -387,19 +375,19 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
         history.append(row)
         _write_metrics(out / "metrics.csv", history)
         log(f"epoch {epoch + 1}: loss {row['loss']:.4f} val rsum {val['rsum']:.1f} ({row['seconds']:.1f} s)")
-        state = {"format": FORMAT, "version": VERSION, "config": mcfg.to_dict(), "vocab": list(prep.vocab),
+        state = {"config": mcfg.to_dict(), "vocab": list(prep.vocab),
                  "max_words": cfg.max_words, "feature_identity": identity, "model": model.state_dict(),
                  "train_config": cfg.to_dict(), "epoch": epoch + 1, "history": history,
                  "best_rsum": max(best, val["rsum"])}
-        save_checkpoint(state, out / "last.pt")
+        ck.save(out / "last.pt", state, RETRIEVAL)
         if val["rsum"] > best:
             best = val["rsum"]
-            save_checkpoint(state, out / "best.pt")
+            ck.save(out / "best.pt", state, RETRIEVAL)
     if cfg.epochs == 0:
-        save_checkpoint({"format": FORMAT, "version": VERSION, "config": mcfg.to_dict(), "vocab": list(prep.vocab),
-                         "max_words": cfg.max_words, "feature_identity": identity, "model": model.state_dict(),
-                         "train_config": cfg.to_dict(), "epoch": 0, "history": [], "best_rsum": None},
-                        out / "last.pt")
+        ck.save(out / "last.pt", {"config": mcfg.to_dict(), "vocab": list(prep.vocab), "max_words": cfg.max_words,
+                                  "feature_identity": identity, "model": model.state_dict(),
+                                  "train_config": cfg.to_dict(), "epoch": 0, "history": [], "best_rsum": None},
+                RETRIEVAL)
     return {"out": str(out), "best_val_rsum": best, "epochs": cfg.epochs,
             "seconds": round(time.perf_counter() - t_start, 1), "model": model}
 
@@ -472,15 +460,12 @@ def build_index(run: str | os.PathLike, features: str | os.PathLike, out: str | 
                 texts.append(" ".join(s))
                 owners.append(str(im["id"]))
         captions = {"texts": texts, "image_ids": owners, **_pack(embed_texts(model, tokenizer, texts, device=device))}
-    index = {"format": INDEX_FORMAT, "version": INDEX_VERSION,
-             "checkpoint": {k: ckpt[k] for k in ("format", "version", "config", "vocab", "max_words",
-                                                 "feature_identity", "model")},
+    index = {"checkpoint": {k: ckpt[k] for k in ("config", "vocab", "max_words", "feature_identity", "model")},
              "run": ckpt["path"], "run_sha256": sha256_file(ckpt["path"]), "features": str(cache.root),
              "feature_identity": ckpt["feature_identity"], "image_ids": ids, "images": _pack(images),
              "captions": captions}
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(index, out / "index.pt")
+    ck.save(out / "index.pt", index, INDEX)
     return {"index": str(out / "index.pt"), "images": len(ids), "captions": len(captions["texts"]) if captions else 0,
             "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -495,19 +480,8 @@ class Index:
     """A loaded search index: the model, its tokenizer and the gallery embeddings."""
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
-        p = Path(path)
-        f = p / "index.pt" if p.is_dir() else p
-        if not f.is_file():
-            raise InputError(f"{path}: no retrieval index here; build one with `glied index --run RUN "
-                             f"--features CACHE --out {path}`")
-        try:
-            d = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise InputError(f"{f}: cannot read the index ({type(e).__name__}); rebuild it with `glied index`") from None
-        if not isinstance(d, dict) or d.get("format") != INDEX_FORMAT or d.get("version") != INDEX_VERSION:
-            raise InputError(f"{f}: not a glied retrieval index (version {INDEX_VERSION}); rebuild it with "
-                             "`glied index`")
-        self.path, self.data = str(f), d
+        d = ck.load(path, INDEX, required=("checkpoint", "image_ids", "images", "feature_identity"))
+        self.path, self.data = d["path"], d
         self.model, self.tokenizer = model_from(d["checkpoint"], device)
         self.device = device
         self.image_ids: list[str] = list(d["image_ids"])
@@ -527,10 +501,20 @@ class Index:
                               f"differ from those of {cache.root} ({'; '.join(diff[:3])}); query it with "
                               "features of the same extractor, or rebuild the index")
 
-    def check_extractor(self, identity: dict, where: str) -> None:
-        want = self.data["feature_identity"].get("extractor") or {}
-        have = {k: v for k, v in json.loads(json.dumps(identity, default=str)).items() if k != "device"}
-        diff = _diff(have, {k: want.get(k) for k in have})
+    @property
+    def max_side(self) -> Optional[int]:
+        """The decoding cap the indexed cache's photos were extracted with (caches that did not record it:
+        the extractor default)."""
+        from glied.datasets.images import DEFAULT_MAX_SIDE
+        return (self.data["feature_identity"].get("extractor") or {}).get("max_side", DEFAULT_MAX_SIDE)
+
+    def check_extractor(self, region_extractor, where: str) -> None:
+        """Refuse a live region extractor whose features differ from the indexed cache's (naming both)."""
+        trained = self.data["feature_identity"].get("extractor") or {}
+        live = idn.extractor_identity(region_extractor, max_side=self.max_side)
+        if "max_side" not in trained:
+            live.pop("max_side")
+        diff = _diff(live, trained, have_name=where)
         if diff:
             raise ConfigError(f"{self.path} was built from feature cache {self.data['features']}, but the region "
                               f"extractor of {where} gives other features ({'; '.join(diff[:3])}); use the "
@@ -589,19 +573,13 @@ class Index:
         return self.model.embed_images(f.to(self.device), b.to(self.device), wh.to(self.device), m.to(self.device))
 
 
-def photo_regions(photo: str, *, bundle: str | None = None, detector: str | None = None,
-                  extractor_module: str | None = None, device: str = "cpu", precision: str = "fp32",
-                  max_side: int = 1600) -> tuple[Any, dict, str]:
-    """Decode ``photo`` (the same one-line error as `glied caption` when it cannot be decoded), then run the
-    region extractor of a model bundle, a detector run or a factory on it. Returns (regions, extractor
-    identity, where the extractor came from)."""
-    from glied.datasets.images import ImageLoadError, decode_image
-    from glied.pipeline.extract import _rescale, build_region_extractor
+def region_extractor_for(bundle: str | None = None, detector: str | None = None,
+                         extractor_module: str | None = None, device: str = "cpu",
+                         precision: str = "fp32") -> tuple[Any, str]:
+    """(region extractor, where it came from): a model bundle's detector, a detector run or weights, or a
+    factory — the builder `glied extract` uses."""
+    from glied.pipeline.extract import build_region_extractor
 
-    try:
-        im = decode_image(photo, max_side=max_side)
-    except ImageLoadError as e:
-        raise InputError(f"{photo}: {e.reason}") from None
     where = bundle or detector or extractor_module
     if bundle:
         from glied.pipeline.bundle import read_bundle
@@ -609,6 +587,21 @@ def photo_regions(photo: str, *, bundle: str | None = None, detector: str | None
     if not detector and not extractor_module:
         raise ConfigError("search --image needs the region extractor: --model BUNDLE, --detector RUN or "
                           "--extractor-module MOD:FACTORY (or query a cached image with --image-id ID --features CACHE)")
-    regions = build_region_extractor(detector, extractor_module, device, precision)
-    r = _rescale(regions.extract([im.image])[0], im)
-    return r, dict(regions.identity()), str(where)
+    return build_region_extractor(detector, extractor_module, device, precision), str(where)
+
+
+def decode_photo(photo: str, max_side: Optional[int]):
+    """Decode a photo; one line, the same as `glied caption`'s, when it cannot be decoded."""
+    from glied.datasets.images import ImageLoadError, decode_image
+
+    try:
+        return decode_image(photo, max_side=max_side)
+    except ImageLoadError as e:
+        raise InputError(f"{photo}: {e.reason}") from None
+
+
+def photo_regions(region_extractor, loaded):
+    """Regions of one decoded photo, boxes in original pixels."""
+    from glied.pipeline.extract import _rescale
+
+    return _rescale(region_extractor.extract([loaded.image])[0], loaded)
