@@ -112,3 +112,36 @@ def test_missing_bert_folder_is_named(tmp_path):
     folder = tmp_path / "no-such-bert"
     with pytest.raises(WeightsError, match=str(folder)):
         build_retrieval_model(VseConfig(feature_dim=4, vocab_size=10, text_encoder=str(folder)))
+
+
+def _tiny_bert(folder):
+    """A randomly initialised 2-layer BERT and its word-piece tokenizer, saved like save_pretrained does."""
+    tf = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "and"]
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tf.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    cfg = tf.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    tf.BertModel(cfg).save_pretrained(str(folder))
+    return folder
+
+
+def test_a_local_bert_folder_as_text_encoder(tmp_path):
+    from glied.models.retrieval.text import build_tokenizer
+
+    folder = str(_tiny_bert(tmp_path / "bert"))
+    tok = build_tokenizer(folder, [], max_len=16)
+    ids, mask = tok.encode(["a red circle", "a blue square and a red circle"])
+    assert ids[0, 0].item() == 2 and ids[0, 4].item() == 3          # [CLS] a red circle [SEP]
+    cfg = TeranConfig(feature_dim=12, vocab_size=0, visual_dim=16, visual_layers=1, embed_dim=16, shared_layers=1,
+                      heads=2, ff_dim=32, text_encoder=folder, bert_layers=2)
+    model = build_retrieval_model(cfg)
+    assert len(model.text.bert.encoder.layer) == 2                  # TERAN keeps the first layers only
+    emb = model.eval().embed_texts(ids, mask)
+    # [CLS] and [SEP] do not take part in the alignment score; the words do
+    assert emb.mask[0].tolist()[:6] == [False, True, True, True, False, False]
+    feats, boxes = torch.randn(2, 3, 12), torch.rand(2, 3, 4) * 10
+    loss = model.train()(feats, boxes, torch.tensor([[32, 32]] * 2), torch.ones(2, 3, dtype=torch.bool), ids, mask)
+    loss.backward()
+    assert model.text.bert.embeddings.word_embeddings.weight.grad is not None   # fine-tuned
