@@ -70,6 +70,7 @@ class RetrievalTrainConfig:
     grad_clip: float = 2.0
     max_words: int = 32
     embed_dim: Optional[int] = None       # override the preset's joint-space size
+    boxes: bool = False                   # vse: also feed the regions' normalised boxes
     seed: int = 0
 
     def resolved(self) -> "RetrievalTrainConfig":
@@ -323,6 +324,10 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
     train_split = SplitData(prep, cache, "train", str(features))
     val_split = SplitData(prep, cache, "val", str(features))
     kw = {"embed_dim": cfg.embed_dim} if cfg.embed_dim else {}
+    if cfg.boxes:
+        if cfg.model != "vse":
+            raise ConfigError("--boxes is a vse option (teran always reads the boxes)")
+        kw["boxes"] = True
     mcfg = make_config(cfg.model, cfg.preset, feature_dim=cache.feature_dim, vocab_size=len(prep.vocab),
                        text_encoder=cfg.text_encoder, **kw)
     torch.manual_seed(cfg.seed)

@@ -84,6 +84,8 @@ def test_normalised_boxes():
 
 
 @pytest.mark.parametrize("cfg", [VseConfig(feature_dim=12, vocab_size=30, embed_dim=16, word_dim=8, gpo_dim=8),
+                                 VseConfig(feature_dim=12, vocab_size=30, embed_dim=16, word_dim=8, gpo_dim=8,
+                                           boxes=True),
                                  TeranConfig(feature_dim=12, vocab_size=30, visual_dim=16, visual_layers=1,
                                              embed_dim=16, shared_layers=1, heads=2, ff_dim=32, word_dim=8)])
 def test_models_embed_padded_batches_like_single_items(cfg):

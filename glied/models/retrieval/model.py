@@ -51,6 +51,7 @@ class VseConfig:
     bert_layers: Optional[int] = None
     gpo_dim: int = 32
     region_drop: float = 0.2             # training: each region dropped with this probability (VSE∞: 20%)
+    boxes: bool = False                  # also feed each region's normalised box, as TERAN does (not in VSE∞)
     margin: float = 0.2
     model: str = "vse"
 
@@ -136,8 +137,9 @@ class VseModel(RetrievalModel):
     def __init__(self, config: VseConfig):
         super().__init__()
         self.config = c = config
-        self.fc = nn.Linear(c.feature_dim, c.embed_dim)
-        self.mlp = RowMLP(c.feature_dim, c.embed_dim // 2, c.embed_dim)
+        d_in = c.feature_dim + (5 if c.boxes else 0)
+        self.fc = nn.Linear(d_in, c.embed_dim)
+        self.mlp = RowMLP(d_in, c.embed_dim // 2, c.embed_dim)
         self.image_pool = GPO(c.gpo_dim, c.gpo_dim)
         self.text, self.is_bert = build_text(c.text_encoder, c.vocab_size, c.word_dim, c.embed_dim, c.bert_layers)
         self.text_proj = nn.Linear(self.text.out_dim, c.embed_dim) if self.is_bert else nn.Identity()
@@ -145,6 +147,8 @@ class VseModel(RetrievalModel):
 
     def embed_images(self, features, boxes, image_wh, mask) -> Embedding:
         features = features.float()
+        if self.config.boxes:
+            features = torch.cat([features, normalised_boxes(boxes.float(), image_wh)], dim=-1)  # (B, R, F+5)
         if self.training and self.config.region_drop > 0:
             keep = torch.rand(mask.shape, device=mask.device) >= self.config.region_drop
             keep[:, 0] |= ~(keep & mask).any(1)              # never drop every region of an image
