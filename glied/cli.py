@@ -513,15 +513,18 @@ def train_retrieval_cmd(data, features, out, model, text_encoder, preset, epochs
 @click.option("--protocol", type=click.Choice(["1k", "5k", "all"]), default="all", show_default=True,
               help="1k: mean over folds of 1,000 images (COCO 1K); 5k: first 5,000 images; all: the whole split.")
 @click.option("--ndcg", is_flag=True, help="Also NDCG@25 with ROUGE-L relevance (slow on large splits).")
+@click.option("--rerank", type=click.Path(), default=None,
+              help="A teran run whose alignment re-ranks each query's top --rerank-k.")
+@click.option("--rerank-k", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Metrics JSON (default RUN/retrieval_<split>_<protocol>.json).")
 @click.option("--device", default="cpu", show_default=True)
-def evaluate_retrieval_cmd(run, features, data, split, protocol, ndcg, out, device) -> None:
+def evaluate_retrieval_cmd(run, features, data, split, protocol, ndcg, rerank, rerank_k, out, device) -> None:
     """R@1/5/10 image->text and text->image, rsum (and NDCG@25) of a retrieval run on a split."""
     from glied.pipeline.retrieval import evaluate_retrieval
 
     r = evaluate_retrieval(run, features, data, split, protocol, ndcg=ndcg, out=out, device=device,
-                           log=click.echo)
+                           rerank=rerank, rerank_k=rerank_k, log=click.echo)
     click.echo(f"{r['seconds_end_to_end']:.1f} s -> {r['written_to']}")
 
 

@@ -236,6 +236,34 @@ def ndcg_at_k(sims: np.ndarray, rel: np.ndarray, k: int = 25) -> dict:
     return {f"i2t_ndcg{k}": round(ndcg(sims, rel.T), 4), f"t2i_ndcg{k}": round(ndcg(sims.T, rel), 4)}
 
 
+def reranked(sims: np.ndarray, images: Embedding, texts: Embedding, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank each query's top ``k`` of ``sims`` (Ni, Nc) by the TERAN alignment (MrSw) of those pairs only,
+    from TERAN embeddings of the same images and captions. Returns (i2t, t2i) matrices: the top k of each row (i2t) or column (t2i) get 1e4 + the new
+    score, so they come first, in the new order; the rest keep the first ranking."""
+    from glied.models.retrieval.score import mrsw_pairs
+
+    ni, nc = sims.shape
+    k_c, k_i = min(k, nc), min(k, ni)
+    top_c = np.argpartition(-sims, k_c - 1, axis=1)[:, :k_c]                  # (Ni, k) captions of each image
+    top_i = np.argpartition(-sims, k_i - 1, axis=0)[:k_i, :]                  # (k, Nc) images of each caption
+
+    def pair_scores(img_idx: np.ndarray, cap_idx: np.ndarray) -> np.ndarray:
+        out = np.empty(len(img_idx), np.float32)
+        with torch.inference_mode():
+            for a in range(0, len(img_idx), 4096):
+                i, c = torch.from_numpy(img_idx[a:a + 4096]), torch.from_numpy(cap_idx[a:a + 4096])
+                out[a:a + 4096] = mrsw_pairs(images.vectors[i], images.mask[i], texts.vectors[c],
+                                             texts.mask[c]).float().numpy()
+        return out
+
+    i2t, t2i = sims.copy(), sims.copy()
+    rows = np.repeat(np.arange(ni), k_c)
+    i2t[rows, top_c.ravel()] = 1e4 + pair_scores(rows, top_c.ravel())
+    cols = np.tile(np.arange(nc), k_i)
+    t2i[top_i.ravel(), cols] = 1e4 + pair_scores(top_i.ravel(), cols)
+    return i2t, t2i
+
+
 def protocol_folds(n_images: int, protocol: str) -> list[tuple[int, int]]:
     """Image ranges [a, b) evaluated separately (see the module docstring)."""
     if protocol not in PROTOCOLS:
@@ -284,23 +312,37 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 
 
 def evaluate_split(model: RetrievalModel, tokenizer, cache, data: SplitData, protocol: str = "all",
-                   ndcg: bool = False, device: str = "cpu") -> dict:
-    """Recall (and optionally NDCG@25) of ``model`` on a split, averaged over the protocol's folds."""
+                   ndcg: bool = False, device: str = "cpu", rerank: Optional[tuple] = None) -> dict:
+    """Recall (and optionally NDCG@25) of ``model`` on a split, averaged over the protocol's folds.
+    ``rerank``: (teran model, its tokenizer, k) re-ranks each query's top k by the TERAN alignment."""
     t0 = time.perf_counter()
     folds = protocol_folds(len(data.ids), protocol)
     n_img = folds[-1][1]
     caps = np.nonzero(data.caption_image < n_img)[0]
+    cap_words = [data.captions[c] for c in caps]
     images = embed_images(model, cache, data.ids[:n_img], device=device)
-    texts = embed_texts(model, tokenizer, [data.captions[c] for c in caps], device=device)
+    texts = embed_texts(model, tokenizer, cap_words, device=device)
+    if rerank is not None:
+        r_images = embed_images(rerank[0], cache, data.ids[:n_img], device=device)
+        r_texts = embed_texts(rerank[0], rerank[1], cap_words, device=device)
     per_fold = []
     for a, b in folds:
         sel = np.nonzero((data.caption_image[caps] >= a) & (data.caption_image[caps] < b))[0]
         sims = score_all(model, Embedding(images.vectors[a:b], images.mask[a:b]),
                          Embedding(texts.vectors[sel], texts.mask[sel]))
         owner = data.caption_image[caps][sel] - a
-        m = recall_at_k(sims, owner)
+        if rerank is not None:
+            i2t, t2i = reranked(sims, Embedding(r_images.vectors[a:b], r_images.mask[a:b]),
+                                Embedding(r_texts.vectors[sel], r_texts.mask[sel]), rerank[2])
+            m = {k: v for k, v in recall_at_k(i2t, owner).items() if k.startswith("i2t")}
+            m.update({k: v for k, v in recall_at_k(t2i, owner).items() if k.startswith("t2i")})
+            m["rsum"] = round(sum(v for k, v in m.items() if "_r" in k and not k.endswith("medr")), 3)
+        else:
+            m, i2t, t2i = recall_at_k(sims, owner), sims, sims
         if ndcg:
-            m.update(ndcg_at_k(sims, rouge_relevance([data.captions[caps[s]] for s in sel], owner, b - a)))
+            rel = rouge_relevance([data.captions[caps[s]] for s in sel], owner, b - a)
+            m.update({k: v for k, v in ndcg_at_k(i2t, rel).items() if k.startswith("i2t")})
+            m.update({k: v for k, v in ndcg_at_k(t2i, rel).items() if k.startswith("t2i")})
         per_fold.append(m)
     res = {k: round(float(np.mean([m[k] for m in per_fold])), 3) for k in per_fold[0]}
     res.update({"protocol": protocol, "folds": len(folds), "images_per_fold": folds[0][1] - folds[0][0],
@@ -399,10 +441,11 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
 
 def evaluate_retrieval(run: str | os.PathLike, features: str | os.PathLike, data: str | os.PathLike,
                        split: str = "test", protocol: str = "all", *, ndcg: bool = False,
-                       out: str | os.PathLike | None = None, device: str = "cpu",
-                       log: Callable[[str], None] = print) -> dict:
+                       out: str | os.PathLike | None = None, device: str = "cpu", rerank: str | None = None,
+                       rerank_k: int = 20, log: Callable[[str], None] = print) -> dict:
     """Evaluate a run on a split; writes ``retrieval_<split>_<protocol>.json`` beside the checkpoint (or to
-    ``out``) and returns the metrics."""
+    ``out``; ``..._rerank.json`` when re-ranking) and returns the metrics. ``rerank``: a teran run whose
+    alignment re-ranks each query's top ``rerank_k``."""
     from glied.datasets.prepared import PreparedData
 
     t0 = time.perf_counter()
@@ -414,11 +457,23 @@ def evaluate_retrieval(run: str | os.PathLike, features: str | os.PathLike, data
         raise ConfigError(f"{ckpt['path']}: its vocabulary differs from {data}/vocab.json; use the prepared data "
                           "the model was trained with")
     model, tokenizer = model_from(ckpt, device)
+    second = None
+    if rerank is not None:
+        r = load_retrieval_checkpoint(rerank)
+        if r["config"]["model"] != "teran":
+            raise ConfigError(f"{r['path']}: --rerank needs a teran run (this one is {r['config']['model']})")
+        _check_cache(r["feature_identity"], cache, f"retrieval run {r['path']}")
+        if list(r["vocab"]) != list(prep.vocab):
+            raise ConfigError(f"{r['path']}: its vocabulary differs from {data}/vocab.json")
+        second = (*model_from(r, device), int(rerank_k))
     res = evaluate_split(model, tokenizer, cache, SplitData(prep, cache, split, str(features)), protocol,
-                         ndcg=ndcg, device=device)
+                         ndcg=ndcg, device=device, rerank=second)
     res.update({"split": split, "model": ckpt["config"]["model"], "run": ckpt["path"],
                 "seconds_end_to_end": round(time.perf_counter() - t0, 2)})
-    target = Path(out) if out else Path(ckpt["path"]).parent / f"retrieval_{split}_{protocol}.json"
+    if second is not None:
+        res.update({"rerank_run": r["path"], "rerank_k": int(rerank_k)})
+    name = f"retrieval_{split}_{protocol}{'_rerank' if second is not None else ''}.json"
+    target = Path(out) if out else Path(ckpt["path"]).parent / name
     target.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(target, res, indent=1)
     res["written_to"] = str(target)

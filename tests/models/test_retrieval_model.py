@@ -147,3 +147,14 @@ def test_a_local_bert_folder_as_text_encoder(tmp_path):
     loss = model.train()(feats, boxes, torch.tensor([[32, 32]] * 2), torch.ones(2, 3, dtype=torch.bool), ids, mask)
     loss.backward()
     assert model.text.bert.embeddings.word_embeddings.weight.grad is not None   # fine-tuned
+
+
+def test_mrsw_pairs_equals_the_diagonal_of_all_pairs():
+    from glied.models.retrieval.score import mrsw_pairs
+
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(4, 3, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 5, 8, generator=g), dim=-1)
+    im, tm = torch.ones(4, 3, dtype=torch.bool), torch.rand(4, 5, generator=g) > 0.4
+    im[2, 1:] = False
+    assert torch.allclose(mrsw_pairs(img, im, txt, tm), mrsw_scores(img, im, txt, tm).diagonal(), atol=1e-6)

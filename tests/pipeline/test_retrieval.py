@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from glied.pipeline.retrieval import ndcg_at_k, protocol_folds, recall_at_k
+from glied.pipeline.retrieval import ndcg_at_k, protocol_folds, recall_at_k, reranked
 
 HERE = Path(__file__).parent
 _spec = importlib.util.spec_from_file_location("decoder_fixtures", HERE / "decoder_fixtures.py")
@@ -42,6 +42,24 @@ def test_ndcg_is_one_for_a_perfect_ranking_and_lower_otherwise():
     assert m["i2t_ndcg2"] == pytest.approx(1.0)
     worse = ndcg_at_k(-perfect, rel, k=2)
     assert worse["i2t_ndcg2"] < 1.0 and worse["t2i_ndcg2"] < 1.0
+
+
+def test_rerank_orders_each_querys_top_k_by_the_second_score():
+    import torch
+
+    from glied.models.retrieval import Embedding
+
+    # first stage: image 0 prefers caption 2 then 0 then 1; the alignment prefers caption 0
+    sims = np.array([[0.5, 0.1, 0.9], [0.2, 0.8, 0.3]], np.float32)
+    img = Embedding(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]), torch.ones(2, 1, dtype=torch.bool))
+    txt = Embedding(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.6, 0.8]]]), torch.ones(3, 1, dtype=torch.bool))
+    i2t, t2i = reranked(sims, img, txt, k=2)
+    # image 0: top 2 = captions 2 (align 0.6) and 0 (align 1.0) -> caption 0 first; caption 1 stays last
+    assert list(np.argsort(-i2t[0])) == [0, 2, 1]
+    # caption 2: both images in its top 2; the alignment (0.6 vs 0.8) puts image 1 first
+    assert list(np.argsort(-t2i[:, 2])) == [1, 0]
+    owner = np.array([0, 1, 0])
+    assert recall_at_k(i2t, owner, ks=(1,))["i2t_r1"] == 100.0
 
 
 def test_protocol_folds():
@@ -112,6 +130,16 @@ def test_train_writes_a_run_and_evaluate_writes_json(tiny, capsys):
     assert m["folds"] == 1 and m["images_per_fold"] == 6 and m["captions"] == 18
     assert 0 <= m["rsum"] <= 600 and 0 <= m["i2t_ndcg25"] <= 1
     assert "rsum" in out
+    # a teran run re-ranks the vse top-k
+    from glied.pipeline.retrieval import RetrievalTrainConfig, evaluate_retrieval, train_retrieval
+    teran = root / "teran"
+    if not (teran / "last.pt").is_file():
+        train_retrieval(prep, cache, teran, RetrievalTrainConfig(model="teran", preset="small", epochs=1,
+                                                                 batch_size=8, embed_dim=32), log=lambda s: None)
+    r = evaluate_retrieval(run, cache, prep, "test", "all", rerank=str(teran), rerank_k=3, log=lambda s: None)
+    assert r["rerank_k"] == 3 and Path(r["written_to"]).name == "retrieval_test_all_rerank.json"
+    with pytest.raises(Exception, match="teran run"):
+        evaluate_retrieval(run, cache, prep, "test", "all", rerank=str(run), log=lambda s: None)
 
 
 def test_index_and_search_round_trip(tiny, tmp_path, capsys):

@@ -31,6 +31,15 @@ def mrsw_scores(images: torch.Tensor, image_mask: torch.Tensor, texts: torch.Ten
     return best.sum(dim=2)                                                     # (Ni, Nt)
 
 
+def mrsw_pairs(images: torch.Tensor, image_mask: torch.Tensor, texts: torch.Tensor,
+               text_mask: torch.Tensor) -> torch.Tensor:
+    """MrSw score of P given pairs, row p of ``images`` (P, R, D) with row p of ``texts`` (P, L, D) -> (P,)."""
+    cos = torch.einsum("prd,pld->prl", images, texts)                           # (P, R, L)
+    cos = cos.masked_fill(~image_mask.unsqueeze(2), float("-inf"))
+    best = cos.amax(dim=1).masked_fill(~text_mask, 0.0)                         # (P, L)
+    return best.sum(dim=1)
+
+
 def hardest_negatives(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For a (B, B) score matrix whose diagonal holds the matching pairs: the index of the highest-scoring
     non-matching sentence for each image (B,) and of the highest-scoring non-matching image for each
