@@ -360,21 +360,13 @@ class GliedDecoder(nn.Module):
         both = torch.cat([m1.attend_one(q[:, 0], *mem.kv[n1], keys1),
                           m2.attend_one(q[:, 1], *mem.kv[n2], keys2)], -1)  # (N, 1, 2D)
         c_tilde = self.g_c(F.linear(both, *self._sum_of_outputs(m1, m2)), query)  # (N, 1, D)
-        return self._word_logits(c_tilde[:, 0]), state
+        return self.word(c_tilde[:, 0]), state  # (N, V)
 
     def _sum_of_outputs(self, m1: MultiHeadAttention, m2: MultiHeadAttention) -> tuple[torch.Tensor, torch.Tensor]:
         """W, b with [o1, o2] W^T + b = m1.w_o(o1) + m2.w_o(o2)."""
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             return torch.cat([m1.w_o.weight, m2.w_o.weight], 1), m1.w_o.bias + m2.w_o.bias
         return derived(m1, ("sum_out", id(m2)), (m1.w_o, m2.w_o), build)
-
-    def _word_logits(self, c_tilde: torch.Tensor) -> torch.Tensor:
-        """W^c c̃: (N, D) -> (N, V)."""
-        if c_tilde.shape[0] <= 8 and c_tilde.device.type == "cpu":
-            # a handful of rows: W (V, D) @ c^T is several times faster on CPU than c @ W^T (the BLAS picks a
-            # packing GEMM for 2..8 rows); same values up to float rounding
-            return torch.addmm(self.word.bias[:, None], self.word.weight, c_tilde.T).T  # (N, V)
-        return self.word(c_tilde)
 
     def region_attention(self, mem: Memory, seqs: torch.Tensor) -> torch.Tensor:
         """Head-averaged attention over the raw regions I while writing given sequences, for pictures.
