@@ -249,8 +249,9 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
 @click.option("--shard", default=None, metavar="I/N", help="Only the images of shard I of N (0-based).")
 @click.option("--boxes", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Extract at given boxes: COCO annotations json or {image_id: [[x1,y1,x2,y2], ...]}.")
-@click.option("--max-side", type=int, default=2000, show_default=True,
-              help="Downscale larger photos to this long side before the model (0: never).")
+@click.option("--max-side", type=int, default=None,
+              help="Downscale larger photos to this long side before the model (default 2000; 0: never). "
+                   "Recorded in the cache; `glied caption` uses the same cap.")
 @click.option("--commit-seconds", type=float, default=2.0, show_default=True,
               help="Make finished entries durable (fsync) at least this often.")
 @click.option("--keep-word-maps", is_flag=True, help="Also store the attribute words' per-cell maps (large).")
@@ -263,17 +264,19 @@ def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, 
     INPUT: a folder (recursive), a text file listing paths, a Karpathy or COCO json, or a prepared folder.
     Resumable: images already in OUT are skipped; bad images are listed in OUT/failures.jsonl.
     """
+    from glied.datasets.images import DEFAULT_MAX_SIDE, check_max_side
     from glied.datasets.inputs import parse_shard
     from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, extract,
                                         resolve_device)
 
     sh = parse_shard(shard)
+    max_side = check_max_side(DEFAULT_MAX_SIDE if max_side is None else max_side)
     dev = resolve_device(device)
     region = build_region_extractor(detector, extractor_module, dev, precision)
     attr = build_attribute_extractor(attributes, dev, top_k)
     s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
                 images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
-                boxes=boxes, max_side=max_side or None, progress=not quiet, commit_seconds=commit_seconds,
+                boxes=boxes, max_side=max_side, progress=not quiet, commit_seconds=commit_seconds,
                 keep_word_maps=keep_word_maps)
     click.echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.2f} images/s); "
                f"{s.already} already in {out}; {s.failed} failed"
@@ -289,6 +292,27 @@ def merge_caches_cmd(out, inputs) -> None:
 
     n, dup = merge_caches(out, list(inputs))
     click.echo(f"merged {n} entries into {out}" + (f" ({dup} duplicate ids skipped)" if dup else ""))
+
+
+@cli.command("verify-cache")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--repair", is_flag=True, help="Drop the damaged entries, so that `glied extract` re-extracts them.")
+def verify_cache_cmd(cache, repair) -> None:
+    """Check every entry of CACHE against its checksums; list the damaged ids (exit 1 if any, unless --repair)."""
+    from glied.pipeline.features_io import verify_cache
+
+    n, bad = verify_cache(cache, repair=repair)
+    for k, why in bad.items():
+        click.echo(f"damaged\t{k}\t{why}")
+    if not bad:
+        click.echo(f"{cache}: all {n} entries intact")
+    elif repair:
+        click.echo(f"{cache}: dropped {len(bad)} damaged entries, {n} intact kept; `glied extract ... --out "
+                   f"{cache}` extracts the dropped images again")
+    else:
+        click.echo(f"{cache}: {len(bad)} damaged entries, {n} intact; run `glied verify-cache {cache} --repair`",
+                   err=True)
+        sys.exit(1)
 
 
 @cli.command("import-features")
@@ -444,7 +468,8 @@ def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str |
 @click.option("--attributes", required=True, type=click.Path(exists=True), help="`glied train-attributes` run.")
 @click.option("--decoder", required=True, type=click.Path(exists=True), help="`glied train` run or .pt.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
-@click.option("--beam", type=int, default=3, show_default=True, help="Default beam size for captioning.")
+@click.option("--beam", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Default beam size for captioning.")
 def bundle_cmd(detector: str, attributes: str, decoder: str, out: str, beam: int) -> None:
     """Put a detector, an attribute detector and a decoder that belong together into one bundle."""
     from glied.pipeline.caption import build_bundle
