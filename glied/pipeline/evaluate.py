@@ -35,7 +35,7 @@ def predict_split(model: GliedDecoder, dataset: CaptionDataset, beam_size: int, 
     for batch in loader:
         mem = model.encode(*model_inputs(batch, device))
         if beam_size == 1:
-            seqs = greedy(model, mem, max_len)[0]
+            seqs = greedy(model, mem, max_len, keep_logits=False)[0]
         else:
             seqs = beam_search(model, mem, beam_size, max_len)[0]
         out += seqs.cpu().tolist()

@@ -166,7 +166,7 @@ def _scst_step(ddp_model, module: GliedDecoder, batch: dict, device: str, cfg: T
         seqs = sample(module, mem, n, max_len)  # (B*n, T)
         greedy_r = None
         if cfg.scst_baseline == "greedy":
-            greedy_r = reward(greedy(module, mem, max_len)[0], img, itow)  # (B,)
+            greedy_r = reward(greedy(module, mem, max_len, keep_logits=False)[0], img, itow)  # (B,)
     r = reward(seqs, np.repeat(img, n), itow)  # (B*n,)
     adv = torch.as_tensor(self_critical_advantage(r, n, cfg.scst_baseline, greedy_r), dtype=torch.float32,
                           device=device)
