@@ -222,11 +222,14 @@ class Captioner:
 
 def _drop_runtime(identity: dict) -> dict:
     """Identity as plain JSON values (tuples -> lists), without settings that do not change the features'
-    meaning (device), so a live extractor's identity compares equal to one stored in a checkpoint."""
+    meaning (device; the detector's precision, whose features differ from fp32's by rounding only), so a live
+    extractor's identity compares equal to one stored in a checkpoint."""
     out = json.loads(json.dumps(identity, default=str))
     for part in ("extractor", "attributes"):
         if isinstance(out.get(part), dict):
             out[part].pop("device", None)
+            if isinstance(out[part].get("config"), dict):
+                out[part]["config"].pop("precision", None)
     return out
 
 
