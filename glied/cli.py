@@ -255,7 +255,8 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding threads (0: none).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16 where the CPU/GPU has it natively, fp16 on older tensor-core GPUs, else fp32.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the features in the cache.")
 @click.option("--shard", default=None, metavar="I/N", help="Only the images of shard I of N (0-based).")
@@ -278,14 +279,16 @@ def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, 
     """
     from glied.datasets.images import DEFAULT_MAX_SIDE, check_max_side
     from glied.datasets.inputs import parse_shard
-    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, extract,
-                                        resolve_device)
+    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, choose_precision,
+                                        extract, resolve_device, say_precision)
 
     sh = parse_shard(shard)
     max_side = check_max_side(DEFAULT_MAX_SIDE if max_side is None else max_side)
     dev = resolve_device(device)
-    region = build_region_extractor(detector, extractor_module, dev, precision)
+    prec = choose_precision(precision, dev)
+    region = build_region_extractor(detector, extractor_module, dev, prec.precision)
     attr = build_attribute_extractor(attributes, dev, top_k)
+    say_precision(prec)
     s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
                 images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
                 boxes=boxes, max_side=max_side, progress=not quiet, commit_seconds=commit_seconds,
@@ -442,8 +445,9 @@ def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: in
 @click.option("--beam", type=int, default=None, help="Beam size (default: the bundle's, 3).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="Detector precision (default: the one the decoder's training features used).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Detector precision; auto: bf16 where the CPU/GPU has it natively, else fp32 (the decoder "
+                   "works on either: they differ by rounding).")
 def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str | None, beam: int | None,
                 batch_size: int, device: str, precision: str | None) -> None:
     """Caption PHOTOS (files or folders) with a model bundle, in one process."""
@@ -451,12 +455,15 @@ def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str |
     import os
 
     from glied.pipeline.caption import Captioner, expand_inputs, save_picture
-    from glied.pipeline.extract import resolve_device
+    from glied.pipeline.extract import choose_precision, resolve_device, say_precision
 
     files = expand_inputs(photos)
     if not files:
         raise GliedError(f"no image files in {' '.join(photos)}")
-    captioner = Captioner.from_bundle(bundle, device=resolve_device(device), precision=precision, beam_size=beam)
+    dev = resolve_device(device)
+    prec = choose_precision(precision, dev)
+    captioner = Captioner.from_bundle(bundle, device=dev, precision=prec.precision, beam_size=beam)
+    say_precision(prec)
     failed = 0
 
     def emit(r) -> None:
