@@ -46,7 +46,7 @@ function drawRegions(svg, res) {
   });
   const scale = () => {  // keep labels ~11 screen pixels high whatever the picture's size
     const k = width / Math.max(svg.getBoundingClientRect().width, 1);
-    svg.querySelectorAll("text").forEach(t => t.setAttribute("font-size", 11 * k));
+    svg.querySelectorAll("text").forEach(t => { t.style.fontSize = `${11 * k}px`; t.style.strokeWidth = `${3 * k}px`; });
   };
   const rest = () => groups.forEach((g, i) => {
     g.style.display = rank.get(i) < SHOWN ? "" : "none";
