@@ -130,7 +130,7 @@ def write_page(args, results, secs):
       "(`glied/extractors/bottomup/parity/make_random_ckpt.py`, md5-checked), loads it through its restricted "
       "unpickler and strict key map (every key consumed, every parameter and buffer filled), and runs its own "
       "modules on the port's stored resized input, so the network and the resize are tested separately. "
-      "The tests (`tests/extractors/test_bottomup_parity.py`) assert, in fp32: features normwise relative error "
+      "The tests (`tests/extractors/bottomup/test_bottomup_parity.py`) assert, in fp32: features normwise relative error "
       "<= 1e-4, class and attribute probabilities <= 1e-4, and RPN proposals and butd / fixed36 / adapt "
       "detections all matched one to one at IoU >= 0.99 with the same classes and attributes.\n")
     w("Normwise relative error = ||a - b|| / ||a||; max abs = largest absolute difference; glied runs with its "

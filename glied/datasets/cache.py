@@ -18,7 +18,7 @@ Storage layout and the crash-safety argument: :mod:`glied.datasets.cache_store` 
 Manifest keys: ``format`` ("glied-feature-cache"), ``format_version``, ``extractor`` {name, config,
 weights_fingerprint, feature_dim}, ``dtype`` ("float16"|"float32"), ``attributes`` {name, config, vocab,
 top_k, ...} or None, ``created`` (UTC ISO time), ``glied_version``. Identity = everything but ``created``,
-``glied_version`` and ``storage``.
+``glied_version`` and ``storage`` (:mod:`glied.datasets.identity` builds, compares and checks identities).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import zlib
 import numpy as np
 
 from glied.datasets import cache_store as cs
+from glied.datasets import identity as idn
 from glied.errors import ConfigError, InputError
 from glied.records import AttributeWords, RegionFeatures
 
@@ -40,7 +41,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 DTYPES = ("float16", "float32")
-_NOT_IDENTITY = ("created", "glied_version", "storage")
 
 
 def make_manifest(extractor: dict, dtype: str = "float16", attributes: dict | None = None) -> dict:
@@ -61,37 +61,6 @@ def make_manifest(extractor: dict, dtype: str = "float16", attributes: dict | No
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "glied_version": __version__, "storage": {"layout": "append-log", "version": 1},
     }))
-
-
-def identity_of(manifest: dict) -> dict:
-    """The part of a manifest that must match for two feature sets to be interchangeable."""
-    return {k: v for k, v in manifest.items() if k not in _NOT_IDENTITY}
-
-
-def diff_identity(have, want, prefix: str = "") -> list[str]:
-    """Human lines naming every key where ``have`` (the cache) and ``want`` (expected) differ."""
-    if isinstance(have, dict) and isinstance(want, dict):
-        out = []
-        for k in sorted(set(have) | set(want), key=str):
-            p = f"{prefix}.{k}" if prefix else str(k)
-            if k not in have:
-                out.append(f"{p}: missing in cache, expected {_short(want[k])}")
-            elif k not in want:
-                out.append(f"{p}: cache has {_short(have[k])}, expected nothing")
-            else:
-                out += diff_identity(have[k], want[k], p)
-        return out
-    if isinstance(have, list) and isinstance(want, list) and have != want:
-        if len(have) != len(want):
-            return [f"{prefix}: cache has {len(have)} items, expected {len(want)}"]
-        i = next(i for i, (a, b) in enumerate(zip(have, want)) if a != b)
-        return [f"{prefix}[{i}]: cache has {_short(have[i])}, expected {_short(want[i])}"]
-    return [] if have == want else [f"{prefix}: cache has {_short(have)}, expected {_short(want)}"]
-
-
-def _short(v) -> str:
-    s = json.dumps(v, sort_keys=True)
-    return s if len(s) <= 60 else s[:57] + "..."
 
 
 def _read_manifest(root: str) -> dict:
@@ -162,12 +131,9 @@ class FeatureCache:
         ``expected`` holds any of the identity keys (``extractor``, ``attributes``, ``dtype``,
         ``format_version``) as a checkpoint recorded them; keys it omits are not checked.
         """
-        have = identity_of(self.manifest)
-        diffs = diff_identity({k: have.get(k) for k in expected}, expected)
-        if diffs:
-            raise ConfigError(f"feature cache {self.root} does not match: " + "; ".join(diffs[:6])
-                              + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-                              + ". Re-extract with the matching extractor or use the cache it was trained on")
+        idn.check(idn.of_manifest(self.manifest), expected, only_wanted=True,
+                  what=f"feature cache {self.root} does not match",
+                  fix="Re-extract with the matching extractor or use the cache it was trained on")
 
     def _arrays(self, image_id) -> tuple[cs.Entry, dict[str, np.ndarray]]:
         key = str(image_id)
@@ -268,11 +234,9 @@ class CacheWriter:
         try:
             if os.path.exists(os.path.join(self.root, MANIFEST)):
                 have = _read_manifest(self.root)
-                diffs = diff_identity(identity_of(have), identity_of(manifest))
-                if diffs:
-                    raise ConfigError(f"feature cache {self.root} was written by a different extractor "
-                                      f"setup: " + "; ".join(diffs[:6])
-                                      + ". Use a new --out folder or the same settings")
+                idn.check(idn.of_manifest(have), idn.of_manifest(manifest),
+                          what=f"feature cache {self.root} was written by a different extractor setup",
+                          fix="Use a new --out folder or the same settings")
                 self.manifest = have
             else:
                 if manifest.get("format") != FORMAT:

@@ -35,23 +35,6 @@ class FeatureSource(Protocol):
     def attributes(self, image_id: str) -> Optional[AttributeWords]: ...
 
 
-def feature_identity(manifest: dict) -> dict:
-    """The part of a cache manifest that a trained decoder depends on: the region extractor identity and the
-    attribute-word identity (name, config, vocab, top_k). Stored in checkpoints and compared on reuse."""
-    return {"extractor": manifest.get("extractor"), "attributes": manifest.get("attributes")}
-
-
-def check_identity(expected: dict, source: FeatureSource, what: str, where: str) -> None:
-    """Raise ConfigError naming what differs if ``source``'s identity is not ``expected``."""
-    from glied.datasets.cache import diff_identity
-
-    diff = diff_identity(feature_identity(source.manifest), expected)
-    if diff:
-        raise ConfigError(f"{where}: feature cache identity differs from the one {what} "
-                          f"({'; '.join(diff[:4])}); "
-                          "use the cache the model was trained with, or train a new model on this cache")
-
-
 def attribute_vocab_map(attr_vocab: Optional[list[str]], wtoi: dict[str, int]) -> np.ndarray:
     """Cache attribute-vocabulary index -> caption-vocabulary id (out-of-vocabulary words -> <unk>)."""
     return np.array([wtoi.get(w, UNK) for w in (attr_vocab or [])], dtype=np.int64)

@@ -29,6 +29,7 @@ import numpy as np
 from glied.errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DEFAULT_MAX_SIDE = 2000         # photos are decoded at most this long for the detector (which works at <= 1000)
 MIN_SIDE = 8                     # smaller images are skipped: a detector cannot see anything in them
 MAX_PIXELS = 400_000_000         # refuse to decode more than this (after JPEG draft reduction)
 
@@ -41,6 +42,20 @@ _MAGIC = (
     (b"GIF87a", "GIF"),
     (b"GIF89a", "GIF"),
 )
+
+
+def check_max_side(max_side: int | None) -> int | None:
+    """The long-side cap as given by a user: a positive number of pixels, or None/0 for no cap (-> None).
+    Anything else is a ConfigError with one line. The cap changes the features, so feature caches and
+    checkpoints record it (see :mod:`glied.datasets.identity`)."""
+    from glied.errors import ConfigError
+
+    if max_side is None or (isinstance(max_side, int) and not isinstance(max_side, bool) and max_side == 0):
+        return None
+    if not isinstance(max_side, int) or isinstance(max_side, bool) or max_side < MIN_SIDE:
+        raise ConfigError(f"--max-side {max_side!r}: expected a whole number of pixels >= {MIN_SIDE} "
+                          f"(the long side photos are downscaled to), or 0 for no cap")
+    return max_side
 
 
 class ImageLoadError(InputError):

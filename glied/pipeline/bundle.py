@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from glied import __version__
+from glied import checkpoint as ck
 from glied.errors import ConfigError, InputError
 from glied.fileio import sha256_file
 
@@ -30,17 +31,13 @@ VERSION = 1
 PARTS = ("detector", "attributes", "decoder")
 
 
-def _checkpoint_file(path: str | os.PathLike, part: str) -> Path:
-    """A run folder's best.pt / last.pt / model.pt / checkpoint.pt, or the file itself."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("best.pt", "last.pt", "model.pt", "checkpoint.pt"):
-            if (p / name).is_file():
-                return p / name
-        raise InputError(f"{p}: no checkpoint (best.pt, last.pt, model.pt) in this {part} run folder")
-    if not p.is_file():
-        raise InputError(f"{p}: {part} checkpoint not found")
-    return p
+def _checkpoint_formats() -> dict:
+    """{part: its checkpoint Format} (see :mod:`glied.checkpoint`)."""
+    from glied.extractors.bottomup.weights import DETECTOR
+    from glied.extractors.mil.checkpoint import MIL
+    from glied.models.checkpoint import DECODER
+
+    return {"detector": DETECTOR, "attributes": MIL, "decoder": DECODER}
 
 
 def write_bundle(out: str | os.PathLike, *, detector: str | os.PathLike, attributes: str | os.PathLike,
@@ -53,9 +50,9 @@ def write_bundle(out: str | os.PathLike, *, detector: str | os.PathLike, attribu
     An existing ``out`` is replaced only once the new bundle is complete and verified.
     """
     out = Path(out)
-    sources = {"detector": _checkpoint_file(detector, "detector"),
-               "attributes": _checkpoint_file(attributes, "attributes"),
-               "decoder": _checkpoint_file(decoder, "decoder")}
+    fmts = _checkpoint_formats()
+    sources = {part: ck.resolve(src, fmts[part])
+               for part, src in (("detector", detector), ("attributes", attributes), ("decoder", decoder))}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:

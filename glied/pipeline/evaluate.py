@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from glied.datasets.captions import CaptionDataset, FeatureSource, check_identity, collate, model_inputs
+from glied.datasets import identity as idn
+from glied.datasets.captions import CaptionDataset, FeatureSource, collate, model_inputs
 from glied.errors import ConfigError, InputError
 from glied.models.beam import beam_search, greedy
 from glied.models.glied import GliedDecoder
@@ -102,7 +103,7 @@ def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | Featur
     ckpt = load_checkpoint(checkpoint)
     prep = PreparedData.load(data)
     source, source_name = _open_features(features)
-    check_identity(ckpt["feature_identity"], source, f"{ckpt['path']} was trained on", source_name)
+    idn.check_trained_on(source.manifest, ckpt["feature_identity"], where=source_name, model=str(ckpt["path"]))
     if list(ckpt["vocab"]) != list(prep.vocab):
         raise ConfigError(f"{ckpt['path']}: vocabulary differs from {data}/vocab.json; evaluate with the "
                           "prepared "

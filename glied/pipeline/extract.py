@@ -30,13 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from glied.datasets import identity as idn
 from glied.datasets import inputs as inp
 from glied.datasets.cache import FAILURES, CacheWriter, make_manifest
-from glied.datasets.images import ImageLoadError, LoadedImage, decode_image
+from glied.datasets.images import DEFAULT_MAX_SIDE, ImageLoadError, LoadedImage, check_max_side, decode_image
 from glied.errors import ConfigError, InputError
 from glied.records import AttributeWords, RegionFeatures
-
-DEFAULT_MAX_SIDE = 2000     # decode huge photos at most this long (the detector works at <= 1000)
 
 
 @dataclass
@@ -102,8 +101,6 @@ def build_region_extractor(detector: str | None, extractor_module: str | None, d
                           "train-detector run folder), or --extractor-module pkg.mod:factory")
     from glied.extractors.bottomup import load_region_extractor
 
-    if os.path.isdir(detector):  # a `glied train-detector` run folder
-        detector = os.path.join(detector, "checkpoint.pt")
     return load_region_extractor(detector, device=device, precision=precision)
 
 
@@ -115,17 +112,6 @@ def build_attribute_extractor(run: str | None, device: str, top_k: int | None):
 
     kw = {} if top_k is None else {"top_k": top_k}
     return load_attribute_extractor(run, device=device, **kw)
-
-
-def attribute_identity(attr_extractor, top_k: int | None) -> dict | None:
-    if attr_extractor is None:
-        return None
-    ident = dict(attr_extractor.identity())
-    ident["vocab"] = list(attr_extractor.vocab)
-    if top_k is None:
-        top_k = ident.get("top_k", getattr(attr_extractor, "top_k", None))
-    ident["top_k"] = top_k
-    return ident
 
 
 def load_boxes(path: str) -> dict[str, np.ndarray]:
@@ -174,18 +160,19 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
             keep_word_maps: bool = False) -> ExtractSummary:
     """Extract every image of ``input_path`` (shard ``shard``) not yet in cache ``out``; see module docstring.
 
-    Attribute word maps (V, h, w) are large (often more than the regions) and are dropped unless
+    ``max_side``: photos are decoded at most this long (None or 0: no cap); recorded in the cache identity,
+    so resuming with another value is refused. Attribute word maps (V, h, w) are large (often more than the regions) and are dropped unless
     ``keep_word_maps``. Returns an :class:`ExtractSummary`. Raises ConfigError when ``out`` holds features
     of another extractor identity (the message says what differs); committed entries are never rewritten.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
+    max_side = check_max_side(max_side)
     items = inp.shard(inp.enumerate_inputs(input_path, images_root), *shard)
     given = load_boxes(boxes) if isinstance(boxes, str) else boxes
-    manifest = make_manifest(dict(region_extractor.identity()), dtype,
-                             attribute_identity(attribute_extractor, top_k))
-    if given is not None:
-        manifest["extractor"] = dict(manifest["extractor"], boxes="given")
+    ident = idn.build(region_extractor, attribute_extractor, top_k=top_k, max_side=max_side,
+                      boxes=given is not None)
+    manifest = make_manifest(ident["extractor"], dtype, ident["attributes"])
     writer = CacheWriter(out, manifest, commit_every=commit_every, commit_seconds=commit_seconds)
     fail_path = os.path.join(out, FAILURES)
     n_fail = n_done = 0

@@ -6,12 +6,13 @@ already written), except the TSV export, which is written to a temporary file an
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from glied.datasets import bottomup_files as bf
-from glied.datasets.cache import CacheWriter, FeatureCache, diff_identity, identity_of, make_manifest
-from glied.errors import ConfigError, InputError
+from glied.datasets import identity as idn
+from glied.datasets.cache import CacheWriter, FeatureCache, make_manifest
+from glied.errors import InputError
+from glied.fileio import write_atomic
 
 
 def _log(msg: str) -> None:
@@ -69,13 +70,12 @@ def import_features(sources: list[str], out: str, *, box_dir: str | None = None,
 def export_tsv(cache: str, out: str) -> int:
     """Write every entry of ``cache`` as a bottom-up TSV at ``out`` (float32); returns the row count."""
     c = FeatureCache.open(cache)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    try:
+    n = 0
+
+    def write(tmp: str) -> None:
+        nonlocal n
         n = bf.write_tsv(tmp, ((i, c.regions(i)) for i in c.ids()))
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(out, write)
     return n
 
 
@@ -86,11 +86,10 @@ def merge_caches(out: str, inputs: list[str]) -> tuple[int, int]:
     A duplicate id (already in ``out`` or in an earlier input) is skipped, so a merge can be re-run.
     """
     caches = [FeatureCache.open(p) for p in inputs]
-    ref = identity_of(caches[0].manifest)
+    ref = idn.of_manifest(caches[0].manifest)
     for c in caches[1:]:
-        diffs = diff_identity(identity_of(c.manifest), ref)
-        if diffs:
-            raise ConfigError(f"cannot merge {c.root} with {caches[0].root}: " + "; ".join(diffs[:6]))
+        idn.check(idn.of_manifest(c.manifest), ref, what=f"cannot merge {c.root} with {caches[0].root}",
+                  fix="Merge only shards of one extraction")
     m = caches[0].manifest
     n = dup = 0
     with CacheWriter(out, make_manifest(m["extractor"], m["dtype"], m.get("attributes"))) as w:

@@ -5,7 +5,7 @@ deterministic random checkpoint in the layout of ``faster_rcnn_from_caffe_attr.p
 ``make_random_ckpt.py``, vendored from the project's parity material). :func:`glied_fields` computes the same
 named fields with glied's modules on the port's resized input; :func:`compare` measures the differences
 (normwise relative errors, max abs errors, argmax agreement, one-to-one IoU box matching).
-Used by tests/extractors/test_bottomup_parity.py and scripts/parity_report.py.
+Used by tests/extractors/bottomup/test_bottomup_parity.py and scripts/parity_report.py.
 """
 from __future__ import annotations
 
