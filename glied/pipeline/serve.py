@@ -54,8 +54,6 @@ class ServeConfig:
     max_batch: most photos captioned in one call (1 = no batching).
     max_upload_mb: largest request body accepted (413 above it).
     max_photos: most photos in one request.
-    max_side: photos are downscaled on decoding so that their long side is at most this (boxes are reported
-        in original pixels).
     beam_size: default beam size (None: the bundle's); a request may ask for 1..max_beam.
     """
 
@@ -63,7 +61,6 @@ class ServeConfig:
     max_batch: int = 8
     max_upload_mb: float = 20.0
     max_photos: int = 16
-    max_side: int = 1600
     beam_size: Optional[int] = None
     max_beam: int = 8
 
@@ -213,18 +210,21 @@ def result_payload(result, loaded: LoadedImage, captioner, name: str) -> dict:
 
 
 def bundle_identity(path: str | os.PathLike, captioner) -> dict:
-    """What /health reports: the bundle's parts (sha256), settings, glied version and the extractors' identity."""
+    """What /health reports: the bundle's parts (sha256), settings and glied version, and the feature identity
+    of its live extractors (:func:`glied.datasets.identity.build`; the attribute vocabulary left out)."""
+    from glied.datasets import identity as idn
     from glied.pipeline.bundle import read_bundle
 
     meta, _ = read_bundle(path)
-    return json.loads(json.dumps({
+    features = idn.build(captioner.regions, captioner.attributes, top_k=captioner.top_k,
+                         max_side=captioner.max_side)
+    if features.get("attributes"):
+        features["attributes"].pop("vocab", None)
+    return idn.normalise({
         "path": str(Path(path).resolve()), "glied_version": meta.get("glied_version"),
         "parts": {p: {"sha256": info.get("sha256"), "bytes": info.get("bytes")}
                   for p, info in meta.get("parts", {}).items()},
-        "settings": meta.get("settings", {}),
-        "extractor": captioner.regions.identity(),
-        "attributes": {k: v for k, v in captioner.attributes.identity().items() if k != "vocab"},
-        "beam_size": captioner.beam_size}, default=str))
+        "settings": meta.get("settings", {}), **features, "beam_size": captioner.beam_size})
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -286,9 +286,9 @@ async def _form(request, body: bytes, max_photos: int):
     return await Request(request.scope, receive).form(max_files=max_photos, max_fields=32)
 
 
-def _decode_upload(data: bytes, name: str, max_side: int, tmpdir: str) -> LoadedImage:
-    """Decode uploaded bytes with THE image loader (same rules and reasons as ``glied caption``); errors name
-    the uploaded file."""
+def _decode_upload(data: bytes, name: str, max_side: Optional[int], tmpdir: str) -> LoadedImage:
+    """Decode uploaded bytes with THE image loader, with the captioner's long-side cap (same rules and reasons
+    as ``glied caption``); errors name the uploaded file."""
     fd, tmp = tempfile.mkstemp(dir=tmpdir, suffix=os.path.splitext(name)[1][:10])
     try:
         with os.fdopen(fd, "wb") as f:
@@ -374,7 +374,7 @@ def create_app(captioner, *, bundle_path: str | os.PathLike, config: ServeConfig
             names.append(name)
             data = await up.read()
             try:
-                loaded.append(await run_in_threadpool(_decode_upload, data, name, config.max_side, tmpdir))
+                loaded.append(await run_in_threadpool(_decode_upload, data, name, captioner.max_side, tmpdir))
             except ImageLoadError as e:
                 loaded.append(None)
                 errors[i] = e
@@ -419,7 +419,7 @@ def create_app(captioner, *, bundle_path: str | os.PathLike, config: ServeConfig
                 if not ups:
                     raise InputError("no photo in the request: send one file, or JSON {\"text\": ...}")
                 name = _safe_name(ups[0].filename, 0)
-                im = await run_in_threadpool(_decode_upload, await ups[0].read(), name, config.max_side, tmpdir)
+                im = await run_in_threadpool(_decode_upload, await ups[0].read(), name, captioner.max_side, tmpdir)
                 hits = await run_in_threadpool(index.search_image, im, k)
                 return JSONResponse({"query": {"image": name}, "k": k, "results": hits})
             try:
