@@ -100,6 +100,7 @@ class CaptionBatcher:
         self.max_batch = max_batch
         self._queue: "queue.Queue[Optional[_Job]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
+        self.lock = threading.Lock()  # held while the models run; other users of the models take it too
         self.batches = 0
         self.photos = 0
         self.largest_batch = 0
@@ -143,7 +144,8 @@ class CaptionBatcher:
                     stop = True
                     break
                 batch.append(job)
-            self._process(batch)
+            with self.lock:
+                self._process(batch)
             if stop:
                 return
 
@@ -229,20 +231,37 @@ def bundle_identity(path: str | os.PathLike, captioner) -> dict:
 
 # ------------------------------------------------------------------------------------------------ search
 def search_support(path: str | os.PathLike):
-    """The retrieval feature's ``open_index``, or a one-line :class:`GliedError` when this glied has none."""
+    """The retrieval feature's index class, or a one-line :class:`GliedError` when this glied has none."""
     try:
-        from glied.pipeline.retrieval import open_index  # provided by the retrieval feature
+        from glied.pipeline.retrieval import Index  # the retrieval feature (`glied index`, `glied search`)
     except ImportError:
         raise GliedError(f"{path}: retrieval index support not installed in this glied "
                          "(it has no `glied index`); start `glied serve` without --index") from None
-    return open_index
+    return Index
 
 
-def open_search_index(path: str | os.PathLike, captioner=None):
-    """Open a retrieval index for ``/search``: an object with ``search_text(query, k) -> list[dict]`` and
-    ``search_image(image, k) -> list[dict]`` (``image`` a :class:`LoadedImage`); each hit a dict with
-    ``score`` and ``image`` or ``caption``."""
-    return search_support(path)(path, captioner=captioner)
+class SearchIndex:
+    """``/search`` over a retrieval index (``glied index``): ``search_text(query, k)`` -> ranked images,
+    ``search_image(loaded, k)`` -> ranked captions, the photo's regions extracted by the served bundle's
+    detector (refused at start when the index was built from other features). Hits are the retrieval
+    index's dicts (``image_id`` or ``caption``, ``score``), best first."""
+
+    def __init__(self, path: str | os.PathLike, captioner, lock: Optional[threading.Lock] = None):
+        self.index = search_support(path)(path, device=captioner.device)
+        self.index.check_extractor(dict(captioner.regions.identity()), "the served bundle")
+        self.regions = captioner.regions
+        self.lock = lock or threading.Lock()
+
+    def search_text(self, query: str, k: int) -> list[dict]:
+        with self.lock:
+            return self.index.text_to_images(query, k)
+
+    def search_image(self, loaded: LoadedImage, k: int) -> list[dict]:
+        from glied.pipeline.extract import _rescale
+
+        with self.lock:  # the detector is shared with the captioning worker
+            regions = _rescale(self.regions.extract([loaded.image])[0], loaded)
+            return self.index.image_to_captions(self.index.embed_photo(regions), k)
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -301,10 +320,10 @@ def _decode_upload(data: bytes, name: str, max_side: Optional[int], tmpdir: str)
         os.unlink(tmp)
 
 
-def create_app(captioner, *, bundle_path: str | os.PathLike, config: ServeConfig = ServeConfig(), index=None,
-               index_path: Optional[str] = None):
-    """The Starlette app: page, ``/health``, ``/caption``, ``/search``. The batching worker starts and stops
-    with the app's lifespan."""
+def create_app(captioner, *, bundle_path: str | os.PathLike, config: ServeConfig = ServeConfig(),
+               index_path: Optional[str | os.PathLike] = None):
+    """The Starlette app: page, ``/health``, ``/caption``, ``/search`` (with ``index_path``, a retrieval index;
+    see :class:`SearchIndex`). The batching worker starts and stops with the app's lifespan."""
     import contextlib
 
     from starlette.applications import Starlette
@@ -315,6 +334,7 @@ def create_app(captioner, *, bundle_path: str | os.PathLike, config: ServeConfig
 
     default_beam = int(config.beam_size or captioner.beam_size)
     batcher = CaptionBatcher(captioner, window_ms=config.batch_window_ms, max_batch=config.max_batch)
+    index = SearchIndex(index_path, captioner, batcher.lock) if index_path else None
     identity = bundle_identity(bundle_path, captioner)
     tmpdir = tempfile.mkdtemp(prefix="glied-serve-")
     limit = config.max_upload_bytes
@@ -497,9 +517,8 @@ def serve(bundle: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 800
     from glied.pipeline.caption import Captioner
 
     captioner = Captioner.from_bundle(bundle, device=device, precision=precision, beam_size=config.beam_size)
-    search_index = open_search_index(index, captioner) if index else None
+    app = create_app(captioner, bundle_path=bundle, config=config, index_path=index)
     sock = bind(host, port)
-    app = create_app(captioner, bundle_path=bundle, config=config, index=search_index, index_path=index)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if host not in LOOPBACK:

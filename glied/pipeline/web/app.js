@@ -134,7 +134,7 @@ function showHits(hits) {
   const ol = $("#search-results");
   ol.textContent = "";
   for (const h of hits) {
-    const what = h.caption || h.image || h.path || h.id;
+    const what = h.caption || h.image_id;
     ol.append(el("li", {}, `${what} (${Number(h.score).toFixed(3)})`));
   }
 }
