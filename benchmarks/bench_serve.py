@@ -15,7 +15,7 @@ import os
 import statistics
 from pathlib import Path
 
-from glied.pipeline.serve_load import ServerProcess, run_load
+from glied.pipeline.serve_client import ServerProcess, run_load
 
 
 def main() -> None:

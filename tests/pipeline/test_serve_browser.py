@@ -12,10 +12,6 @@ import pytest
 
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install 'glied[serve]')")
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1200,900"]
-
 
 def _browser_paths():
     return shutil.which("chromium"), shutil.which("chromedriver")
@@ -40,8 +36,8 @@ def _install_browser() -> str:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
-    from selenium.webdriver.chrome.service import Service
+    pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+    from glied.pipeline.serve_client import headless_chromium
 
     chrome, driver = _browser_paths()
     if not (chrome and driver):
@@ -50,11 +46,7 @@ def browser(tmp_path_factory):
         if not (chrome and driver):
             pytest.skip(f"headless Chromium is not installed and could not be installed ({why}): "
                         "apt-get install -y chromium chromium-driver")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chrome
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"]:
-        opts.add_argument(flag)
-    d = webdriver.Chrome(service=Service(driver), options=opts)
+    d = headless_chromium(tmp_path_factory.mktemp("chromium"), chromium=chrome, driver=driver)
     yield d
     d.quit()
 
@@ -65,7 +57,7 @@ def test_upload_shows_caption_boxes_and_errors(browser, tiny_bundle, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from glied.pipeline.serve_load import ServerProcess
+    from glied.pipeline.serve_client import ServerProcess
 
     good = tiny_bundle["world"] / "images" / "000005.jpg"
     bad = tmp_path / "broken.jpg"

@@ -9,7 +9,7 @@ pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[t
 
 @pytest.mark.parametrize("requests", [64, pytest.param(200, marks=pytest.mark.slow)])
 def test_requests_8_concurrent_none_fail(tiny_bundle, requests):
-    from glied.pipeline.serve_load import ServerProcess, run_load
+    from glied.pipeline.serve_client import ServerProcess, run_load
 
     images = sorted((tiny_bundle["world"] / "images").glob("*.jpg"))[:16]
     photos = [(p.name, p.read_bytes()) for p in images]

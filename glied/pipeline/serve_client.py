@@ -1,4 +1,5 @@
-"""Run `glied serve` in a child process and put load on it: what the load test and the serve benchmark share.
+"""Client-side tools for `glied serve`, shared by its tests, its benchmark and the screenshot script: run the
+server in a child process, put load on it, open it in headless Chromium.
 
     with ServerProcess("model/", ["--max-batch", "8"]) as url:          # binds 127.0.0.1, a free port
         report = run_load(url, [("a.jpg", data)], requests=200, concurrency=8)
@@ -23,6 +24,8 @@ import numpy as np
 from glied.errors import GliedError
 
 _URL = re.compile(r"glied serve: (http://127\.0\.0\.1:\d+/)")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 
 class ServerProcess:
@@ -141,3 +144,17 @@ def run_load(url: str, photos: Sequence[tuple[str, bytes]], *, requests: int = 2
         return LoadReport(latencies, len(errors), wall, len(latencies), concurrency, errors[:5], batching)
 
     return asyncio.run(main())
+
+
+def headless_chromium(profile_dir: str | os.PathLike, *, size: tuple[int, int] = (1200, 900),
+                      chromium: str = "/usr/bin/chromium", driver: str = "/usr/bin/chromedriver"):
+    """A selenium driver of Debian's Chromium (``chromium`` + ``chromium-driver`` packages), headless, with a
+    fresh profile in ``profile_dir`` and nothing that calls out to the network on its own."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}", f"--window-size={size[0]},{size[1]}"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=opts)
