@@ -30,6 +30,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -144,8 +145,16 @@ class CaptionBatcher:
                     stop = True
                     break
                 batch.append(job)
-            with self.lock:
-                self._process(batch)
+            # a request that went away (client gone) cancelled its photo: skip it; the others are now running
+            batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            if batch:
+                with self.lock:
+                    try:
+                        self._process(batch)
+                    except BaseException as e:  # noqa: BLE001 - never leave a request waiting, never stop
+                        for j in batch:
+                            if not j.future.done():
+                                j.future.set_exception(e)
             if stop:
                 return
 
@@ -468,6 +477,7 @@ def create_app(captioner, *, bundle_path: str | os.PathLike, config: ServeConfig
             yield
         finally:
             batcher.stop()
+            shutil.rmtree(tmpdir, ignore_errors=True)
 
     app = Starlette(routes=[Route("/", page), Route("/health", health), Route("/caption", caption, methods=["POST"]),
                             Route("/search", search, methods=["POST"]),

@@ -167,6 +167,23 @@ def test_a_photo_that_breaks_the_extractor_fails_only_itself(captioner, tiny_bun
         batcher.stop()
 
 
+def test_a_request_that_went_away_does_not_stop_the_worker(captioner, tiny_bundle):
+    from glied.datasets.images import decode_image
+    from glied.pipeline.serve import CaptionBatcher
+
+    im = decode_image(photo(tiny_bundle, 6)[0])
+    batcher = CaptionBatcher(captioner, window_ms=50, max_batch=4)
+    gone, kept = batcher.submit(im, beam=1), batcher.submit(im, beam=1)
+    assert gone.cancel()  # what asyncio does to the photo of a request whose client disconnected
+    batcher.start()
+    try:
+        assert kept.result(timeout=120).caption
+        assert batcher.submit(im, beam=1).result(timeout=120).caption  # still serving
+    finally:
+        batcher.stop()
+    assert batcher.stats()["photos"] == 2
+
+
 def test_serve_index_without_retrieval_support_is_one_line(tiny_bundle, tmp_path):
     r = subprocess.run([sys.executable, "-m", "glied", "serve", "--model", str(tiny_bundle["bundle"]),
                         "--index", str(tmp_path / "index"), "--port", "0"], capture_output=True, text=True,
