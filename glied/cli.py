@@ -294,6 +294,27 @@ def merge_caches_cmd(out, inputs) -> None:
     click.echo(f"merged {n} entries into {out}" + (f" ({dup} duplicate ids skipped)" if dup else ""))
 
 
+@cli.command("verify-cache")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--repair", is_flag=True, help="Drop the damaged entries, so that `glied extract` re-extracts them.")
+def verify_cache_cmd(cache, repair) -> None:
+    """Check every entry of CACHE against its checksums; list the damaged ids (exit 1 if any, unless --repair)."""
+    from glied.pipeline.features_io import verify_cache
+
+    n, bad = verify_cache(cache, repair=repair)
+    for k, why in bad.items():
+        click.echo(f"damaged\t{k}\t{why}")
+    if not bad:
+        click.echo(f"{cache}: all {n} entries intact")
+    elif repair:
+        click.echo(f"{cache}: dropped {len(bad)} damaged entries, {n} intact kept; `glied extract ... --out "
+                   f"{cache}` extracts the dropped images again")
+    else:
+        click.echo(f"{cache}: {len(bad)} damaged entries, {n} intact; run `glied verify-cache {cache} --repair`",
+                   err=True)
+        sys.exit(1)
+
+
 @cli.command("import-features")
 @click.argument("src", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -447,7 +468,8 @@ def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str |
 @click.option("--attributes", required=True, type=click.Path(exists=True), help="`glied train-attributes` run.")
 @click.option("--decoder", required=True, type=click.Path(exists=True), help="`glied train` run or .pt.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
-@click.option("--beam", type=int, default=3, show_default=True, help="Default beam size for captioning.")
+@click.option("--beam", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Default beam size for captioning.")
 def bundle_cmd(detector: str, attributes: str, decoder: str, out: str, beam: int) -> None:
     """Put a detector, an attribute detector and a decoder that belong together into one bundle."""
     from glied.pipeline.caption import build_bundle

@@ -18,6 +18,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` with the process umask applied: what ``open()``/``mkdir()`` would give a new file/folder
+    (``mkstemp``/``mkdtemp`` give 0600/0700 whatever the umask; files written through them are chmod-ed)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path``.
 
@@ -28,6 +36,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

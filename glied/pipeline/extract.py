@@ -180,6 +180,10 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
         if writer.recovered_bytes:
             log(f"{out}: repaired a torn index tail ({writer.recovered_bytes} bytes) "
                 f"left by an interrupted run")
+        if writer.dropped:
+            log(f"{out}: dropped {len(writer.dropped)} damaged entries, extracted again below: "
+                + "; ".join(f"{k}: {v}" for k, v in list(writer.dropped.items())[:5])
+                + ("; ..." if len(writer.dropped) > 5 else ""))
         todo = [it for it in items if it.id not in writer]
         already = len(items) - len(todo)
         with open(fail_path, "w", encoding="utf-8") as ff:
