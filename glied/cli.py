@@ -635,5 +635,37 @@ def search_cmd(query, index_path, photo, image_id, features, bundle, detector, e
         click.echo(f"{h['score']:.4f}\t" + (h["image_id"] if "caption" not in h else h["caption"]))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Serving: a local web page and JSON API (glied.pipeline.serve)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("serve")
+@click.option("--model", "bundle", required=True, type=click.Path(), help="A model bundle (`glied bundle`).")
+@click.option("--index", default=None, type=click.Path(), help="A retrieval index (`glied index`) for search.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--beam", type=click.IntRange(1, 8), default=None, help="Default beam size (default: the bundle's).")
+@click.option("--batch-window-ms", type=float, default=10.0, show_default=True,
+              help="How long to wait for more photos before captioning a batch.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most photos captioned together (1: no batching).")
+@click.option("--max-upload-mb", type=float, default=20.0, show_default=True, help="Largest request accepted.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Detector precision (default: the one the decoder's training features used).")
+def serve_cmd(bundle: str, index: str | None, host: str, port: int, beam: int | None, batch_window_ms: float,
+              max_batch: int, max_upload_mb: float, device: str, precision: str | None) -> None:
+    """Serve a page and a JSON API (POST /caption, POST /search, GET /health) for a model bundle."""
+    from glied.pipeline.extract import resolve_device
+    from glied.pipeline.serve import ServeConfig, require_serve_extra, serve
+
+    require_serve_extra()
+    config = ServeConfig(batch_window_ms=batch_window_ms, max_batch=max_batch, max_upload_mb=max_upload_mb,
+                         beam_size=beam)
+    serve(bundle, host=host, port=port, index=index, config=config, device=resolve_device(device),
+          precision=precision, log=lambda s: click.echo(s, err=s.startswith("warning")))
+
+
 if __name__ == "__main__":
     main()
