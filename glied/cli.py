@@ -268,7 +268,7 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
 @click.option("--commit-seconds", type=float, default=2.0, show_default=True,
               help="Make finished entries durable (fsync) at least this often.")
 @click.option("--keep-word-maps", is_flag=True, help="Also store the attribute words' per-cell maps (large).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no precision line.")
 def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, images_root, batch_size,
                 workers, device, precision, dtype, shard, boxes, max_side, commit_seconds, keep_word_maps,
                 quiet) -> None:
@@ -288,7 +288,7 @@ def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, 
     prec = choose_precision(precision, dev)
     region = build_region_extractor(detector, extractor_module, dev, prec.precision)
     attr = build_attribute_extractor(attributes, dev, top_k)
-    say_precision(prec)
+    say_precision(prec, quiet=quiet)
     s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
                 images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
                 boxes=boxes, max_side=max_side, progress=not quiet, commit_seconds=commit_seconds,

@@ -101,10 +101,12 @@ def choose_precision(requested: str, device: str):
     return resolve_precision(requested, device)
 
 
-def say_precision(choice, log=None) -> None:
-    """One line with the precision used and why, plus a warning line when a forced precision is slow here."""
+def say_precision(choice, log=None, quiet: bool = False) -> None:
+    """One line with the precision used and why (not when ``quiet``), plus a warning line when a forced
+    precision is slow here (always)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    log(choice.describe())
+    if not quiet:
+        log(choice.describe())
     if choice.warning:
         log(f"warning: {choice.warning}")
 
