@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from glied.fileio import write_text_atomic
 from glied.pipeline.data import make_shapes_world, prepare_captions
 from glied.pipeline.stages import StageRunner
 
@@ -212,7 +213,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
         log(f"  {name:<16} {sec:8.1f}{'  (cached; time of the run that made it)' if cached else ''}")
     log(f"  {'this run':<16} {total:8.1f}")
     log(f"bundle: {bundle}   pictures: {out / 'captions'}")
-    (out / "report.txt").write_text(report)
+    write_text_atomic(out / "report.txt", report)
     return {name: r.result for name, r in runner.results.items()} | {"config": asdict(cfg)}
 
 
