@@ -192,8 +192,8 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--images", type=click.Path(), default=None,
               help="Image folder (default: the prepared data's images_root).")
-@click.option("--config", "config", type=click.Choice(["small", "resnet18", "resnet50", "resnet101"]),
-              default="small", show_default=True, help="Model preset (small: the shapes world).")
+@click.option("--config", "config", type=click.Choice(["small", "resnet18", "resnet50", "resnet101", "bottomup"]),
+              default=None, help="Model preset (default: small, the shapes world; bottomup with --init-from).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default per preset: small 8).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step (small: 8).")
 @click.option("--lr", type=POSITIVE, default=None, help="Adam learning rate (small: 1e-3, ResNets: 1e-4).")
@@ -207,13 +207,21 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
               show_default=True, help="Images whose captions have no vocabulary word: all-negative, or dropped.")
 @click.option("--backbone-weights", type=click.Path(), default=None,
               help="Local torchvision ResNet state dict to initialise the trunk (nothing is downloaded).")
+@click.option("--init-from", "init_from", type=click.Path(), default=None, metavar="DETECTOR",
+              help="Use a detector's trunk (res1-res4) as the MIL trunk: the published bottom-up .pkl or a "
+                   "train-detector run folder.")
+@click.option("--freeze-stages", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="With --init-from: trunk stages kept fixed (1 stem, 2 +res2, 3 +res3, 4 the whole trunk).")
+@click.option("--trunk-lr-mult", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="With --init-from: the trunk's learning rate relative to the head's.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's; 1 is fastest for the small model on a busy machine).")
 def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, vocab_size, input_size, stopwords,
-                         empty_policy, backbone_weights, resume, seed, device, threads) -> None:
+                         empty_policy, backbone_weights, init_from, freeze_stages, trunk_lr_mult, resume, seed,
+                         device, threads) -> None:
     """Train the MIL attribute-word detector (Fang et al. 2015) from the captions of prepared data."""
     from glied.pipeline.attributes import train_attributes
 
@@ -221,9 +229,11 @@ def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, voca
         import torch
         torch.set_num_threads(threads)
 
+    config = config or ("bottomup" if init_from else "small")
     s = train_attributes(data, out, images=images, config=config, epochs=epochs, batch_size=batch_size, lr=lr,
                          vocab_size=vocab_size, input_size=input_size, stopwords=stopwords,
                          empty_policy=empty_policy, resume=resume, seed=seed, backbone_weights=backbone_weights,
+                         init_from=init_from, freeze_stages=freeze_stages, trunk_lr_mult=trunk_lr_mult,
                          device=device, log=click.echo)
     val = f", val mAP {s['val_mAP']:.4f}" if s.get("val_mAP") is not None else ""
     click.echo(f"trained {s['epochs']} epochs in {s['seconds_this_run']:.1f} s (loss {s['final_loss']:.4f}{val}) "
@@ -283,7 +293,8 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Image-decoding threads (0: none).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16 where the CPU/GPU has it natively, fp16 on older tensor-core GPUs, else fp32.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the features in the cache.")
 @click.option("--shard", default=None, metavar="I/N", help="Only the images of shard I of N (0-based).")
@@ -306,14 +317,16 @@ def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, 
     """
     from glied.datasets.images import DEFAULT_MAX_SIDE, check_max_side
     from glied.datasets.inputs import parse_shard
-    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, extract,
-                                        resolve_device)
+    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, choose_precision,
+                                        extract, resolve_device, say_precision)
 
     sh = parse_shard(shard)
     max_side = check_max_side(DEFAULT_MAX_SIDE if max_side is None else max_side)
     dev = resolve_device(device)
-    region = build_region_extractor(detector, extractor_module, dev, precision)
+    prec = choose_precision(precision, dev)
+    region = build_region_extractor(detector, extractor_module, dev, prec.precision)
     attr = build_attribute_extractor(attributes, dev, top_k)
+    say_precision(prec)
     s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
                 images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
                 boxes=boxes, max_side=max_side, progress=not quiet, commit_seconds=commit_seconds,
@@ -415,6 +428,7 @@ _MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
 @click.option("--d-model", type=int, default=512, show_default=True, help="Model width (paper: 512).")
 @click.option("--d-embed", type=int, default=256, show_default=True, help="Shared embedding size (paper: 256).")
 @click.option("--heads", type=int, default=8, show_default=True, help="Attention heads (paper: 8).")
+@click.option("--box-geometry", is_flag=True, help="Give the decoder each region's box position and size.")
 @click.option("--init", type=click.Path(), default=None, help="Start from this checkpoint's weights.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -422,7 +436,7 @@ _MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
 def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs: int, scst_epochs: int,
               batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
               scst_samples: int, captions_per_image: int | None, d_model: int, d_embed: int, heads: int,
-              init: str | None, resume: bool, seed: int, device: str) -> None:
+              box_geometry: bool, init: str | None, resume: bool, seed: int, device: str) -> None:
     """Train the GLIED decoder on cached features: cross-entropy, then SCST with a CIDEr-D reward.
 
     Runs under `torchrun --nproc_per_node N glied train ...` with DistributedDataParallel.
@@ -431,7 +445,8 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs
 
     cfg = TrainConfig(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
                       lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
-                      scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed)
+                      scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed,
+                      box_geometry=box_geometry)
     s = train(data, features, out, cfg, resume=resume, init=init, device=device, log=click.echo)
     if s.get("rank", 0) == 0:
         click.echo(f"best val CIDEr-D {s['best_val_cider']:.4f}; checkpoints in {out}")
@@ -470,8 +485,9 @@ def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: in
 @click.option("--beam", type=click.IntRange(min=1), default=None, help="Beam size (default: the bundle's, 3).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="Detector precision (default: the one the decoder's training features used).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Detector precision; auto: bf16 where the CPU/GPU has it natively, else fp32 (the decoder "
+                   "works on either: they differ by rounding).")
 def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str | None, beam: int | None,
                 batch_size: int, device: str, precision: str | None) -> None:
     """Caption PHOTOS (files or folders) with a model bundle, in one process."""
@@ -479,14 +495,17 @@ def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str |
     import os
 
     from glied.pipeline.caption import Captioner, expand_inputs, save_picture
-    from glied.pipeline.extract import resolve_device
+    from glied.pipeline.extract import choose_precision, resolve_device, say_precision
 
     if show and not os.path.isdir(os.path.dirname(os.path.abspath(show))):
         raise GliedError(f"--show {show}: the folder {os.path.dirname(os.path.abspath(show))} does not exist")
     files = expand_inputs(photos)
     if not files:
         raise GliedError(f"no image files in {' '.join(photos)}")
-    captioner = Captioner.from_bundle(bundle, device=resolve_device(device), precision=precision, beam_size=beam)
+    dev = resolve_device(device)
+    prec = choose_precision(precision, dev)
+    captioner = Captioner.from_bundle(bundle, device=dev, precision=prec.precision, beam_size=beam)
+    say_precision(prec)
     failed = 0
 
     def emit(r) -> None:
@@ -532,6 +551,162 @@ def demo_cmd(out: str, images: int, seed: int) -> None:
     from glied.pipeline.demo import DemoConfig, run_demo
 
     run_demo(out, DemoConfig(images=images, seed=seed))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image-sentence retrieval: train-retrieval, evaluate-retrieval, index, search
+# ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("train-retrieval")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data (glied prepare).")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache (glied extract).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--model", type=click.Choice(["vse", "teran"]), default="vse", show_default=True,
+              help="vse: one vector per image and sentence (fast search); teran: region-word alignment.")
+@click.option("--text-encoder", default="gru", show_default=True,
+              help="gru (trained from scratch, offline) or a local BERT-family model folder (glied[bert]).")
+@click.option("--preset", type=click.Choice(["paper", "small"]), default="paper", show_default=True,
+              help="Model sizes: the paper's, or small ones for the shapes world.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: vse 25, teran 30).")
+@click.option("--batch-size", type=int, default=None, help="Image-sentence pairs per step (vse 128, teran 40).")
+@click.option("--lr", type=float, default=None, help="Learning rate (vse 5e-4, teran 2e-4).")
+@click.option("--lr-decay-epoch", type=int, default=None, help="lr x0.1 from this epoch (vse 15, teran 20).")
+@click.option("--warmup-epochs", type=int, default=None,
+              help="Epochs over all negatives before the hardest negative (vse 1, teran 0).")
+@click.option("--embed-dim", type=int, default=None, help="Joint-space size (default: the preset's).")
+@click.option("--boxes", is_flag=True, help="vse: also feed each region's normalised box (as teran does).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def train_retrieval_cmd(data, features, out, model, text_encoder, preset, epochs, batch_size, lr, lr_decay_epoch,
+                        warmup_epochs, embed_dim, boxes, seed, device) -> None:
+    """Train an image-sentence retrieval model on cached region features."""
+    from glied.pipeline.retrieval import RetrievalTrainConfig, train_retrieval
+
+    cfg = RetrievalTrainConfig(model=model, preset=preset, text_encoder=text_encoder, epochs=epochs,
+                               batch_size=batch_size, lr=lr, lr_decay_epoch=lr_decay_epoch,
+                               warmup_epochs=warmup_epochs, embed_dim=embed_dim, boxes=boxes, seed=seed)
+    s = train_retrieval(data, features, out, cfg, device=device, log=click.echo)
+    click.echo(f"best val rsum {s['best_val_rsum']:.1f} after {s['epochs']} epochs ({s['seconds']} s); run in {out}")
+
+
+@cli.command("evaluate-retrieval")
+@click.option("--run", required=True, type=click.Path(), help="train-retrieval run folder or .pt file.")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache the model was trained on.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--protocol", type=click.Choice(["1k", "5k", "all"]), default="all", show_default=True,
+              help="1k: mean over folds of 1,000 images (COCO 1K); 5k: first 5,000 images; all: the whole split.")
+@click.option("--ndcg", is_flag=True, help="Also NDCG@25 with ROUGE-L relevance (slow on large splits).")
+@click.option("--rerank", type=click.Path(), default=None,
+              help="A teran run whose alignment re-ranks each query's top --rerank-k.")
+@click.option("--rerank-k", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Metrics JSON (default RUN/retrieval_<split>_<protocol>.json).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_retrieval_cmd(run, features, data, split, protocol, ndcg, rerank, rerank_k, out, device) -> None:
+    """R@1/5/10 image->text and text->image, rsum (and NDCG@25) of a retrieval run on a split."""
+    from glied.pipeline.retrieval import evaluate_retrieval
+
+    r = evaluate_retrieval(run, features, data, split, protocol, ndcg=ndcg, out=out, device=device,
+                           rerank=rerank, rerank_k=rerank_k, log=click.echo)
+    click.echo(f"{r['seconds_end_to_end']:.1f} s -> {r['written_to']}")
+
+
+@cli.command("index")
+@click.option("--run", required=True, type=click.Path(), help="train-retrieval run folder or .pt file.")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache whose images to index.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Prepared data whose captions to index too (for search --image).")
+@click.option("--device", default="cpu", show_default=True)
+def index_cmd(run, features, out, data, device) -> None:
+    """Embed every image of a feature cache once (and the prepared captions) into a search index."""
+    from glied.pipeline.retrieval import build_index
+
+    s = build_index(run, features, out, data=data, device=device)
+    click.echo(f"indexed {s['images']} images and {s['captions']} captions in {s['seconds']} s -> {s['index']}")
+
+
+@cli.command("search")
+@click.argument("query", required=False)
+@click.option("--index", "index_path", required=True, type=click.Path(), help="Index folder (glied index).")
+@click.option("--image", "photo", type=click.Path(), default=None, help="A photo: find captions for it.")
+@click.option("--image-id", default=None, help="A cached image (with --features): find captions for it.")
+@click.option("--features", type=click.Path(), default=None, help="Feature cache holding --image-id.")
+@click.option("--model", "bundle", type=click.Path(), default=None,
+              help="Model bundle whose detector extracts the regions of --image.")
+@click.option("--detector", type=click.Path(), default=None, help="Or a train-detector run / weights for --image.")
+@click.option("--extractor-module", default=None, metavar="MOD:FACTORY", help="Or a region-extractor factory.")
+@click.option("--captions", "captions_file", type=click.Path(dir_okay=False), default=None,
+              help="Rank these captions (one per line) instead of the index's.")
+@click.option("--run", type=click.Path(), default=None, help="Refuse an index built from another run than this.")
+@click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (for tools).")
+def search_cmd(query, index_path, photo, image_id, features, bundle, detector, extractor_module, captions_file,
+               run, k, as_json) -> None:
+    """Text -> images: `glied search --index INDEX "a red circle"`. Image -> captions: --image PHOTO --model
+    BUNDLE, or --image-id ID --features CACHE."""
+    import json
+
+    from glied.pipeline import retrieval as rt
+
+    if sum(x is not None for x in (query, photo, image_id)) != 1:
+        raise GliedError("search needs exactly one of: a QUERY sentence, --image PHOTO, --image-id ID")
+    rt.check_query(query)
+    if image_id is not None and features is None:
+        raise GliedError("--image-id needs --features CACHE (the cache holding that image)")
+    index = rt.Index(index_path)
+    if run:
+        index.check_run(run)
+    if query is not None:
+        hits, what = index.text_to_images(query, k), {"query": query}
+    else:
+        if photo is not None:
+            loaded = rt.decode_photo(photo, index.max_side)
+            extractor, where = rt.region_extractor_for(bundle, detector, extractor_module)
+            index.check_extractor(extractor, where)
+            emb, what = index.embed_photo(rt.photo_regions(extractor, loaded)), {"image": photo}
+        else:
+            emb, what = index.embed_cached(rt.open_cache(features), image_id), {"image_id": image_id}
+        hits = index.image_to_captions(emb, k, captions_file)
+    if as_json:
+        click.echo(json.dumps({**what, "results": hits}))
+        return
+    for h in hits:
+        click.echo(f"{h['score']:.4f}\t" + (h["image_id"] if "caption" not in h else h["caption"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Serving: a local web page and JSON API (glied.pipeline.serve)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("serve")
+@click.option("--model", "bundle", required=True, type=click.Path(), help="A model bundle (`glied bundle`).")
+@click.option("--index", default=None, type=click.Path(), help="A retrieval index (`glied index`) for search.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--beam", type=click.IntRange(1, 8), default=None, help="Default beam size (default: the bundle's).")
+@click.option("--batch-window-ms", type=float, default=10.0, show_default=True,
+              help="How long to wait for more photos before captioning a batch.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most photos captioned together (1: no batching).")
+@click.option("--max-upload-mb", type=float, default=20.0, show_default=True, help="Largest request accepted.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Detector precision (default: the one the decoder's training features used).")
+def serve_cmd(bundle: str, index: str | None, host: str, port: int, beam: int | None, batch_window_ms: float,
+              max_batch: int, max_upload_mb: float, device: str, precision: str | None) -> None:
+    """Serve a page and a JSON API (POST /caption, POST /search, GET /health) for a model bundle."""
+    from glied.pipeline.extract import resolve_device
+    from glied.pipeline.serve import ServeConfig, require_serve_extra, serve
+
+    require_serve_extra()
+    config = ServeConfig(batch_window_ms=batch_window_ms, max_batch=max_batch, max_upload_mb=max_upload_mb,
+                         beam_size=beam)
+    serve(bundle, host=host, port=port, index=index, config=config, device=resolve_device(device),
+          precision=precision, log=lambda s: click.echo(s, err=s.startswith("warning")))
 
 
 if __name__ == "__main__":

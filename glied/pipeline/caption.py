@@ -118,6 +118,11 @@ class Captioner:
         live = idn.build(regions, attributes, top_k=top_k, max_side=max_side)
         if "max_side" not in trained_ext:
             live["extractor"].pop("max_side")
+        # the detector's precision changes the features by rounding only: a decoder trained on fp32 features
+        # captions from bf16 ones (and back), so --precision auto may pick what this machine runs fast
+        trained_on = idn.normalise(trained_on)
+        for ident in (live, trained_on):
+            ((ident.get("extractor") or {}).get("config") or {}).pop("precision", None)
         idn.check(live, trained_on, have_name="the bundle's extractors", limit=3,
                   what=f"{path}: the bundle's decoder was trained on features unlike those its detector and "
                        f"attribute detector give", fix="Rebuild the bundle from matching runs")
@@ -173,7 +178,9 @@ class Captioner:
         if len(r) == 0:
             raise InputError("the detector found no region in the photo")
         word_ids = np.asarray(w.word_ids, np.int64)
-        return {"index": i, "regions": torch.from_numpy(np.asarray(r.features, np.float32)),
+        from glied.datasets.captions import region_matrix
+
+        return {"index": i, "regions": torch.from_numpy(region_matrix(r, self.decoder.config.box_geometry)),
                 "attr_ids": torch.from_numpy(self.attr_map[word_ids]),
                 "attr_probs": torch.from_numpy(np.asarray(w.probs, np.float32)),
                 "captions": torch.zeros(1, 1, dtype=torch.long)}

@@ -36,7 +36,7 @@ def predict_split(model: GliedDecoder, dataset: CaptionDataset, beam_size: int, 
     for batch in loader:
         mem = model.encode(*model_inputs(batch, device))
         if beam_size == 1:
-            seqs = greedy(model, mem, max_len)[0]
+            seqs = greedy(model, mem, max_len, keep_logits=False)[0]
         else:
             seqs = beam_search(model, mem, beam_size, max_len)[0]
         out += seqs.cpu().tolist()
@@ -114,7 +114,8 @@ def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | Featur
         raise InputError(f"{refs_file}: no references for split {split!r} (prepared data has val and test)")
     model = build_model(ckpt).to(device)
     max_attrs = (ckpt.get("train_config") or {}).get("max_attrs")
-    ds = CaptionDataset(prep, source, split, max_attrs, where=source_name)
+    ds = CaptionDataset(prep, source, split, max_attrs, where=source_name,
+                        box_geometry=model.config.box_geometry)
     seqs = predict_split(model, ds, beam_size, batch_size, device, int(prep.labels.shape[1]))
     preds = {image_id: prep.decode(s) for image_id, s in zip(ds.ids, seqs)}
     out_dir = Path(out) if out is not None else Path(ckpt["path"]).parent

@@ -95,6 +95,22 @@ def resolve_device(device: str) -> str:
     raise ConfigError(f"--device {device!r}: expected cpu, cuda or auto")
 
 
+def choose_precision(requested: str, device: str):
+    """Resolve ``--precision`` ("auto" | "fp32" | "bf16" | "fp16") for ``device`` -> a PrecisionChoice (see
+    :mod:`glied.extractors.precision`); :func:`say_precision` tells the user once the model has loaded."""
+    from glied.extractors.precision import resolve_precision
+
+    return resolve_precision(requested, device)
+
+
+def say_precision(choice, log=None) -> None:
+    """One line with the precision used and why, plus a warning line when a forced precision is slow here."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    log(choice.describe())
+    if choice.warning:
+        log(f"warning: {choice.warning}")
+
+
 def build_region_extractor(detector: str | None, extractor_module: str | None, device: str, precision: str):
     """The region extractor for `glied extract` (bottom-up weights/run, or a user factory)."""
     if extractor_module:

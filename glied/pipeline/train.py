@@ -66,6 +66,7 @@ class TrainConfig:
     dropout: float = 0.1
     label_smoothing: float = 0.0
     max_attrs: Optional[int] = None
+    box_geometry: bool = False  # give the decoder each region's box position and size (new models only)
     val_beam: int = 1
     seed: int = 0
 
@@ -175,7 +176,7 @@ def _scst_step(ddp_model, module: GliedDecoder, batch: dict, device: str, cfg: T
         seqs = sample(module, mem, n, max_len)  # (B*n, T)
         greedy_r = None
         if cfg.scst_baseline == "greedy":
-            greedy_r = reward(greedy(module, mem, max_len)[0], img, itow)  # (B,)
+            greedy_r = reward(greedy(module, mem, max_len, keep_logits=False)[0], img, itow)  # (B,)
     r = reward(seqs, np.repeat(img, n), itow)  # (B*n,)
     adv = torch.as_tensor(self_critical_advantage(r, n, cfg.scst_baseline, greedy_r), dtype=torch.float32,
                           device=device)
@@ -209,9 +210,6 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
     prep = PreparedData.load(data)
     source, source_name = _open_features(features)
     identity = idn.for_decoder(source.manifest)
-    train_ds = CaptionDataset(prep, source, "train", cfg.max_attrs, where=source_name,
-                              captions_per_image=cfg.captions_per_image)
-    val_ds = CaptionDataset(prep, source, "val", cfg.max_attrs, where=source_name)
     max_len = int(prep.labels.shape[1])
 
     ckpt = None
@@ -223,6 +221,11 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
         raise InputError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose "
                          "a new --out")
     start = ckpt if ckpt is not None else (load_checkpoint(init) if init else None)
+    # a continued model reads its features the way it was trained; a new one as cfg says
+    geometry = bool(start["config"].get("box_geometry", False)) if start is not None else cfg.box_geometry
+    train_ds = CaptionDataset(prep, source, "train", cfg.max_attrs, where=source_name,
+                              captions_per_image=cfg.captions_per_image, box_geometry=geometry)
+    val_ds = CaptionDataset(prep, source, "val", cfg.max_attrs, where=source_name, box_geometry=geometry)
     if start is not None:
         idn.check_trained_on(source.manifest, start["feature_identity"], where=source_name, model=str(start["path"]))
         if list(start["vocab"]) != list(prep.vocab):
@@ -235,7 +238,7 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
         mcfg = GliedConfig.preset(cfg.model, vocab_size=len(prep.vocab), feature_dim=feature_dim,
                                   d_model=cfg.d_model, d_embed=cfg.d_embed, n_heads=cfg.n_heads,
                                   dropout=cfg.dropout, label_smoothing=cfg.label_smoothing,
-                                  max_positions=max(64, max_len + 2))
+                                  max_positions=max(64, max_len + 2), box_geometry=geometry)
     torch.manual_seed(cfg.seed)  # initial weights are a function of the seed
     model = GliedDecoder(mcfg).to(device)
     progress = {"xe_done": 0, "scst_done": 0, "step": 0}

@@ -174,7 +174,8 @@ def load_region_extractor(weights, *, device: str = "cpu", precision: str = "fp3
             ``BottomUpConfig.r101_vg()`` unless ``config`` is given) or a glied detector checkpoint (.pt, or
             the `glied train-detector` run folder holding it).
         device: "cpu" or a torch device string ("cuda", "cuda:1").
-        precision: "fp32" | "bf16" | "fp16" (autocast; bf16 is fast on CPUs with avx512_bf16).
+        precision: "fp32" | "bf16" | "fp16" (res5 cast to that dtype; backbone and RPN stay fp32) | "auto"
+            (:func:`glied.extractors.precision.resolve_precision`: bf16 where the hardware has it natively).
         procedure: region selection "butd" (original Caffe rule, 10..100, default) | "fixed36" | "adapt".
         resizer: "pil" (the port) | "cv2" (original Caffe); default from the config ("pil").
         classes_file / attributes_file: vocabularies (one name per line); default ``objects_vocab.txt`` /
@@ -187,8 +188,11 @@ def load_region_extractor(weights, *, device: str = "cpu", precision: str = "fp3
         path = ck.resolve(path, DETECTOR)
     if not path.is_file():
         raise WeightsError(missing_weights_message(path))
+    if precision == "auto":
+        from glied.extractors.precision import resolve_precision
+        precision = resolve_precision("auto", device).precision
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"--precision must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}")
     changes = dict(overrides, procedure=procedure)
     if resizer is not None:
         changes["resizer"] = resizer
