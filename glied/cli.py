@@ -6,6 +6,8 @@ printed as one line by :func:`main` with a non-zero exit, never a traceback.
 """
 from __future__ import annotations
 
+import errno
+import math
 import os
 import sys
 
@@ -21,6 +23,31 @@ def cli() -> None:
     """glied: raw photos -> bottom-up regions + MIL attribute words -> GLIED captions."""
 
 
+class _PositiveFloat(click.ParamType):
+    """A finite number > 0 (click's FloatRange lets nan through)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not (math.isfinite(v) and v > 0):
+            self.fail(f"{value} is not a positive finite number", param, ctx)
+        return v
+
+
+POSITIVE = _PositiveFloat()
+
+
+def _device(ctx, param, value: str) -> str:
+    """--device callback: 'cuda' on a machine without CUDA is one line naming the fix, not a traceback."""
+    from glied.pipeline.extract import resolve_device
+
+    return resolve_device(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI and turn GliedError into one line on stderr, exit 2."""
     # OpenMP threads that spin while waiting dominate on a busy CPU (measured: 5x slower decoding); torch is
@@ -34,9 +61,19 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:          # a bad flag value: one line too, naming the help to read
+        cmd = e.ctx.command_path if e.ctx is not None else "glied"
+        click.echo(f"error: {e.format_message()} (see `{cmd} --help`)", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except OSError as e:                   # disk full, read-only folder, permissions: the environment's fault
+        where = f"{e.filename}: " if e.filename else ""
+        hint = ("; free some space and run the same command again (finished work is kept)"
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "")
+        click.echo(f"error: {where}{e.strerror or e}{hint}", err=True)
+        sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
 
@@ -101,7 +138,7 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 @click.option("--config", "preset", default="small", show_default=True, help="Model preset.")
 @click.option("--epochs", type=int, default=None, help="Epochs (default: the training config's).")
 @click.option("--batch-size", type=int, default=None, help="Images per step.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).")
+@click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate (AdamW).")
 @click.option("--input-size", type=int, default=None, help="Input side in pixels for the small preset.")
 @click.option("--split", default="train", show_default=True, help="Training split (train|val|test|all).")
 @click.option("--split-file", type=click.Path(dir_okay=False), default=None,
@@ -159,7 +196,7 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
               default=None, help="Model preset (default: small, the shapes world; bottomup with --init-from).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default per preset: small 8).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step (small: 8).")
-@click.option("--lr", type=float, default=None, help="Adam learning rate (small: 1e-3, ResNets: 1e-4).")
+@click.option("--lr", type=POSITIVE, default=None, help="Adam learning rate (small: 1e-3, ResNets: 1e-4).")
 @click.option("--vocab-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="K: the most frequent training-caption words kept.")
 @click.option("--input-size", type=click.IntRange(min=32), default=None,
@@ -179,7 +216,7 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
               help="With --init-from: the trunk's learning rate relative to the head's.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's; 1 is fastest for the small model on a busy machine).")
 def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, vocab_size, input_size, stopwords,
@@ -214,7 +251,7 @@ def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, voca
               help="Also report the mAP over these words (one per line, or a json list).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Metrics json (default RUN/metrics_<split>.json).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
 def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device, threads) -> None:
     """Per-word AP, mAP and precision/recall at top-k of a MIL run on a held-out split."""
@@ -252,8 +289,9 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
 @click.option("--top-k", type=int, default=None, help="Attribute words kept per image (default: the run's).")
 @click.option("--images-root", type=click.Path(file_okay=False), default=None,
               help="Folder that the paths in a json or list INPUT are relative to.")
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding threads (0: none).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Image-decoding threads (0: none).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 where the CPU/GPU has it natively, fp16 on older tensor-core GPUs, else fp32.")
@@ -375,11 +413,13 @@ _MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
               help="Cross-entropy, self-critical (needs --init or --resume), or XE then SCST.")
 @click.option("--model", type=click.Choice(_MODELS), default="glied", show_default=True,
               help="GLIED, the base model, or base plus one distilling part.")
-@click.option("--epochs", type=int, default=15, show_default=True, help="Cross-entropy epochs.")
-@click.option("--scst-epochs", type=int, default=10, show_default=True, help="Self-critical epochs.")
-@click.option("--batch-size", type=int, default=50, show_default=True, help="Images per step and process.")
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Cross-entropy learning rate.")
-@click.option("--scst-lr", type=float, default=5e-5, show_default=True, help="Self-critical learning rate.")
+@click.option("--epochs", type=click.IntRange(min=0), default=15, show_default=True, help="Cross-entropy epochs.")
+@click.option("--scst-epochs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Self-critical epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Images per step and process.")
+@click.option("--lr", type=POSITIVE, default=5e-4, show_default=True, help="Cross-entropy learning rate.")
+@click.option("--scst-lr", type=POSITIVE, default=5e-5, show_default=True, help="Self-critical learning rate.")
 @click.option("--warmup-steps", type=int, default=200, show_default=True)
 @click.option("--scst-baseline", type=click.Choice(["greedy", "mean"]), default="greedy", show_default=True)
 @click.option("--scst-samples", type=int, default=5, show_default=True, help="Samples per image in SCST.")
@@ -392,7 +432,7 @@ _MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
 @click.option("--init", type=click.Path(), default=None, help="Start from this checkpoint's weights.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.", callback=_device)
 def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs: int, scst_epochs: int,
               batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
               scst_samples: int, captions_per_image: int | None, d_model: int, d_embed: int, heads: int,
@@ -417,10 +457,10 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs
 @click.option("--features", required=True, type=click.Path(), help="Feature cache the model was trained on.")
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data.")
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
-@click.option("--beam", type=int, default=3, show_default=True, help="Beam size (1 = greedy).")
-@click.option("--batch-size", type=int, default=50, show_default=True)
+@click.option("--beam", type=click.IntRange(min=1), default=3, show_default=True, help="Beam size (1 = greedy).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write (default: run dir).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: int, batch_size: int,
                  out: str | None, device: str) -> None:
     """Caption a split, write COCO-format predictions and BLEU/METEOR/ROUGE-L/CIDEr (pycocoevalcap)."""
@@ -442,8 +482,8 @@ def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: in
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per photo (for tools).")
 @click.option("--show", type=click.Path(dir_okay=False), default=None,
               help="Write a picture of what the model saw (with several photos: OUT_<photo>.png each).")
-@click.option("--beam", type=int, default=None, help="Beam size (default: the bundle's, 3).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--beam", type=click.IntRange(min=1), default=None, help="Beam size (default: the bundle's, 3).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Detector precision; auto: bf16 where the CPU/GPU has it natively, else fp32 (the decoder "
@@ -457,6 +497,8 @@ def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str |
     from glied.pipeline.caption import Captioner, expand_inputs, save_picture
     from glied.pipeline.extract import choose_precision, resolve_device, say_precision
 
+    if show and not os.path.isdir(os.path.dirname(os.path.abspath(show))):
+        raise GliedError(f"--show {show}: the folder {os.path.dirname(os.path.abspath(show))} does not exist")
     files = expand_inputs(photos)
     if not files:
         raise GliedError(f"no image files in {' '.join(photos)}")

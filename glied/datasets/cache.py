@@ -33,6 +33,7 @@ import numpy as np
 from glied.datasets import cache_store as cs
 from glied.datasets import identity as idn
 from glied.errors import ConfigError, InputError
+from glied.fileio import fsync_dir, write_bytes_atomic
 from glied.records import AttributeWords, RegionFeatures
 
 FORMAT = "glied-feature-cache"
@@ -331,8 +332,8 @@ class CacheWriter:
                                      f"backup, or write to a new --out folder (or delete {self.root})")
                 if manifest.get("format") != FORMAT:
                     raise ConfigError("CacheWriter needs a manifest from glied.datasets.cache.make_manifest")
-                cs.atomic_write_bytes(os.path.join(self.root, MANIFEST),
-                                      json.dumps(manifest, indent=1).encode("utf-8"))
+                write_bytes_atomic(os.path.join(self.root, MANIFEST),
+                                   json.dumps(manifest, indent=1).encode("utf-8"), durable=True)
                 self.manifest = manifest
             self._dtype = np.dtype(self.manifest["dtype"])
             self._dim = int(self.manifest["extractor"]["feature_dim"])
@@ -356,12 +357,12 @@ class CacheWriter:
         new_data = not os.path.exists(os.path.join(self.root, cs.data_file_name(self._num)))
         self._data = open(os.path.join(self.root, cs.data_file_name(self._num)), "ab")
         if new_data:
-            cs.fsync_dir(os.path.join(self.root, cs.DATA_DIR))
+            fsync_dir(os.path.join(self.root, cs.DATA_DIR))
         self._pos = self._data.tell()
         new_index = not os.path.exists(os.path.join(self.root, cs.INDEX_NAME))
         self._index = open(os.path.join(self.root, cs.INDEX_NAME), "ab")
         if new_index:
-            cs.fsync_dir(self.root)
+            fsync_dir(self.root)
 
     def __contains__(self, image_id) -> bool:
         return str(image_id) in self._committed or str(image_id) in self._pending_ids
@@ -415,7 +416,7 @@ class CacheWriter:
         self._num += 1
         self._data = open(os.path.join(self.root, cs.data_file_name(self._num)), "ab")
         self._pos = 0
-        cs.fsync_dir(os.path.join(self.root, cs.DATA_DIR))
+        fsync_dir(os.path.join(self.root, cs.DATA_DIR))
 
     def commit(self) -> None:
         """Make every queued entry durable: fsync the data, then append + fsync their index lines."""

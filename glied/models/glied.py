@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glied.errors import ConfigError
 from glied.models.attention import MultiHeadAttention, Residual, derived, fused_linear, sinusoid_table, split_heads
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
@@ -65,24 +66,47 @@ class GliedConfig:
     label_smoothing: float = 0.0
     box_geometry: bool = False  # region rows end with 5 box-geometry columns (glied.datasets.captions)
 
+    def __post_init__(self) -> None:
+        """ConfigError (one line for the CLI) on sizes the model cannot be built with."""
+        for k in ("vocab_size", "d_model", "d_embed", "n_heads", "feature_dim", "max_positions"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"model config: {k} must be a positive integer, not {v!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model config: {self.n_heads} heads do not divide d_model {self.d_model} "
+                              f"(choose --heads among the divisors of --d-model, e.g. 8 for 512)")
+        for k in ("dropout", "label_smoothing"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise ConfigError(f"model config: {k} must be in [0, 1), not {v!r}")
+
     @classmethod
     def preset(cls, name: str, **kw: Any) -> "GliedConfig":
         """A config for one of :data:`MODEL_PRESETS` (``glied``, ``base``, ``base+gvd``, ...)."""
         if name not in MODEL_PRESETS:
-            raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+            raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODEL_PRESETS)}")
         gv, ga, gl = MODEL_PRESETS[name]
-        return cls(global_visual=gv, global_attribute=ga, local_distilling=gl, **kw)
+        try:
+            return cls(global_visual=gv, global_attribute=ga, local_distilling=gl, **kw)
+        except TypeError as e:
+            raise ConfigError(f"model config: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GliedConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config: expected a mapping, not {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown GliedConfig fields {sorted(unknown)}")
-        return cls(**d)
+            raise ConfigError(f"unknown GliedConfig fields {sorted(unknown)} (a checkpoint of another glied "
+                              f"version?)")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"model config: {e}") from None
 
     def replace(self, **kw: Any) -> "GliedConfig":
         return replace(self, **kw)

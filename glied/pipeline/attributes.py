@@ -15,6 +15,7 @@ import numpy as np
 
 from glied.datasets.prepared import PreparedData
 from glied.errors import ConfigError, InputError
+from glied.fileio import write_json_atomic
 
 # Per-preset training defaults: (epochs, batch size, learning rate).
 TRAIN_DEFAULTS = {"small": (8, 8, 1e-3), "resnet18": (10, 16, 1e-4), "resnet50": (10, 8, 1e-4),
@@ -106,9 +107,9 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
         f"{tcfg.epochs} epochs x batch {tcfg.batch_size}, lr {tcfg.lr}, {torch.get_num_threads()} threads")
     summary = train_mil(TrainSet(tr_paths, tr.labels, vocab), out, cfg, tcfg, val=val_set, resume=resume,
                         device=device, label_stats=stats, trunk_init=trunk if not resume else None, log=log)
-    (out / "config.json").write_text(json.dumps({"data": str(Path(data).resolve()), "images_root": str(root),
-                                                 "model": cfg.to_dict(), "train": tcfg.to_dict(),
-                                                 "label_stats": stats}, indent=1))
+    write_json_atomic(out / "config.json", {"data": str(Path(data).resolve()), "images_root": str(root),
+                                            "model": cfg.to_dict(), "train": tcfg.to_dict(),
+                                            "label_stats": stats}, indent=1)
     return summary | {"label_stats": stats, "out": str(out)}
 
 
@@ -181,7 +182,7 @@ def evaluate_attributes(run: str | Path, data: str | Path, *, split: str = "test
                "seconds_per_image": t_model / len(paths), "no_vocab_word_images": len(ls.no_vocab_word),
                "no_caption_images": len(ls.no_captions)} | metrics
     dest = Path(out) if out is not None else (Path(run) if Path(run).is_dir() else Path(run).parent) / f"metrics_{split}.json"
-    dest.write_text(json.dumps(metrics, indent=1))
+    write_json_atomic(dest, metrics, indent=1)
     metrics["written_to"] = str(dest)
     return metrics
 

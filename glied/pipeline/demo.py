@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from glied.fileio import write_text_atomic
 from glied.pipeline.data import make_shapes_world, prepare_captions
 from glied.pipeline.stages import StageRunner
 
@@ -276,7 +277,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
         log(f"  caption:      {ex['caption']}")
         log(f"  ground truth: {', '.join(ex.get('objects', []))}")
         log(f"  reference:    {ex['references'][0]}")
-    (out / "report.txt").write_text(report)
+    write_text_atomic(out / "report.txt", report)
     return {name: r.result for name, r in runner.results.items()} | {"config": asdict(cfg)}
 
 

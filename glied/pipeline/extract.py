@@ -9,7 +9,8 @@ Data flow::
       -> boxes mapped back to original pixels -> CacheWriter.put (fsync'ed in groups)
 
 Bad images never stop the run: each gets one line on stderr and a record {id, path, kind, reason} in
-``CACHE/failures.jsonl`` (rewritten by each run; failed images are tried again on the next run).
+``CACHE/failures.jsonl`` (replaced, atomically, at the end of each run; failed images are tried again on the
+next run).
 Extractors follow the contracts in COMMON.md; ``extractor_module`` ("pkg.mod:factory" or
 "path/to/file.py:factory") loads any factory ``factory(weights=..., device=..., precision=...)`` that returns
 such an object (``extract(images) -> list[RegionFeatures]``; for ``--boxes`` also
@@ -36,6 +37,7 @@ from glied.datasets import inputs as inp
 from glied.datasets.cache import FAILURES, CacheWriter, make_manifest
 from glied.datasets.images import DEFAULT_MAX_SIDE, ImageLoadError, LoadedImage, check_max_side, decode_image
 from glied.errors import ConfigError, InputError
+from glied.fileio import atomic_open
 from glied.records import AttributeWords, RegionFeatures
 
 
@@ -226,6 +228,8 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
     of another extractor identity (the message says what differs); committed entries are never rewritten.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if batch_size < 1 or workers < 0:
+        raise ConfigError(f"extract: batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
     t0 = time.perf_counter()
     max_side = check_max_side(max_side)
     items = inp.shard(inp.enumerate_inputs(input_path, images_root), *shard)
@@ -246,7 +250,7 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 + ("; ..." if len(writer.dropped) > 5 else ""))
         todo = [it for it in items if it.id not in writer]
         already = len(items) - len(todo)
-        with open(fail_path, "w", encoding="utf-8") as ff:
+        with atomic_open(fail_path, "w", encoding="utf-8") as ff:       # replaced when the run ends
             def fail(it: inp.InputImage, kind: str, reason: str) -> None:
                 nonlocal n_fail
                 n_fail += 1

@@ -22,7 +22,7 @@ uninterrupted one. Distributed: under ``torchrun`` (WORLD_SIZE > 1) it uses Dist
 from __future__ import annotations
 
 import csv
-import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from glied.datasets import identity as idn
 from glied.datasets.captions import CaptionDataset, FeatureSource, collate, model_inputs
 from glied.errors import ConfigError, InputError
-from glied.fileio import write_atomic
+from glied.fileio import write_atomic, write_json_atomic
 from glied.models.beam import greedy, sample
 from glied.models.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
 from glied.models.glied import EOS, PAD, GliedConfig, GliedDecoder, MODEL_PRESETS, token_mask
@@ -80,6 +80,16 @@ class TrainConfig:
             raise ConfigError(f"unknown SCST baseline {self.scst_baseline!r}: use greedy or mean")
         if self.batch_size < 1 or self.epochs < 0 or self.scst_epochs < 0:
             raise ConfigError("batch size must be >= 1 and epoch counts >= 0")
+        if (self.epochs if self.stage != "scst" else 0) + (self.scst_epochs if self.stage != "xe" else 0) == 0:
+            raise ConfigError(f"nothing to train: stage {self.stage} with {self.epochs} cross-entropy and "
+                              f"{self.scst_epochs} self-critical epochs; give --epochs/--scst-epochs >= 1")
+        for k in ("lr", "scst_lr", "grad_clip"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{k} must be a positive finite number, not {v!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"{self.n_heads} attention heads do not divide d_model {self.d_model}; choose "
+                              f"--heads among the divisors of --d-model (e.g. 8 for 512)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -253,8 +263,8 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": mcfg.to_dict(),
-                                                            "world_size": world}, indent=1))
+        write_json_atomic(out / "train_config.json", {"train": cfg.to_dict(), "model": mcfg.to_dict(),
+                                                      "world_size": world}, indent=1)
         logger = _Logger(out, history)
     reward = None
     itow = list(prep.vocab)

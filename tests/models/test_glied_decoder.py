@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from glied.errors import ConfigError
+
 from glied.models.beam import beam_search, greedy, greedy_uncached, sample
 from glied.models.checkpoint import build_model, load_checkpoint, save_checkpoint, FORMAT, VERSION
 from glied.models.glied import EOS, MODEL_PRESETS, GliedConfig, GliedDecoder, count_parameters, token_mask
@@ -120,5 +122,9 @@ def test_config_and_checkpoint_round_trip(tmp_path):
     m2 = build_model(load_checkpoint(tmp_path / "x.pt"))
     reg, rm, ai, ap, am = inputs()
     assert torch.equal(m.generate(reg, rm, ai, ap, am, 2, 6), m2.generate(reg, rm, ai, ap, am, 2, 6))
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
         GliedConfig.preset("nope", vocab_size=5)
+    with pytest.raises(ConfigError, match="3 heads do not divide d_model 64"):
+        GliedConfig.preset("glied", vocab_size=5, d_model=64, n_heads=3)
+    with pytest.raises(ConfigError, match="unknown GliedConfig fields"):
+        GliedConfig.from_dict({**m.config.to_dict(), "extra": 1})
