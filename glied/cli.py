@@ -82,7 +82,9 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
     c = m["counts"]
     click.echo(f"{m['dataset']}: {c['images']['train']} train / {c['images']['val']} val / "
                f"{c['images']['test']} test images, {c['sentences']} captions, vocabulary {c['vocab']} "
-               f"({c['truncated_sentences']} captions truncated to {max_length}) -> {out}")
+               f"({c['truncated_sentences']} captions truncated to {max_length}"
+               + (f"; {c['empty_sentences_skipped']} empty captions skipped" if c.get("empty_sentences_skipped")
+                  else "") + f") -> {out}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,14 +255,16 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding threads (0: none).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16 where the CPU/GPU has it natively, fp16 on older tensor-core GPUs, else fp32.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the features in the cache.")
 @click.option("--shard", default=None, metavar="I/N", help="Only the images of shard I of N (0-based).")
 @click.option("--boxes", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Extract at given boxes: COCO annotations json or {image_id: [[x1,y1,x2,y2], ...]}.")
-@click.option("--max-side", type=int, default=2000, show_default=True,
-              help="Downscale larger photos to this long side before the model (0: never).")
+@click.option("--max-side", type=int, default=None,
+              help="Downscale larger photos to this long side before the model (default 2000; 0: never). "
+                   "Recorded in the cache; `glied caption` uses the same cap.")
 @click.option("--commit-seconds", type=float, default=2.0, show_default=True,
               help="Make finished entries durable (fsync) at least this often.")
 @click.option("--keep-word-maps", is_flag=True, help="Also store the attribute words' per-cell maps (large).")
@@ -273,17 +277,21 @@ def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, 
     INPUT: a folder (recursive), a text file listing paths, a Karpathy or COCO json, or a prepared folder.
     Resumable: images already in OUT are skipped; bad images are listed in OUT/failures.jsonl.
     """
+    from glied.datasets.images import DEFAULT_MAX_SIDE, check_max_side
     from glied.datasets.inputs import parse_shard
-    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, extract,
-                                        resolve_device)
+    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, choose_precision,
+                                        extract, resolve_device, say_precision)
 
     sh = parse_shard(shard)
+    max_side = check_max_side(DEFAULT_MAX_SIDE if max_side is None else max_side)
     dev = resolve_device(device)
-    region = build_region_extractor(detector, extractor_module, dev, precision)
+    prec = choose_precision(precision, dev)
+    region = build_region_extractor(detector, extractor_module, dev, prec.precision)
     attr = build_attribute_extractor(attributes, dev, top_k)
+    say_precision(prec)
     s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
                 images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
-                boxes=boxes, max_side=max_side or None, progress=not quiet, commit_seconds=commit_seconds,
+                boxes=boxes, max_side=max_side, progress=not quiet, commit_seconds=commit_seconds,
                 keep_word_maps=keep_word_maps)
     click.echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.2f} images/s); "
                f"{s.already} already in {out}; {s.failed} failed"
@@ -299,6 +307,27 @@ def merge_caches_cmd(out, inputs) -> None:
 
     n, dup = merge_caches(out, list(inputs))
     click.echo(f"merged {n} entries into {out}" + (f" ({dup} duplicate ids skipped)" if dup else ""))
+
+
+@cli.command("verify-cache")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--repair", is_flag=True, help="Drop the damaged entries, so that `glied extract` re-extracts them.")
+def verify_cache_cmd(cache, repair) -> None:
+    """Check every entry of CACHE against its checksums; list the damaged ids (exit 1 if any, unless --repair)."""
+    from glied.pipeline.features_io import verify_cache
+
+    n, bad = verify_cache(cache, repair=repair)
+    for k, why in bad.items():
+        click.echo(f"damaged\t{k}\t{why}")
+    if not bad:
+        click.echo(f"{cache}: all {n} entries intact")
+    elif repair:
+        click.echo(f"{cache}: dropped {len(bad)} damaged entries, {n} intact kept; `glied extract ... --out "
+                   f"{cache}` extracts the dropped images again")
+    else:
+        click.echo(f"{cache}: {len(bad)} damaged entries, {n} intact; run `glied verify-cache {cache} --repair`",
+                   err=True)
+        sys.exit(1)
 
 
 @cli.command("import-features")
@@ -416,8 +445,9 @@ def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: in
 @click.option("--beam", type=int, default=None, help="Beam size (default: the bundle's, 3).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="Detector precision (default: the one the decoder's training features used).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Detector precision; auto: bf16 where the CPU/GPU has it natively, else fp32 (the decoder "
+                   "works on either: they differ by rounding).")
 def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str | None, beam: int | None,
                 batch_size: int, device: str, precision: str | None) -> None:
     """Caption PHOTOS (files or folders) with a model bundle, in one process."""
@@ -425,12 +455,15 @@ def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str |
     import os
 
     from glied.pipeline.caption import Captioner, expand_inputs, save_picture
-    from glied.pipeline.extract import resolve_device
+    from glied.pipeline.extract import choose_precision, resolve_device, say_precision
 
     files = expand_inputs(photos)
     if not files:
         raise GliedError(f"no image files in {' '.join(photos)}")
-    captioner = Captioner.from_bundle(bundle, device=resolve_device(device), precision=precision, beam_size=beam)
+    dev = resolve_device(device)
+    prec = choose_precision(precision, dev)
+    captioner = Captioner.from_bundle(bundle, device=dev, precision=prec.precision, beam_size=beam)
+    say_precision(prec)
     failed = 0
 
     def emit(r) -> None:
@@ -456,7 +489,8 @@ def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str |
 @click.option("--attributes", required=True, type=click.Path(exists=True), help="`glied train-attributes` run.")
 @click.option("--decoder", required=True, type=click.Path(exists=True), help="`glied train` run or .pt.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
-@click.option("--beam", type=int, default=3, show_default=True, help="Default beam size for captioning.")
+@click.option("--beam", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Default beam size for captioning.")
 def bundle_cmd(detector: str, attributes: str, decoder: str, out: str, beam: int) -> None:
     """Put a detector, an attribute detector and a decoder that belong together into one bundle."""
     from glied.pipeline.caption import build_bundle
@@ -477,6 +511,162 @@ def demo_cmd(out: str, images: int, seed: int, decoder_seeds: int) -> None:
     from glied.pipeline.demo import DemoConfig, run_demo
 
     run_demo(out, DemoConfig(images=images, seed=seed, decoder_seeds=tuple(range(seed, seed + decoder_seeds))))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image-sentence retrieval: train-retrieval, evaluate-retrieval, index, search
+# ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("train-retrieval")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data (glied prepare).")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache (glied extract).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--model", type=click.Choice(["vse", "teran"]), default="vse", show_default=True,
+              help="vse: one vector per image and sentence (fast search); teran: region-word alignment.")
+@click.option("--text-encoder", default="gru", show_default=True,
+              help="gru (trained from scratch, offline) or a local BERT-family model folder (glied[bert]).")
+@click.option("--preset", type=click.Choice(["paper", "small"]), default="paper", show_default=True,
+              help="Model sizes: the paper's, or small ones for the shapes world.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: vse 25, teran 30).")
+@click.option("--batch-size", type=int, default=None, help="Image-sentence pairs per step (vse 128, teran 40).")
+@click.option("--lr", type=float, default=None, help="Learning rate (vse 5e-4, teran 2e-4).")
+@click.option("--lr-decay-epoch", type=int, default=None, help="lr x0.1 from this epoch (vse 15, teran 20).")
+@click.option("--warmup-epochs", type=int, default=None,
+              help="Epochs over all negatives before the hardest negative (vse 1, teran 0).")
+@click.option("--embed-dim", type=int, default=None, help="Joint-space size (default: the preset's).")
+@click.option("--boxes", is_flag=True, help="vse: also feed each region's normalised box (as teran does).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def train_retrieval_cmd(data, features, out, model, text_encoder, preset, epochs, batch_size, lr, lr_decay_epoch,
+                        warmup_epochs, embed_dim, boxes, seed, device) -> None:
+    """Train an image-sentence retrieval model on cached region features."""
+    from glied.pipeline.retrieval import RetrievalTrainConfig, train_retrieval
+
+    cfg = RetrievalTrainConfig(model=model, preset=preset, text_encoder=text_encoder, epochs=epochs,
+                               batch_size=batch_size, lr=lr, lr_decay_epoch=lr_decay_epoch,
+                               warmup_epochs=warmup_epochs, embed_dim=embed_dim, boxes=boxes, seed=seed)
+    s = train_retrieval(data, features, out, cfg, device=device, log=click.echo)
+    click.echo(f"best val rsum {s['best_val_rsum']:.1f} after {s['epochs']} epochs ({s['seconds']} s); run in {out}")
+
+
+@cli.command("evaluate-retrieval")
+@click.option("--run", required=True, type=click.Path(), help="train-retrieval run folder or .pt file.")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache the model was trained on.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--protocol", type=click.Choice(["1k", "5k", "all"]), default="all", show_default=True,
+              help="1k: mean over folds of 1,000 images (COCO 1K); 5k: first 5,000 images; all: the whole split.")
+@click.option("--ndcg", is_flag=True, help="Also NDCG@25 with ROUGE-L relevance (slow on large splits).")
+@click.option("--rerank", type=click.Path(), default=None,
+              help="A teran run whose alignment re-ranks each query's top --rerank-k.")
+@click.option("--rerank-k", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Metrics JSON (default RUN/retrieval_<split>_<protocol>.json).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_retrieval_cmd(run, features, data, split, protocol, ndcg, rerank, rerank_k, out, device) -> None:
+    """R@1/5/10 image->text and text->image, rsum (and NDCG@25) of a retrieval run on a split."""
+    from glied.pipeline.retrieval import evaluate_retrieval
+
+    r = evaluate_retrieval(run, features, data, split, protocol, ndcg=ndcg, out=out, device=device,
+                           rerank=rerank, rerank_k=rerank_k, log=click.echo)
+    click.echo(f"{r['seconds_end_to_end']:.1f} s -> {r['written_to']}")
+
+
+@cli.command("index")
+@click.option("--run", required=True, type=click.Path(), help="train-retrieval run folder or .pt file.")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache whose images to index.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Prepared data whose captions to index too (for search --image).")
+@click.option("--device", default="cpu", show_default=True)
+def index_cmd(run, features, out, data, device) -> None:
+    """Embed every image of a feature cache once (and the prepared captions) into a search index."""
+    from glied.pipeline.retrieval import build_index
+
+    s = build_index(run, features, out, data=data, device=device)
+    click.echo(f"indexed {s['images']} images and {s['captions']} captions in {s['seconds']} s -> {s['index']}")
+
+
+@cli.command("search")
+@click.argument("query", required=False)
+@click.option("--index", "index_path", required=True, type=click.Path(), help="Index folder (glied index).")
+@click.option("--image", "photo", type=click.Path(), default=None, help="A photo: find captions for it.")
+@click.option("--image-id", default=None, help="A cached image (with --features): find captions for it.")
+@click.option("--features", type=click.Path(), default=None, help="Feature cache holding --image-id.")
+@click.option("--model", "bundle", type=click.Path(), default=None,
+              help="Model bundle whose detector extracts the regions of --image.")
+@click.option("--detector", type=click.Path(), default=None, help="Or a train-detector run / weights for --image.")
+@click.option("--extractor-module", default=None, metavar="MOD:FACTORY", help="Or a region-extractor factory.")
+@click.option("--captions", "captions_file", type=click.Path(dir_okay=False), default=None,
+              help="Rank these captions (one per line) instead of the index's.")
+@click.option("--run", type=click.Path(), default=None, help="Refuse an index built from another run than this.")
+@click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (for tools).")
+def search_cmd(query, index_path, photo, image_id, features, bundle, detector, extractor_module, captions_file,
+               run, k, as_json) -> None:
+    """Text -> images: `glied search --index INDEX "a red circle"`. Image -> captions: --image PHOTO --model
+    BUNDLE, or --image-id ID --features CACHE."""
+    import json
+
+    from glied.pipeline import retrieval as rt
+
+    if sum(x is not None for x in (query, photo, image_id)) != 1:
+        raise GliedError("search needs exactly one of: a QUERY sentence, --image PHOTO, --image-id ID")
+    rt.check_query(query)
+    if image_id is not None and features is None:
+        raise GliedError("--image-id needs --features CACHE (the cache holding that image)")
+    index = rt.Index(index_path)
+    if run:
+        index.check_run(run)
+    if query is not None:
+        hits, what = index.text_to_images(query, k), {"query": query}
+    else:
+        if photo is not None:
+            loaded = rt.decode_photo(photo, index.max_side)
+            extractor, where = rt.region_extractor_for(bundle, detector, extractor_module)
+            index.check_extractor(extractor, where)
+            emb, what = index.embed_photo(rt.photo_regions(extractor, loaded)), {"image": photo}
+        else:
+            emb, what = index.embed_cached(rt.open_cache(features), image_id), {"image_id": image_id}
+        hits = index.image_to_captions(emb, k, captions_file)
+    if as_json:
+        click.echo(json.dumps({**what, "results": hits}))
+        return
+    for h in hits:
+        click.echo(f"{h['score']:.4f}\t" + (h["image_id"] if "caption" not in h else h["caption"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Serving: a local web page and JSON API (glied.pipeline.serve)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("serve")
+@click.option("--model", "bundle", required=True, type=click.Path(), help="A model bundle (`glied bundle`).")
+@click.option("--index", default=None, type=click.Path(), help="A retrieval index (`glied index`) for search.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--beam", type=click.IntRange(1, 8), default=None, help="Default beam size (default: the bundle's).")
+@click.option("--batch-window-ms", type=float, default=10.0, show_default=True,
+              help="How long to wait for more photos before captioning a batch.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most photos captioned together (1: no batching).")
+@click.option("--max-upload-mb", type=float, default=20.0, show_default=True, help="Largest request accepted.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Detector precision (default: the one the decoder's training features used).")
+def serve_cmd(bundle: str, index: str | None, host: str, port: int, beam: int | None, batch_window_ms: float,
+              max_batch: int, max_upload_mb: float, device: str, precision: str | None) -> None:
+    """Serve a page and a JSON API (POST /caption, POST /search, GET /health) for a model bundle."""
+    from glied.pipeline.extract import resolve_device
+    from glied.pipeline.serve import ServeConfig, require_serve_extra, serve
+
+    require_serve_extra()
+    config = ServeConfig(batch_window_ms=batch_window_ms, max_batch=max_batch, max_upload_mb=max_upload_mb,
+                         beam_size=beam)
+    serve(bundle, host=host, port=port, index=index, config=config, device=resolve_device(device),
+          precision=precision, log=lambda s: click.echo(s, err=s.startswith("warning")))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,27 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` with the process umask applied: what ``open()``/``mkdir()`` would give a new file/folder
+    (``mkstemp``/``mkdtemp`` give 0600/0700 whatever the umask; files written through them are chmod-ed)."""
+    return mode & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask(0) would briefly open a window, in which another
+    thread could create a world-writable file)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)          # no /proc: the classic read-and-restore, with a safe value in between
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path``.
 
@@ -28,6 +49,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

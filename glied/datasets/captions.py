@@ -35,23 +35,6 @@ class FeatureSource(Protocol):
     def attributes(self, image_id: str) -> Optional[AttributeWords]: ...
 
 
-def feature_identity(manifest: dict) -> dict:
-    """The part of a cache manifest that a trained decoder depends on: the region extractor identity and the
-    attribute-word identity (name, config, vocab, top_k). Stored in checkpoints and compared on reuse."""
-    return {"extractor": manifest.get("extractor"), "attributes": manifest.get("attributes")}
-
-
-def check_identity(expected: dict, source: FeatureSource, what: str, where: str) -> None:
-    """Raise ConfigError naming what differs if ``source``'s identity is not ``expected``."""
-    from glied.datasets.cache import diff_identity
-
-    diff = diff_identity(feature_identity(source.manifest), expected)
-    if diff:
-        raise ConfigError(f"{where}: feature cache identity differs from the one {what} "
-                          f"({'; '.join(diff[:4])}); "
-                          "use the cache the model was trained with, or train a new model on this cache")
-
-
 #: box-geometry columns appended to each region's features when a decoder reads box positions
 GEOMETRY_DIMS = 5
 
@@ -103,10 +86,20 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.ids = [data.images[i]["id"] for i in self.indices]
         missing = [i for i in self.ids if i not in features]
         if missing:
+            damaged = [i for i in missing if i in getattr(features, "damaged", {})]
+            if damaged:
+                raise InputError(f"{where}: {len(damaged)} {split} images have damaged cache entries (e.g. "
+                                 f"{damaged[0]}: {features.damaged[damaged[0]]}); run `glied verify-cache "
+                                 f"{where} --repair`, then `glied extract` into it again")
             raise InputError(f"{where}: {len(missing)} of {len(self.ids)} {split} images are missing from "
                              "the "
                              f"feature cache (e.g. {', '.join(map(str, missing[:3]))}); extract features for "
                              "every image of the prepared data first (`glied extract`)")
+        empty = [i for i in self.ids if _num_regions(features, i) == 0]
+        if empty:
+            raise InputError(f"{where}: {len(empty)} {split} images have no regions in the feature cache (e.g. "
+                             f"{', '.join(map(str, empty[:3]))}); the decoder needs at least one region per "
+                             "image: drop them from the prepared data or extract them with another detector")
         attr_identity = features.manifest.get("attributes") or {}
         self.attr_map = attribute_vocab_map(attr_identity.get("vocab"), data.wtoi)
         self.max_length = int(data.labels.shape[1])
@@ -138,6 +131,12 @@ class CaptionDataset(torch.utils.data.Dataset):
         return {"index": i, "regions": torch.from_numpy(feats), "attr_ids": torch.from_numpy(a_ids),
                 "attr_probs": torch.from_numpy(a_probs),
                 "captions": torch.from_numpy(self.data.labels[rows].astype(np.int64))}
+
+
+def _num_regions(features: FeatureSource, image_id: str) -> int:
+    """Regions of one image; from the cache index when the source has one (no data read)."""
+    n = getattr(features, "num_regions", None)
+    return n(image_id) if n is not None else len(features.regions(image_id).features)
 
 
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:

@@ -112,17 +112,21 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
     return summary | {"label_stats": stats, "out": str(out)}
 
 
-def concept_words(prep: PreparedData) -> list[str] | None:
-    """The visual concept words of a shapes world (its shape, colour and size names, from the
-    ``instances.json`` next to the captions file), or None for other datasets."""
+def concept_groups(prep: PreparedData) -> dict[str, list[str]] | None:
+    """The visual concept words of a shapes world, from the ``instances.json`` next to the captions file:
+    {"concepts": all of them, "shape": the shape names, and one group per attribute type ("colour", "size")},
+    or None for other datasets."""
     inst = Path(prep.manifest.get("source", "")).parent / "instances.json"
     if prep.manifest.get("dataset") != "shapes" or not inst.is_file():
         return None
     try:
         d = json.loads(inst.read_text())
-        return [c["name"] for c in d["categories"]] + [a["name"] for a in d.get("attributes", [])]
-    except (ValueError, KeyError, TypeError):
+        groups = {"shape": [c["name"] for c in d["categories"]]}
+        for a in d.get("attributes", []):
+            groups.setdefault(a.get("type") or "attribute", []).append(a["name"])
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
+    return {"concepts": [w for ws in groups.values() for w in ws]} | groups
 
 
 def _read_words(path: str | Path) -> list[str]:
@@ -149,8 +153,9 @@ def evaluate_attributes(run: str | Path, data: str | Path, *, split: str = "test
     Labels use the run's own vocabulary; images without captions are skipped, images whose captions have no
     vocabulary word count as all-negative. Besides the mAP over every vocabulary word (Fang's figure), a
     subset mAP is reported for ``words`` (a file: one word per line or a json list) and, for a shapes world,
-    for its concept words (shape, colour and size names): many shapes-world caption words ("we", "see",
-    "left", ...) are drawn at random by the caption grammar and cannot be predicted from the image.
+    for its concept words (shape, colour and size names, together and per group): many shapes-world caption
+    words ("we", "see", which pair a relation names, ...) are drawn at random by the caption grammar and cannot
+    be predicted from the image.
     """
     from glied.extractors.mil.data import read_image
     from glied.extractors.mil.evaluate import word_metrics
@@ -168,10 +173,7 @@ def evaluate_attributes(run: str | Path, data: str | Path, *, split: str = "test
         t0 = time.perf_counter()
         probs.append(ext.probs(batch))
         t_model += time.perf_counter() - t0
-    subsets = {}
-    concepts = concept_words(prep)
-    if concepts:
-        subsets["concepts"] = concepts
+    subsets = dict(concept_groups(prep) or {})
     if words is not None:
         subsets["words"] = _read_words(words)
     metrics = word_metrics(np.concatenate(probs), ls.labels, ext.vocab, top_ks, subsets)

@@ -22,25 +22,51 @@ from pathlib import Path
 from typing import Callable
 
 from glied import __version__
+from glied import checkpoint as ck
 from glied.errors import ConfigError, InputError
-from glied.fileio import sha256_file
+from glied.fileio import sha256_file, umask_mode
 
 FORMAT = "glied-bundle"
 VERSION = 1
 PARTS = ("detector", "attributes", "decoder")
 
 
-def _checkpoint_file(path: str | os.PathLike, part: str) -> Path:
-    """A run folder's best.pt / last.pt / model.pt / checkpoint.pt, or the file itself."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("best.pt", "last.pt", "model.pt", "checkpoint.pt"):
-            if (p / name).is_file():
-                return p / name
-        raise InputError(f"{p}: no checkpoint (best.pt, last.pt, model.pt) in this {part} run folder")
-    if not p.is_file():
-        raise InputError(f"{p}: {part} checkpoint not found")
-    return p
+def _checkpoint_formats() -> dict:
+    """{part: its checkpoint Format} (see :mod:`glied.checkpoint`)."""
+    from glied.extractors.bottomup.weights import DETECTOR
+    from glied.extractors.mil.checkpoint import MIL
+    from glied.models.checkpoint import DECODER
+
+    return {"detector": DETECTOR, "attributes": MIL, "decoder": DECODER}
+
+
+def _check_replaceable(out: Path, sources: dict[str, Path]) -> None:
+    """Refuse an ``out`` that is not empty and not a bundle (a run folder, a user's folder, a file, a
+    symbolic link), and one that holds an input part: writing a bundle must never delete anything else."""
+    if os.path.islink(out):
+        raise InputError(f"--out {out}: is a symbolic link; give the bundle folder itself or a new folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder; give a new folder for the bundle")
+    real = out.resolve()
+    for part, src in sources.items():
+        if real == src.resolve() or real in src.resolve().parents:
+            raise InputError(f"--out {out}: holds the {part} checkpoint {src} that goes into the bundle; "
+                             f"write the bundle to another folder")
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return
+    bundle_files = {"bundle.json"} | {f"{p}.pt" for p in PARTS}
+    try:
+        fmt = json.loads((out / "bundle.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt != FORMAT or not names <= bundle_files:
+        other = sorted(names - bundle_files)[:3]
+        raise InputError(f"--out {out}: exists and is not a glied bundle (it holds "
+                         f"{', '.join(other or sorted(names)[:3])}{' ...' if len(names) > 3 else ''}); "
+                         f"refusing to replace it: give a new folder, or remove it yourself")
 
 
 def write_bundle(out: str | os.PathLike, *, detector: str | os.PathLike, attributes: str | os.PathLike,
@@ -50,14 +76,17 @@ def write_bundle(out: str | os.PathLike, *, detector: str | os.PathLike, attribu
 
     ``verify(folder)`` runs on the complete bundle before it is renamed into place (the caption pipeline loads
     it there and checks that the parts belong together); if it raises, nothing at ``out`` changes.
-    An existing ``out`` is replaced only once the new bundle is complete and verified.
+    An existing ``out`` is replaced only if it is a bundle (or empty), and only once the new bundle is complete
+    and verified; anything else at ``out`` (a run folder, a folder holding an input part, a file) is refused.
     """
     out = Path(out)
-    sources = {"detector": _checkpoint_file(detector, "detector"),
-               "attributes": _checkpoint_file(attributes, "attributes"),
-               "decoder": _checkpoint_file(decoder, "decoder")}
+    fmts = _checkpoint_formats()
+    sources = {part: ck.resolve(src, fmts[part])
+               for part, src in (("detector", detector), ("attributes", attributes), ("decoder", decoder))}
+    _check_replaceable(out, sources)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    os.chmod(tmp, umask_mode(0o777))
     try:
         meta = {"format": FORMAT, "version": VERSION, "glied_version": __version__, "parts": {},
                 "settings": dict(settings or {})}

@@ -10,7 +10,6 @@ decoder was trained on; :meth:`Captioner.from_bundle` refuses a decoder trained 
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,15 +18,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from glied.datasets.images import ImageLoadError, decode_image
-from glied.errors import ConfigError, GliedError
+from glied.datasets import identity as idn
+from glied.datasets.images import DEFAULT_MAX_SIDE, IMAGE_EXTENSIONS, ImageLoadError, check_max_side, decode_image
+from glied.errors import InputError
 from glied.pipeline.bundle import read_bundle, write_bundle
-from glied.pipeline.extract import _rescale, attribute_identity
+from glied.pipeline.extract import _rescale
 from glied.pipeline.show import Explanation, save_explanation
 from glied.records import AttributeWords, RegionFeatures
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
 
 @dataclass
 class CaptionResult:
@@ -68,7 +65,7 @@ def expand_inputs(paths: Sequence[str]) -> list[str]:
     out: list[str] = []
     for p in paths:
         if os.path.isdir(p):
-            out += sorted(str(f) for f in Path(p).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            out += sorted(str(f) for f in Path(p).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
         else:
             out.append(p)
     return out
@@ -83,15 +80,18 @@ class Captioner:
         decoder: a :class:`glied.models.glied.GliedDecoder` in eval mode.
         vocab: the decoder's caption vocabulary (itow).
         beam_size, max_len: decoding settings.
+        max_side: photos are decoded at most this long (None: no cap); :meth:`from_bundle` takes the cap the
+            decoder's training features were extracted with.
     """
 
     def __init__(self, regions, attributes, decoder, vocab: list[str], *, beam_size: int = 3, max_len: int = 24,
-                 top_k: Optional[int] = None, device: str = "cpu"):
+                 top_k: Optional[int] = None, device: str = "cpu", max_side: Optional[int] = DEFAULT_MAX_SIDE):
         from glied.datasets.captions import attribute_vocab_map
 
         self.regions, self.attributes, self.decoder = regions, attributes, decoder
         self.vocab, self.beam_size, self.max_len, self.device = vocab, beam_size, max_len, device
         self.top_k = top_k
+        self.max_side = check_max_side(max_side)
         self.attr_map = attribute_vocab_map(list(attributes.vocab), {w: i for i, w in enumerate(vocab)})
         self.timings: dict[str, float] = {"decode": 0.0, "detector": 0.0, "attributes": 0.0, "decoder": 0.0}
 
@@ -112,14 +112,22 @@ class Captioner:
         precision = precision or ((trained_on.get("extractor") or {}).get("config") or {}).get("precision", "fp32")
         regions = load_region_extractor(files["detector"], device=device, precision=precision)
         attributes = load_attribute_extractor(files["attributes"], device=device, **({"top_k": top_k} if top_k else {}))
-        live = {"extractor": dict(regions.identity()), "attributes": attribute_identity(attributes, top_k)}
-        from glied.datasets.cache import diff_identity
-        diff = diff_identity(_drop_runtime(live), _drop_runtime(trained_on))
-        if diff:
-            raise ConfigError(f"{path}: the bundle's decoder was trained on features unlike those its detector and "
-                              f"attribute detector give ({'; '.join(diff[:3])}); rebuild the bundle from matching runs")
+        # decode photos with the cap the training features were extracted with (older caches did not record it)
+        trained_ext = trained_on.get("extractor") or {}
+        max_side = trained_ext.get("max_side", DEFAULT_MAX_SIDE)
+        live = idn.build(regions, attributes, top_k=top_k, max_side=max_side)
+        if "max_side" not in trained_ext:
+            live["extractor"].pop("max_side")
+        # the detector's precision changes the features by rounding only: a decoder trained on fp32 features
+        # captions from bf16 ones (and back), so --precision auto may pick what this machine runs fast
+        trained_on = idn.normalise(trained_on)
+        for ident in (live, trained_on):
+            ((ident.get("extractor") or {}).get("config") or {}).pop("precision", None)
+        idn.check(live, trained_on, have_name="the bundle's extractors", limit=3,
+                  what=f"{path}: the bundle's decoder was trained on features unlike those its detector and "
+                       f"attribute detector give", fix="Rebuild the bundle from matching runs")
         decoder = build_model(ckpt).to(device)
-        return cls(regions, attributes, decoder, list(ckpt["vocab"]), top_k=top_k, device=device,
+        return cls(regions, attributes, decoder, list(ckpt["vocab"]), top_k=top_k, device=device, max_side=max_side,
                    beam_size=beam_size or int(settings.get("beam_size", 3)),
                    max_len=int(settings.get("max_len", decoder.config.max_positions - 1)))
 
@@ -168,7 +176,7 @@ class Captioner:
         import torch
 
         if len(r) == 0:
-            raise GliedError("the detector found no region in the image")
+            raise InputError("the detector found no region in the photo")
         word_ids = np.asarray(w.word_ids, np.int64)
         from glied.datasets.captions import region_matrix
 
@@ -184,18 +192,29 @@ class Captioner:
 
     # ------------------------------------------------------------------------------------------------ files
     def caption_files(self, paths: Sequence[str], batch_size: int = 8, with_attention: bool = False,
-                      max_side: int = 1600, on_result: Optional[Callable[[CaptionResult], None]] = None
+                      max_side: Optional[int] = None, on_result: Optional[Callable[[CaptionResult], None]] = None
                       ) -> list[CaptionResult]:
         """Caption image files in batches; an unreadable photo gets a result with ``error`` set and the others
-        are still captioned."""
+        are still captioned. ``max_side``: decoding cap (default: the captioner's, see the class docstring)."""
+        max_side = self.max_side if max_side is None else check_max_side(max_side)
         results: list[CaptionResult] = []
         pending: list[tuple[str, object]] = []
+
+        def caption(items: list) -> list[CaptionResult]:
+            """Caption a batch; when one photo is rejected (no region, an image the detector cannot take),
+            caption each alone so that only that one gets an error."""
+            loaded = [im for _, im in items]
+            try:
+                return self.caption_images([im.image for im in loaded], with_attention, loaded=loaded)
+            except (InputError, ValueError) as e:
+                if len(items) == 1:
+                    return [CaptionResult(path=items[0][0], error=str(e).splitlines()[0])]
+            return [r for it in items for r in caption([it])]
 
         def flush():
             if not pending:
                 return
-            loaded = [im for _, im in pending]
-            res = self.caption_images([im.image for im in loaded], with_attention, loaded=loaded)
+            res = caption(pending)
             for (p, im), r in zip(pending, res):
                 r.path, r.image_scale = p, (im.scale_x, im.scale_y)
                 results.append(r)
@@ -220,16 +239,6 @@ class Captioner:
                 flush()
         flush()
         return results
-
-
-def _drop_runtime(identity: dict) -> dict:
-    """Identity as plain JSON values (tuples -> lists), without settings that do not change the features'
-    meaning (device), so a live extractor's identity compares equal to one stored in a checkpoint."""
-    out = json.loads(json.dumps(identity, default=str))
-    for part in ("extractor", "attributes"):
-        if isinstance(out.get(part), dict):
-            out[part].pop("device", None)
-    return out
 
 
 def build_bundle(out: str | os.PathLike, *, detector: str, attributes: str, decoder: str,

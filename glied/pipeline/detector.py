@@ -8,12 +8,12 @@ epoch) and, after evaluation, ``metrics_<split>.json``.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
 from glied.errors import ConfigError, InputError
+from glied.fileio import write_json_atomic
 
 CHECKPOINT = "checkpoint.pt"
 PRESETS = ("small",)
@@ -23,13 +23,6 @@ PRESETS = ("small",)
 # when nothing is pretrained), and base width 8 so that the per-RoI res5 stays cheap on a CPU.
 SHAPES_SMALL = {"base_width": 8, "min_size": 256, "max_size": 256, "stride_in_1x1": False,
                 "stage_blocks": (2, 2, 2, 1), "caffe_maxpool": False}
-
-
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def model_config_for(preset: str, num_classes: int, num_attributes: int, input_size: int | None = None,
@@ -68,9 +61,9 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
         torch.set_num_threads(threads)
 
     from glied.extractors.bottomup.data import DetectionDataset, make_batch
-    from glied.extractors.bottomup.training import (
-        TrainConfig, checkpoint_vocab, detector_losses, load_checkpoint, lr_at, model_from_checkpoint,
-        save_checkpoint)
+    from glied.extractors.bottomup.training import TrainConfig, detector_losses, lr_at
+    from glied.extractors.bottomup.weights import (checkpoint_vocab, load_checkpoint, model_from_checkpoint,
+                                                   save_checkpoint)
 
     run = Path(out)
     ckpt_path = run / CHECKPOINT
@@ -123,8 +116,9 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
             model_cfg = model.cfg.to_dict()
     tcfg.validate()
     run.mkdir(parents=True, exist_ok=True)
-    _write_json(run / "config.json", {"model": model_cfg, "train": tcfg.to_dict(), "vocab": vocab,
-                                      "annotations": str(Path(annotations).resolve()), "images": len(data)})
+    write_json_atomic(run / "config.json", {"model": model_cfg, "train": tcfg.to_dict(), "vocab": vocab,
+                                      "annotations": str(Path(annotations).resolve()), "images": len(data)},
+                      indent=2)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -176,8 +170,12 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
                        "images_per_s": round(len(data) / seconds, 2),
                        **{k: round(v / iters_per_epoch, 4) for k, v in sums.items()}}
             history.append(summary)
-            save_checkpoint(ckpt_path, model=model, train_config=tcfg.to_dict(), vocab=vocab,
-                            optimizer=optimizer, epoch=epoch + 1, iteration=it, history=history)
+            save_checkpoint(ckpt_path, model, classes=vocab["class_names"], attributes=vocab["attribute_names"],
+                            optimizer=optimizer,
+                            extra={"name": preset, "category_ids": list(vocab["category_ids"]),
+                                   "attribute_types": list(vocab["attribute_types"]),
+                                   "train_config": tcfg.to_dict(), "epoch": epoch + 1, "iteration": it,
+                                   "history": history})
             logf.write(json.dumps(summary) + "\n")  # an epoch line in the log means its checkpoint is saved
             logf.flush()
             log(f"epoch {epoch + 1} done in {seconds:.1f} s ({summary['images_per_s']} images/s); "
@@ -192,11 +190,10 @@ def evaluate_detector_run(run: str, annotations: str, images: str, *, split: str
     """Evaluate ``run/checkpoint.pt`` on a split; writes and returns ``run/metrics_<split>.json``'s dict."""
     from glied.extractors.bottomup.data import DetectionDataset
     from glied.extractors.bottomup.evaluation import evaluate_detector
-    from glied.extractors.bottomup.training import checkpoint_vocab, load_checkpoint, model_from_checkpoint
+    from glied.extractors.bottomup.weights import checkpoint_vocab, load_checkpoint, model_from_checkpoint
 
-    run_dir = Path(run)
-    ckpt_path = run_dir / CHECKPOINT if run_dir.is_dir() else run_dir
-    state = load_checkpoint(ckpt_path)
+    state = load_checkpoint(run)
+    ckpt_path = Path(state["path"])
     vocab = checkpoint_vocab(state)
     data = DetectionDataset.load(annotations, images, split=split, split_file=split_file)
     if max_images is not None:
@@ -216,7 +213,7 @@ def evaluate_detector_run(run: str, annotations: str, images: str, *, split: str
                     "images_per_s": round(len(data) / seconds, 2), "checkpoint": str(ckpt_path),
                     "epochs_trained": state.get("extra", {}).get("epoch")})
     out_dir = ckpt_path.parent
-    _write_json(out_dir / f"metrics_{split or 'all'}.json", metrics)
+    write_json_atomic(out_dir / f"metrics_{split or 'all'}.json", metrics, indent=2)
     per_type = " ".join(f"{k[5:-4]} {v:.4f}" for k, v in metrics.items()
                         if k.startswith("attr_") and k.endswith("_acc") and k != "attr_acc")
     log(f"{len(data)} {split or 'all'} images: box mAP@0.5 {metrics['map50']:.4f} "

@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from glied.datasets.captions import CaptionDataset, FeatureSource, check_identity, collate, model_inputs
+from glied.datasets import identity as idn
+from glied.datasets.captions import CaptionDataset, FeatureSource, collate, model_inputs
 from glied.errors import ConfigError, InputError
 from glied.models.beam import beam_search, greedy
 from glied.models.glied import GliedDecoder
@@ -34,7 +35,7 @@ def predict_split(model: GliedDecoder, dataset: CaptionDataset, beam_size: int, 
     for batch in loader:
         mem = model.encode(*model_inputs(batch, device))
         if beam_size == 1:
-            seqs = greedy(model, mem, max_len)[0]
+            seqs = greedy(model, mem, max_len, keep_logits=False)[0]
         else:
             seqs = beam_search(model, mem, beam_size, max_len)[0]
         out += seqs.cpu().tolist()
@@ -102,7 +103,7 @@ def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | Featur
     ckpt = load_checkpoint(checkpoint)
     prep = PreparedData.load(data)
     source, source_name = _open_features(features)
-    check_identity(ckpt["feature_identity"], source, f"{ckpt['path']} was trained on", source_name)
+    idn.check_trained_on(source.manifest, ckpt["feature_identity"], where=source_name, model=str(ckpt["path"]))
     if list(ckpt["vocab"]) != list(prep.vocab):
         raise ConfigError(f"{ckpt['path']}: vocabulary differs from {data}/vocab.json; evaluate with the "
                           "prepared "

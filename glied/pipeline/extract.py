@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,13 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from glied.datasets import identity as idn
 from glied.datasets import inputs as inp
 from glied.datasets.cache import FAILURES, CacheWriter, make_manifest
-from glied.datasets.images import ImageLoadError, LoadedImage, decode_image
+from glied.datasets.images import DEFAULT_MAX_SIDE, ImageLoadError, LoadedImage, check_max_side, decode_image
 from glied.errors import ConfigError, InputError
 from glied.records import AttributeWords, RegionFeatures
-
-DEFAULT_MAX_SIDE = 2000     # decode huge photos at most this long (the detector works at <= 1000)
 
 
 @dataclass
@@ -93,6 +93,22 @@ def resolve_device(device: str) -> str:
     raise ConfigError(f"--device {device!r}: expected cpu, cuda or auto")
 
 
+def choose_precision(requested: str, device: str):
+    """Resolve ``--precision`` ("auto" | "fp32" | "bf16" | "fp16") for ``device`` -> a PrecisionChoice (see
+    :mod:`glied.extractors.precision`); :func:`say_precision` tells the user once the model has loaded."""
+    from glied.extractors.precision import resolve_precision
+
+    return resolve_precision(requested, device)
+
+
+def say_precision(choice, log=None) -> None:
+    """One line with the precision used and why, plus a warning line when a forced precision is slow here."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    log(choice.describe())
+    if choice.warning:
+        log(f"warning: {choice.warning}")
+
+
 def build_region_extractor(detector: str | None, extractor_module: str | None, device: str, precision: str):
     """The region extractor for `glied extract` (bottom-up weights/run, or a user factory)."""
     if extractor_module:
@@ -102,8 +118,6 @@ def build_region_extractor(detector: str | None, extractor_module: str | None, d
                           "train-detector run folder), or --extractor-module pkg.mod:factory")
     from glied.extractors.bottomup import load_region_extractor
 
-    if os.path.isdir(detector):  # a `glied train-detector` run folder
-        detector = os.path.join(detector, "checkpoint.pt")
     return load_region_extractor(detector, device=device, precision=precision)
 
 
@@ -117,17 +131,6 @@ def build_attribute_extractor(run: str | None, device: str, top_k: int | None):
     return load_attribute_extractor(run, device=device, **kw)
 
 
-def attribute_identity(attr_extractor, top_k: int | None) -> dict | None:
-    if attr_extractor is None:
-        return None
-    ident = dict(attr_extractor.identity())
-    ident["vocab"] = list(attr_extractor.vocab)
-    if top_k is None:
-        top_k = ident.get("top_k", getattr(attr_extractor, "top_k", None))
-    ident["top_k"] = top_k
-    return ident
-
-
 def load_boxes(path: str) -> dict[str, np.ndarray]:
     """Given boxes: COCO annotations json (bbox x,y,w,h) or {image_id: [[x1,y1,x2,y2], ...]}
     -> {id: (N, 4) float32 x1,y1,x2,y2}."""
@@ -139,20 +142,61 @@ def load_boxes(path: str) -> dict[str, np.ndarray]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"--boxes {path}: not valid JSON ({e})") from None
     out: dict[str, list] = collections.defaultdict(list)
+    bad: dict[str, str] = {}
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-        for a in data["annotations"]:
-            x, y, w, h = a["bbox"]
-            out[str(a["image_id"])].append([x, y, x + w, y + h])
+        for k, a in enumerate(data["annotations"]):
+            if not isinstance(a, dict) or "image_id" not in a:
+                raise InputError(f"--boxes {path}: annotations[{k}] is not an object with an image_id")
+            try:
+                x, y, w, h = (float(v) for v in a["bbox"])
+                out[str(a["image_id"])].append([x, y, x + w, y + h])
+            except (KeyError, TypeError, ValueError):
+                bad[str(a["image_id"])] = f"annotations[{k}].bbox {a.get('bbox')!r} is not [x, y, w, h]"
     elif isinstance(data, dict):
         for k, v in data.items():
-            out[str(k)] = list(v)
+            out[str(k)] = v
     else:
         raise InputError(f"--boxes {path}: expected COCO annotations or {{image_id: [[x1,y1,x2,y2], ...]}}")
-    res = {}
+    res: dict[str, np.ndarray | str] = {}
     for k, v in out.items():
-        a = np.asarray(v, dtype=np.float32).reshape(-1, 4) if len(v) else np.zeros((0, 4), np.float32)
-        res[k] = a
+        try:
+            a = np.asarray(v, dtype=np.float32)
+            res[k] = a.reshape(-1, 4) if a.size or a.ndim != 1 else np.zeros((0, 4), np.float32)
+        except (ValueError, TypeError):
+            res[k] = f"boxes {str(v)[:60]} are not a list of [x1, y1, x2, y2]"
+    res.update(bad)
     return res
+
+
+def box_problem(boxes) -> str | None:
+    """Why given boxes (N, 4) x1,y1,x2,y2 cannot be used (None: fine). A string is load_boxes' reason."""
+    if isinstance(boxes, str):
+        return boxes
+    if not np.isfinite(boxes).all():
+        return "a given box has a NaN or infinite coordinate"
+    if (boxes < 0).any():
+        return "a given box has a negative coordinate"
+    if len(boxes) and ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+        return "a given box has zero area (need x2 > x1 and y2 > y1)"
+    return None
+
+
+_IMAGE_PREFIX = re.compile(r"^image \d+: ")
+
+
+def _extract_isolated(run, batch: list, fail) -> list:
+    """``run(batch)`` -> per-item results; when the batch fails on an input the extractor rejects, each item
+    is run alone so that only the bad one is recorded by ``fail(item, kind, reason)`` (and skipped: None)."""
+    try:
+        return run(batch)
+    except (InputError, ValueError) as e:
+        if len(batch) == 1:
+            fail(batch[0][0], "extractor", _IMAGE_PREFIX.sub("", str(e).splitlines()[0]))
+            return [None]
+    out = []
+    for item in batch:
+        out += _extract_isolated(run, [item], fail)
+    return out
 
 
 def _rescale(r: RegionFeatures, im: LoadedImage) -> RegionFeatures:
@@ -174,18 +218,19 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
             keep_word_maps: bool = False) -> ExtractSummary:
     """Extract every image of ``input_path`` (shard ``shard``) not yet in cache ``out``; see module docstring.
 
-    Attribute word maps (V, h, w) are large (often more than the regions) and are dropped unless
+    ``max_side``: photos are decoded at most this long (None or 0: no cap); recorded in the cache identity,
+    so resuming with another value is refused. Attribute word maps (V, h, w) are large (often more than the regions) and are dropped unless
     ``keep_word_maps``. Returns an :class:`ExtractSummary`. Raises ConfigError when ``out`` holds features
     of another extractor identity (the message says what differs); committed entries are never rewritten.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
+    max_side = check_max_side(max_side)
     items = inp.shard(inp.enumerate_inputs(input_path, images_root), *shard)
     given = load_boxes(boxes) if isinstance(boxes, str) else boxes
-    manifest = make_manifest(dict(region_extractor.identity()), dtype,
-                             attribute_identity(attribute_extractor, top_k))
-    if given is not None:
-        manifest["extractor"] = dict(manifest["extractor"], boxes="given")
+    ident = idn.build(region_extractor, attribute_extractor, top_k=top_k, max_side=max_side,
+                      boxes=given is not None)
+    manifest = make_manifest(ident["extractor"], dtype, ident["attributes"])
     writer = CacheWriter(out, manifest, commit_every=commit_every, commit_seconds=commit_seconds)
     fail_path = os.path.join(out, FAILURES)
     n_fail = n_done = 0
@@ -193,6 +238,10 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
         if writer.recovered_bytes:
             log(f"{out}: repaired a torn index tail ({writer.recovered_bytes} bytes) "
                 f"left by an interrupted run")
+        if writer.dropped:
+            log(f"{out}: dropped {len(writer.dropped)} damaged entries, extracted again below: "
+                + "; ".join(f"{k}: {v}" for k, v in list(writer.dropped.items())[:5])
+                + ("; ..." if len(writer.dropped) > 5 else ""))
         todo = [it for it in items if it.id not in writer]
         already = len(items) - len(todo)
         with open(fail_path, "w", encoding="utf-8") as ff:
@@ -210,14 +259,11 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1)
             batch: list[tuple[inp.InputImage, LoadedImage]] = []
 
-            def flush() -> None:
-                nonlocal n_done
-                if not batch:
-                    return
-                ims = [b[1].image for b in batch]
+            def run(items: list) -> list:
+                ims = [b[1].image for b in items]
                 if given is not None:
                     bx = [given[it.id] * np.array([li.scale_x, li.scale_y] * 2, np.float32)  # (N, 4)
-                          for it, li in batch]
+                          for it, li in items]
                     # per image, as glied.extractors.bottomup's RegionExtractor.extract_given_boxes(image, boxes)
                     regs = [region_extractor.extract_given_boxes(im, b) for im, b in zip(ims, bx)]
                 else:
@@ -225,13 +271,22 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 words = ([None] * len(ims) if attribute_extractor is None
                          else attribute_extractor.predict(ims))
                 if len(regs) != len(ims) or len(words) != len(ims):
-                    raise RuntimeError(f"extractor returned {len(regs)} region sets and {len(words)} word "
-                                       f"lists for a batch of {len(ims)} images")
-                for (it, li), r, w in zip(batch, regs, words):
+                    raise ConfigError(f"the extractor returned {len(regs)} region sets and {len(words)} word "
+                                      f"lists for a batch of {len(ims)} images; fix the extractor")
+                return list(zip(regs, words))
+
+            def flush() -> None:
+                nonlocal n_done
+                if not batch:
+                    return
+                for (it, li), res in zip(batch, _extract_isolated(run, batch, fail)):
+                    if res is None:             # rejected by the extractor: recorded in failures.jsonl
+                        continue
+                    r, w = res
                     if w is not None and w.word_map is not None and not keep_word_maps:
                         w = AttributeWords(word_ids=w.word_ids, probs=w.probs)
                     writer.put(it.id, _rescale(r, li), w)
-                n_done += len(batch)
+                    n_done += 1
                 if bar is not None:
                     bar.update(len(batch))
                 batch.clear()
@@ -249,8 +304,12 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                         it = next(queue, None)
                         if it is None:
                             break
-                        if given is not None and it.id not in given:
-                            fail(it, "no_boxes", "no boxes given for this image id in --boxes")
+                        why = None
+                        if given is not None:
+                            why = (box_problem(given[it.id]) if it.id in given
+                                   else "no boxes given for this image id in --boxes")
+                        if why is not None:
+                            fail(it, "no_boxes" if it.id not in given else "bad_boxes", why)
                             if bar is not None:
                                 bar.update(1)
                             continue

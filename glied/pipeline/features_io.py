@@ -1,17 +1,19 @@
 """`glied import-features`, `glied export-features`, `glied merge-caches`: moving features between caches
-and the files other bottom-up tools write (formats: :mod:`glied.datasets.bottomup_files`).
+and the files other bottom-up tools write (formats: :mod:`glied.datasets.bottomup_files`);
+`glied verify-cache`: every entry checked against its checksums, damaged ones listed (and dropped).
 
 All three write through :class:`~glied.datasets.cache.CacheWriter` (crash-safe, and a re-run skips the ids
 already written), except the TSV export, which is written to a temporary file and renamed at the end.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from glied.datasets import bottomup_files as bf
-from glied.datasets.cache import CacheWriter, FeatureCache, diff_identity, identity_of, make_manifest
-from glied.errors import ConfigError, InputError
+from glied.datasets import identity as idn
+from glied.datasets.cache import CacheWriter, FeatureCache, check_cache, make_manifest
+from glied.errors import InputError
+from glied.fileio import write_atomic
 
 
 def _log(msg: str) -> None:
@@ -69,13 +71,13 @@ def import_features(sources: list[str], out: str, *, box_dir: str | None = None,
 def export_tsv(cache: str, out: str) -> int:
     """Write every entry of ``cache`` as a bottom-up TSV at ``out`` (float32); returns the row count."""
     c = FeatureCache.open(cache)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    try:
+    c.check_intact()
+    n = 0
+
+    def write(tmp: str) -> None:
+        nonlocal n
         n = bf.write_tsv(tmp, ((i, c.regions(i)) for i in c.ids()))
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(out, write)
     return n
 
 
@@ -86,11 +88,12 @@ def merge_caches(out: str, inputs: list[str]) -> tuple[int, int]:
     A duplicate id (already in ``out`` or in an earlier input) is skipped, so a merge can be re-run.
     """
     caches = [FeatureCache.open(p) for p in inputs]
-    ref = identity_of(caches[0].manifest)
+    for c in caches:
+        c.check_intact()
+    ref = idn.of_manifest(caches[0].manifest)
     for c in caches[1:]:
-        diffs = diff_identity(identity_of(c.manifest), ref)
-        if diffs:
-            raise ConfigError(f"cannot merge {c.root} with {caches[0].root}: " + "; ".join(diffs[:6]))
+        idn.check(idn.of_manifest(c.manifest), ref, what=f"cannot merge {c.root} with {caches[0].root}",
+                  fix="Merge only shards of one extraction")
     m = caches[0].manifest
     n = dup = 0
     with CacheWriter(out, make_manifest(m["extractor"], m["dtype"], m.get("attributes"))) as w:
@@ -102,3 +105,9 @@ def merge_caches(out: str, inputs: list[str]) -> tuple[int, int]:
                 w.put(iid, c.regions(iid), c.attributes(iid))
                 n += 1
     return n, dup
+
+
+def verify_cache(cache: str, repair: bool = False) -> tuple[int, dict[str, str]]:
+    """(entries intact, {id: reason} damaged) of ``cache``; ``repair`` drops the damaged ones from its index
+    so that `glied extract` into it extracts them again."""
+    return check_cache(cache, repair=repair)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from glied.fileio import write_atomic
 
 
 def stage_key(settings: dict, upstream: list[str]) -> str:
@@ -58,10 +59,9 @@ class StageRunner:
         t0 = time.perf_counter()
         result = fn(folder)
         seconds = time.perf_counter() - t0
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "settings": settings, "result": result, "seconds": seconds},
-                                  indent=1, default=str))
-        os.replace(tmp, marker)
+        text = json.dumps({"key": key, "settings": settings, "result": result, "seconds": seconds},
+                          indent=1, default=str)
+        write_atomic(marker, lambda tmp: Path(tmp).write_text(text))
         self.results[name] = StageResult(name, key, result, seconds, False)
         self.log(f"[{name}] done in {seconds:.1f} s")
         return result

@@ -34,9 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from glied.datasets.captions import (CaptionDataset, FeatureSource, check_identity, collate, feature_identity,
-                                     model_inputs)
+from glied.datasets import identity as idn
+from glied.datasets.captions import CaptionDataset, FeatureSource, collate, model_inputs
 from glied.errors import ConfigError, InputError
+from glied.fileio import write_atomic
 from glied.models.beam import greedy, sample
 from glied.models.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
 from glied.models.glied import EOS, PAD, GliedConfig, GliedDecoder, MODEL_PRESETS, token_mask
@@ -133,12 +134,12 @@ class _Logger:
         if not self.rows:
             return
         keys = list(self.rows[0])
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, keys)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.path)
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, keys)
+                w.writeheader()
+                w.writerows(self.rows)
+        write_atomic(self.path, write)
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
@@ -165,7 +166,7 @@ def _scst_step(ddp_model, module: GliedDecoder, batch: dict, device: str, cfg: T
         seqs = sample(module, mem, n, max_len)  # (B*n, T)
         greedy_r = None
         if cfg.scst_baseline == "greedy":
-            greedy_r = reward(greedy(module, mem, max_len)[0], img, itow)  # (B,)
+            greedy_r = reward(greedy(module, mem, max_len, keep_logits=False)[0], img, itow)  # (B,)
     r = reward(seqs, np.repeat(img, n), itow)  # (B*n,)
     adv = torch.as_tensor(self_critical_advantage(r, n, cfg.scst_baseline, greedy_r), dtype=torch.float32,
                           device=device)
@@ -198,7 +199,7 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
     out = Path(out)
     prep = PreparedData.load(data)
     source, source_name = _open_features(features)
-    identity = feature_identity(source.manifest)
+    identity = idn.for_decoder(source.manifest)
     max_len = int(prep.labels.shape[1])
 
     ckpt = None
@@ -216,7 +217,7 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
                               captions_per_image=cfg.captions_per_image, box_geometry=geometry)
     val_ds = CaptionDataset(prep, source, "val", cfg.max_attrs, where=source_name, box_geometry=geometry)
     if start is not None:
-        check_identity(start["feature_identity"], source, f"{start['path']} was trained on", source_name)
+        idn.check_trained_on(source.manifest, start["feature_identity"], where=source_name, model=str(start["path"]))
         if list(start["vocab"]) != list(prep.vocab):
             raise ConfigError(f"{start['path']}: vocabulary differs from {data}/vocab.json; use the prepared "
                               "data "

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -25,6 +27,7 @@ _spec = importlib.util.spec_from_file_location("grid_extractor",
                                                Path(__file__).with_name("grid_extractor.py"))
 ge = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ge)
+FACTORY = f"{Path(__file__).with_name('grid_extractor.py')}:make_extractor"
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +112,25 @@ def test_shapes_world_and_bad_files(world, tmp_path, capsys):
     assert len(FeatureCache.open(out)) == 15
 
 
+def test_max_side_is_validated_and_part_of_the_identity(world, tmp_path):
+    ext = ge.GridRegionExtractor()
+    cj = str(world / "captions.json")
+    for bad in (-5, 3, 1.5):
+        with pytest.raises(ConfigError, match=rf"--max-side {bad}: expected a whole number of pixels"):
+            extract(cj, str(tmp_path / "c"), region_extractor=ext, max_side=bad, progress=False)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    extract(cj, str(tmp_path / "c"), region_extractor=ext, max_side=64, progress=False, workers=0)
+    assert FeatureCache.open(tmp_path / "c").manifest["extractor"]["max_side"] == 64
+    with pytest.raises(ConfigError, match="extractor.max_side: cache has 64, expected 2000"):
+        extract(cj, str(tmp_path / "c"), region_extractor=ext, progress=False)
+    extract(cj, str(tmp_path / "n"), region_extractor=ext, max_side=0, progress=False, workers=0)
+    assert FeatureCache.open(tmp_path / "n").manifest["extractor"]["max_side"] is None
+    r = subprocess.run([sys.executable, "-m", "glied", "extract", cj, "--out", str(tmp_path / "x"),
+                        "--extractor-module", FACTORY, "--max-side", "-1"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: --max-side -1: expected a whole number")
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
 def test_shards_merge_equal_single_run(world, tmp_path):
     ext = ge.GridRegionExtractor()
     cj = str(world / "captions.json")
@@ -177,7 +199,7 @@ def test_real_bottomup_small_detector(world, tmp_path):
                 progress=False)
     assert (s.extracted, s.failed) == (2, 0)
     c = FeatureCache.open(tmp_path / "c")
-    assert c.manifest["extractor"] == json.loads(json.dumps(ext.identity()))
+    assert c.manifest["extractor"] == dict(json.loads(json.dumps(ext.identity())), max_side=2000)
     r = c.regions("000001.jpg")
     assert r.features.shape[1] == ext.identity()["feature_dim"] and (r.image_w, r.image_h) == (96, 96)
     assert (r.boxes >= 0).all() and (r.boxes <= 96).all()

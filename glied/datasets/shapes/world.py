@@ -17,7 +17,7 @@ import numpy as np
 from glied.datasets.shapes.grammar import captions_for
 from glied.datasets.shapes.render import COLOURS, SHAPES, SIZES, render_scene, sample_scene
 from glied.errors import ConfigError
-from glied.fileio import write_json_atomic
+from glied.fileio import write_atomic, write_json_atomic
 
 FORMAT_VERSION = 2  # 2: captions mention objects in reading order
 
@@ -75,9 +75,7 @@ def _make_one(args: tuple[int, ShapesConfig, str]) -> dict:
     if not ok:
         raise RuntimeError(f"could not encode image {i}")
     path = os.path.join(image_dir, name)
-    with open(path + ".tmp", "wb") as f:
-        f.write(buf.tobytes())
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda tmp: buf.tofile(tmp))
     return {
         "i": i,
         "file_name": name,

@@ -19,9 +19,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from glied.datasets.images import load_image
 from glied.errors import InputError
 
 SPLITS = ("train", "val", "test")
@@ -215,10 +215,9 @@ def _select_split(images: list[dict], split: str, split_file: str | Path | None,
 
 
 def read_image(record: DetectionRecord) -> np.ndarray:
-    """BGR uint8 (H, W, 3) of a record; InputError when unreadable or of another size than the json says."""
-    img = cv2.imread(str(record.path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise InputError(f"cannot read image {record.path} (image id {record.image_id})")
+    """BGR uint8 (H, W, 3) of a record (EXIF-oriented, through :func:`glied.datasets.images.load_image`,
+    which refuses truncated files); InputError when unreadable or of another size than the json says."""
+    img = load_image(record.path, min_side=1)
     if img.shape[0] != record.height or img.shape[1] != record.width:
         raise InputError(f"image {record.path} is {img.shape[1]}x{img.shape[0]} but the annotations say "
                          f"{record.width}x{record.height}")

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glied import checkpoint as ck
 from glied.errors import ConfigError, InputError, WeightsError
 from glied.extractors.bottomup import selection as sel
 from glied.extractors.bottomup.config import BottomUpConfig
 from glied.extractors.bottomup.model import BottomUpDetector, RawOutputs
-from glied.extractors.bottomup.weights import (load_checkpoint, load_detectron2_state, missing_weights_message,
+from glied.extractors.bottomup.weights import (DETECTOR, load_checkpoint, load_detectron2_state, missing_weights_message,
+                                               model_from_checkpoint,
                                                read_detectron2_pickle, read_vocab, weights_fingerprint)
 from glied.records import RegionFeatures
 
@@ -169,9 +171,11 @@ def load_region_extractor(weights, *, device: str = "cpu", precision: str = "fp3
 
     Args:
         weights: the published ``faster_rcnn_from_caffe_attr.pkl`` (detectron2 format; architecture
-            ``BottomUpConfig.r101_vg()`` unless ``config`` is given) or a glied detector checkpoint (.pt).
+            ``BottomUpConfig.r101_vg()`` unless ``config`` is given) or a glied detector checkpoint (.pt, or
+            the `glied train-detector` run folder holding it).
         device: "cpu" or a torch device string ("cuda", "cuda:1").
-        precision: "fp32" | "bf16" | "fp16" (autocast; bf16 is fast on CPUs with avx512_bf16).
+        precision: "fp32" | "bf16" | "fp16" (res5 cast to that dtype; backbone and RPN stay fp32) | "auto"
+            (:func:`glied.extractors.precision.resolve_precision`: bf16 where the hardware has it natively).
         procedure: region selection "butd" (original Caffe rule, 10..100, default) | "fixed36" | "adapt".
         resizer: "pil" (the port) | "cv2" (original Caffe); default from the config ("pil").
         classes_file / attributes_file: vocabularies (one name per line); default ``objects_vocab.txt`` /
@@ -180,10 +184,15 @@ def load_region_extractor(weights, *, device: str = "cpu", precision: str = "fp3
     Raises WeightsError (missing/unsafe/mismatched weights), ConfigError (bad options).
     """
     path = Path(weights)
+    if path.is_dir():  # a `glied train-detector` run folder
+        path = ck.resolve(path, DETECTOR)
     if not path.is_file():
         raise WeightsError(missing_weights_message(path))
+    if precision == "auto":
+        from glied.extractors.precision import resolve_precision
+        precision = resolve_precision("auto", device).precision
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"--precision must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}")
     changes = dict(overrides, procedure=procedure)
     if resizer is not None:
         changes["resizer"] = resizer
@@ -195,16 +204,12 @@ def load_region_extractor(weights, *, device: str = "cpu", precision: str = "fp3
         attributes = read_vocab(attributes_file or path.with_name("attributes_vocab.txt"))
         name = "bottomup-r101-c4-vg" if cfg.stage_blocks == (3, 4, 23, 3) else "bottomup"
     else:
-        ck = load_checkpoint(path)
-        cfg = BottomUpConfig.from_dict(ck["config"]).replace(**changes)
-        model = BottomUpDetector(cfg)
-        try:
-            model.load_state_dict(ck["model"], strict=True)
-        except RuntimeError as e:
-            raise WeightsError(f"{path}: checkpoint does not fit its own config: {str(e).splitlines()[0]}") from None
-        classes = read_vocab(classes_file) if classes_file else ck.get("classes")
-        attributes = read_vocab(attributes_file) if attributes_file else ck.get("attributes")
-        name = "bottomup-" + ck.get("extra", {}).get("name", "small")
+        state = load_checkpoint(path)
+        model = model_from_checkpoint(state, **changes)
+        cfg = model.cfg
+        classes = read_vocab(classes_file) if classes_file else state.get("classes")
+        attributes = read_vocab(attributes_file) if attributes_file else state.get("attributes")
+        name = "bottomup-" + state.get("extra", {}).get("name", "small")
     for what, vocab, n in (("classes", classes, cfg.num_classes), ("attributes", attributes, cfg.num_attributes)):
         if vocab is not None and len(vocab) != n:
             raise WeightsError(f"{path}: the {what} vocabulary has {len(vocab)} names, the model {n}")

@@ -7,8 +7,8 @@
 - :func:`detectron2_key_map` is the explicit map detectron2 name -> glied state-dict name, generated from the
   config; :func:`load_detectron2_state` applies it strictly: every key consumed, every parameter and buffer
   filled, shapes checked; the error names the missing, unexpected and mis-shaped keys.
-- glied's own checkpoints (:func:`save_checkpoint` / :func:`load_checkpoint`) are ``torch.save`` of plain dicts
-  of tensors + JSON-able config, loaded with ``weights_only=True``.
+- glied's own checkpoints (:func:`save_checkpoint` / :func:`load_checkpoint`, format ``glied-bottomup``) go
+  through :mod:`glied.checkpoint`: plain dicts of tensors + JSON-able config, loaded with ``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glied import checkpoint as ck
 from glied.errors import WeightsError
+from glied.fileio import write_json_atomic
 from glied.extractors.bottomup.config import BottomUpConfig
 
 WEIGHTS_URL_HINT = ("download faster_rcnn_from_caffe_attr.pkl from the link in the py-bottom-up-attention README "
@@ -181,30 +183,54 @@ def load_detectron2_state(model: torch.nn.Module, state: dict, source: str = "we
 
 
 # ---- glied checkpoints -----------------------------------------------------------------------------------------
-def save_checkpoint(path, model: torch.nn.Module, *, classes=None, attributes=None, extra: dict | None = None):
-    """torch.save a plain dict {format, config, model (state dict), classes, attributes, extra} (no code)."""
-    obj = {"format": "glied-bottomup", "version": 1, "config": model.cfg.to_dict(),
+# Format "glied-bottomup" (saved and loaded through glied.checkpoint): {format, version, config (BottomUpConfig),
+# model (state dict), classes, attributes, extra}; a `glied train-detector` run adds its training state:
+# extra {name, category_ids, attribute_types, train_config, epoch, iteration, history, rng} and optimizer.
+DETECTOR = ck.Format("glied-bottomup", 1, "bottom-up detector", ("checkpoint.pt",),
+                     "train one with `glied train-detector` or pass the published weights (.pkl)")
+
+
+def save_checkpoint(path, model: torch.nn.Module, *, classes=None, attributes=None, extra: dict | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Write a detector checkpoint atomically: a plain dict of tensors and JSON-able values (no code)."""
+    obj = {"config": model.cfg.to_dict(),
            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
            "classes": list(classes) if classes is not None else None,
            "attributes": list(attributes) if attributes is not None else None, "extra": extra or {}}
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    if optimizer is not None:
+        obj["optimizer"] = optimizer.state_dict()
+    ck.save(path, obj, DETECTOR)
 
 
 def load_checkpoint(path) -> dict:
-    """Load a glied detector checkpoint without executing code (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"detector checkpoint {path} not found: train one with `glied train-detector` or pass "
-                           f"the published weights with --weights PATH")
+    """A detector checkpoint from a file or a run folder (its checkpoint.pt), loaded without executing code;
+    WeightsError naming the file when missing, unreadable or not a glied bottom-up checkpoint."""
+    return ck.load(path, DETECTOR, required=("config", "model"))
+
+
+def model_from_checkpoint(ckpt: dict, **changes) -> torch.nn.Module:
+    """Rebuild the ``BottomUpDetector`` of a loaded checkpoint (strict state-dict load), in eval mode.
+    ``changes``: BottomUpConfig fields that do not change the weights (procedure, min_boxes, ...)."""
+    from glied.extractors.bottomup.model import BottomUpDetector
+
+    model = BottomUpDetector(BottomUpConfig.from_dict(ckpt["config"]).replace(**changes))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: not a loadable glied checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict) or obj.get("format") != "glied-bottomup":
-        raise WeightsError(f"{path}: not a glied bottom-up detector checkpoint (no format 'glied-bottomup')")
-    return obj
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{ckpt.get('path', 'checkpoint')}: checkpoint does not fit its own model config: "
+                           f"{str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def checkpoint_vocab(ckpt: dict) -> dict:
+    """{"class_names", "category_ids", "attribute_names", "attribute_types"} of a loaded checkpoint."""
+    extra = ckpt.get("extra") or {}
+    classes = list(ckpt.get("classes") or [])
+    attributes = list(ckpt.get("attributes") or [])
+    return {"class_names": classes,
+            "category_ids": list(extra.get("category_ids") or range(1, len(classes) + 1)),
+            "attribute_names": attributes,
+            "attribute_types": list(extra.get("attribute_types") or [""] * len(attributes))}
 
 
 # ---- fingerprint -----------------------------------------------------------------------------------------------
@@ -237,9 +263,7 @@ def weights_fingerprint(path) -> str:
         disk[key] = "sha256:" + h.hexdigest()
         try:
             cf.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cf.with_suffix(".tmp%d" % os.getpid())
-            tmp.write_text(json.dumps(disk))
-            os.replace(tmp, cf)
+            write_json_atomic(cf, disk)
         except OSError:
             pass
     _FP_MEMO[key] = disk[key]

@@ -4,23 +4,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 
+from glied.datasets.images import load_image
 from glied.errors import InputError
 from glied.extractors.mil.model import MilTransform
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """BGR uint8 (H, W, 3), EXIF-oriented (OpenCV's default). Raises InputError naming the file."""
+    """BGR uint8 (H, W, 3), EXIF-oriented, through :func:`glied.datasets.images.load_image` (which refuses
+    truncated files). Raises InputError naming the file."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: image not found; check the prepared data's images_root or pass --images DIR")
-    img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-    if img is None:
-        raise InputError(f"{p}: cannot be decoded as an image; replace or remove it")
-    return img
+    return load_image(p, min_side=1)
 
 
 class ImageBank:

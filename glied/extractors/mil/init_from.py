@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from glied.errors import GliedError, WeightsError
+from glied.errors import ConfigError, WeightsError
 
 TRUNK_PREFIX = "backbone."
 
@@ -87,14 +87,14 @@ def _from_pickle(path: Path) -> DetectorTrunk:
 
 
 def _from_run(path: Path) -> DetectorTrunk:
-    from glied.extractors.bottomup.training import load_checkpoint, model_from_checkpoint
+    from glied.extractors.bottomup.weights import load_checkpoint, model_from_checkpoint
     from glied.fileio import sha256_file
 
-    file = path / "checkpoint.pt" if path.is_dir() else path
-    ckpt = load_checkpoint(file)
+    ckpt = load_checkpoint(path)  # a run folder resolves to its checkpoint.pt
+    file = Path(ckpt["path"])
     try:
         model = model_from_checkpoint(ckpt)
-    except GliedError as e:
+    except ConfigError as e:  # a config this glied cannot build
         raise WeightsError(f"{file}: {e}") from None
     extra = ckpt.get("extra") or {}
     return DetectorTrunk(model.cfg.to_dict(), _trunk_of(model),
@@ -104,21 +104,14 @@ def _from_run(path: Path) -> DetectorTrunk:
 
 
 def load_detector_trunk(detector: str | Path) -> DetectorTrunk:
-    """The trunk (stem + res2..res4) of a detector: a detectron2-format .pkl or a glied detector run / checkpoint.
+    """The trunk (stem + res2..res4) of a detector: a detectron2-format .pkl, or a glied detector run folder or
+    checkpoint file.
 
     Raises:
         WeightsError: one line naming the path: not found, not a detector file, or tensors that do not fit.
     """
     p = Path(detector)
-    if p.is_dir():
-        if not (p / "checkpoint.pt").is_file():
-            raise WeightsError(f"{p}: no checkpoint.pt in this folder; pass a `glied train-detector` run folder or "
-                               "the published faster_rcnn_from_caffe_attr.pkl to --init-from")
-        return _from_run(p)
-    if not p.is_file():
-        raise WeightsError(f"{p}: --init-from detector not found; pass a `glied train-detector` run folder or the "
-                           "published faster_rcnn_from_caffe_attr.pkl")
-    if p.suffix == ".pkl":
+    if p.suffix == ".pkl" and not p.is_dir():
         return _from_pickle(p)
     return _from_run(p)
 

@@ -11,8 +11,8 @@ from glied.extractors.bottomup.config import BottomUpConfig
 from glied.extractors.bottomup.data import DetectionDataset, make_batch, read_image
 from glied.extractors.bottomup.evaluation import detect
 from glied.extractors.bottomup.model import BottomUpDetector
-from glied.extractors.bottomup.training import (
-    TrainConfig, detector_losses, load_checkpoint, model_from_checkpoint)
+from glied.extractors.bottomup.training import TrainConfig, detector_losses
+from glied.extractors.bottomup.weights import load_checkpoint, model_from_checkpoint
 from glied.pipeline.detector import evaluate_detector_run, train_detector
 
 TINY = dict(base_width=4, stem_channels=8, stage_blocks=(1, 1, 1, 1), min_size=64, max_size=64, pooler_resolution=4, rpn_hidden=16,

@@ -146,7 +146,7 @@ def test_bad_detectors_give_one_line_errors(world, detector_run, tmp_path, capsy
         load_detector_trunk(pkl)
     args = ("train-attributes", "--data", world / "p", "--out", tmp_path / "r", "--epochs", "1")
     for bad, needle in ((tmp_path / "missing.pkl", "not found"), (tmp_path / "empty", "no checkpoint.pt"),
-                        (pkl, "missing"), (world / "p" / "vocab.json", "not a readable glied detector checkpoint")):
+                        (pkl, "missing"), (world / "p" / "vocab.json", "bottom-up detector checkpoint")):
         code, _, err = run_cli(capsys, *args, "--init-from", bad)
         one_line_error(code, err, str(bad), needle)
     code, _, err = run_cli(capsys, *args, "--config", "small", "--init-from", detector_run)
