@@ -546,11 +546,13 @@ def bundle_cmd(detector: str, attributes: str, decoder: str, out: str, beam: int
               help="Folder for every stage's outputs; a second run reuses what exists.")
 @click.option("--images", type=int, default=3000, show_default=True, help="Size of the shapes world.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo_cmd(out: str, images: int, seed: int) -> None:
+@click.option("--decoder-seeds", type=click.IntRange(1, 10), default=1, show_default=True,
+              help="Train each decoder with this many seeds; the table gives mean +- std.")
+def demo_cmd(out: str, images: int, seed: int, decoder_seeds: int) -> None:
     """The main job: the whole pipeline on the embedded synthetic shapes world."""
     from glied.pipeline.demo import DemoConfig, run_demo
 
-    run_demo(out, DemoConfig(images=images, seed=seed))
+    run_demo(out, DemoConfig(images=images, seed=seed, decoder_seeds=tuple(range(seed, seed + decoder_seeds))))
 
 
 # ---------------------------------------------------------------------------------------------------------
