@@ -11,11 +11,14 @@ part                format name      run-folder file(s)         written by
 region detector     glied-bottomup   checkpoint.pt              ``glied train-detector``
 attribute words     glied-mil        model.pt (last.pt: resume) ``glied train-attributes``
 caption decoder     glied-decoder    best.pt, last.pt           ``glied train``
+retrieval model     glied-retrieval  best.pt, last.pt           ``glied train-retrieval``
+retrieval index     glied-retrieval- index.pt                   ``glied index``
+                    index
 ==================  ===============  =========================  ===============================
 
 The keys inside each format are documented by the module that owns it:
 :mod:`glied.extractors.bottomup.weights`, :mod:`glied.extractors.mil.checkpoint`,
-:mod:`glied.models.checkpoint`.
+:mod:`glied.models.checkpoint`, :mod:`glied.pipeline.retrieval`.
 """
 from __future__ import annotations
 

@@ -522,5 +522,129 @@ def serve_cmd(bundle: str, index: str | None, host: str, port: int, beam: int | 
           precision=precision, log=lambda s: click.echo(s, err=s.startswith("warning")))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Image-sentence retrieval: train-retrieval, evaluate-retrieval, index, search
+# ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("train-retrieval")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data (glied prepare).")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache (glied extract).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--model", type=click.Choice(["vse", "teran"]), default="vse", show_default=True,
+              help="vse: one vector per image and sentence (fast search); teran: region-word alignment.")
+@click.option("--text-encoder", default="gru", show_default=True,
+              help="gru (trained from scratch, offline) or a local BERT-family model folder (glied[bert]).")
+@click.option("--preset", type=click.Choice(["paper", "small"]), default="paper", show_default=True,
+              help="Model sizes: the paper's, or small ones for the shapes world.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: vse 25, teran 30).")
+@click.option("--batch-size", type=int, default=None, help="Image-sentence pairs per step (vse 128, teran 40).")
+@click.option("--lr", type=float, default=None, help="Learning rate (vse 5e-4, teran 2e-4).")
+@click.option("--lr-decay-epoch", type=int, default=None, help="lr x0.1 from this epoch (vse 15, teran 20).")
+@click.option("--warmup-epochs", type=int, default=None,
+              help="Epochs over all negatives before the hardest negative (vse 1, teran 0).")
+@click.option("--embed-dim", type=int, default=None, help="Joint-space size (default: the preset's).")
+@click.option("--boxes", is_flag=True, help="vse: also feed each region's normalised box (as teran does).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def train_retrieval_cmd(data, features, out, model, text_encoder, preset, epochs, batch_size, lr, lr_decay_epoch,
+                        warmup_epochs, embed_dim, boxes, seed, device) -> None:
+    """Train an image-sentence retrieval model on cached region features."""
+    from glied.pipeline.retrieval import RetrievalTrainConfig, train_retrieval
+
+    cfg = RetrievalTrainConfig(model=model, preset=preset, text_encoder=text_encoder, epochs=epochs,
+                               batch_size=batch_size, lr=lr, lr_decay_epoch=lr_decay_epoch,
+                               warmup_epochs=warmup_epochs, embed_dim=embed_dim, boxes=boxes, seed=seed)
+    s = train_retrieval(data, features, out, cfg, device=device, log=click.echo)
+    click.echo(f"best val rsum {s['best_val_rsum']:.1f} after {s['epochs']} epochs ({s['seconds']} s); run in {out}")
+
+
+@cli.command("evaluate-retrieval")
+@click.option("--run", required=True, type=click.Path(), help="train-retrieval run folder or .pt file.")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache the model was trained on.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--protocol", type=click.Choice(["1k", "5k", "all"]), default="all", show_default=True,
+              help="1k: mean over folds of 1,000 images (COCO 1K); 5k: first 5,000 images; all: the whole split.")
+@click.option("--ndcg", is_flag=True, help="Also NDCG@25 with ROUGE-L relevance (slow on large splits).")
+@click.option("--rerank", type=click.Path(), default=None,
+              help="A teran run whose alignment re-ranks each query's top --rerank-k.")
+@click.option("--rerank-k", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Metrics JSON (default RUN/retrieval_<split>_<protocol>.json).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_retrieval_cmd(run, features, data, split, protocol, ndcg, rerank, rerank_k, out, device) -> None:
+    """R@1/5/10 image->text and text->image, rsum (and NDCG@25) of a retrieval run on a split."""
+    from glied.pipeline.retrieval import evaluate_retrieval
+
+    r = evaluate_retrieval(run, features, data, split, protocol, ndcg=ndcg, out=out, device=device,
+                           rerank=rerank, rerank_k=rerank_k, log=click.echo)
+    click.echo(f"{r['seconds_end_to_end']:.1f} s -> {r['written_to']}")
+
+
+@cli.command("index")
+@click.option("--run", required=True, type=click.Path(), help="train-retrieval run folder or .pt file.")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache whose images to index.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Prepared data whose captions to index too (for search --image).")
+@click.option("--device", default="cpu", show_default=True)
+def index_cmd(run, features, out, data, device) -> None:
+    """Embed every image of a feature cache once (and the prepared captions) into a search index."""
+    from glied.pipeline.retrieval import build_index
+
+    s = build_index(run, features, out, data=data, device=device)
+    click.echo(f"indexed {s['images']} images and {s['captions']} captions in {s['seconds']} s -> {s['index']}")
+
+
+@cli.command("search")
+@click.argument("query", required=False)
+@click.option("--index", "index_path", required=True, type=click.Path(), help="Index folder (glied index).")
+@click.option("--image", "photo", type=click.Path(), default=None, help="A photo: find captions for it.")
+@click.option("--image-id", default=None, help="A cached image (with --features): find captions for it.")
+@click.option("--features", type=click.Path(), default=None, help="Feature cache holding --image-id.")
+@click.option("--model", "bundle", type=click.Path(), default=None,
+              help="Model bundle whose detector extracts the regions of --image.")
+@click.option("--detector", type=click.Path(), default=None, help="Or a train-detector run / weights for --image.")
+@click.option("--extractor-module", default=None, metavar="MOD:FACTORY", help="Or a region-extractor factory.")
+@click.option("--captions", "captions_file", type=click.Path(dir_okay=False), default=None,
+              help="Rank these captions (one per line) instead of the index's.")
+@click.option("--run", type=click.Path(), default=None, help="Refuse an index built from another run than this.")
+@click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (for tools).")
+def search_cmd(query, index_path, photo, image_id, features, bundle, detector, extractor_module, captions_file,
+               run, k, as_json) -> None:
+    """Text -> images: `glied search --index INDEX "a red circle"`. Image -> captions: --image PHOTO --model
+    BUNDLE, or --image-id ID --features CACHE."""
+    import json
+
+    from glied.pipeline import retrieval as rt
+
+    if sum(x is not None for x in (query, photo, image_id)) != 1:
+        raise GliedError("search needs exactly one of: a QUERY sentence, --image PHOTO, --image-id ID")
+    rt.check_query(query)
+    if image_id is not None and features is None:
+        raise GliedError("--image-id needs --features CACHE (the cache holding that image)")
+    index = rt.Index(index_path)
+    if run:
+        index.check_run(run)
+    if query is not None:
+        hits, what = index.text_to_images(query, k), {"query": query}
+    else:
+        if photo is not None:
+            loaded = rt.decode_photo(photo, index.max_side)
+            extractor, where = rt.region_extractor_for(bundle, detector, extractor_module)
+            index.check_extractor(extractor, where)
+            emb, what = index.embed_photo(rt.photo_regions(extractor, loaded)), {"image": photo}
+        else:
+            emb, what = index.embed_cached(rt.open_cache(features), image_id), {"image_id": image_id}
+        hits = index.image_to_captions(emb, k, captions_file)
+    if as_json:
+        click.echo(json.dumps({**what, "results": hits}))
+        return
+    for h in hits:
+        click.echo(f"{h['score']:.4f}\t" + (h["image_id"] if "caption" not in h else h["caption"]))
+
+
 if __name__ == "__main__":
     main()
