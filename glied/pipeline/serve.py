@@ -257,7 +257,7 @@ class SearchIndex:
 
     def __init__(self, path: str | os.PathLike, captioner, lock: Optional[threading.Lock] = None):
         self.index = search_support(path)(path, device=captioner.device)
-        self.index.check_extractor(dict(captioner.regions.identity()), "the served bundle")
+        self.index.check_extractor(captioner.regions, "the served bundle")
         self.regions = captioner.regions
         self.lock = lock or threading.Lock()
 
@@ -266,11 +266,10 @@ class SearchIndex:
             return self.index.text_to_images(query, k)
 
     def search_image(self, loaded: LoadedImage, k: int) -> list[dict]:
-        from glied.pipeline.extract import _rescale
+        from glied.pipeline.retrieval import photo_regions
 
         with self.lock:  # the detector is shared with the captioning worker
-            regions = _rescale(self.regions.extract([loaded.image])[0], loaded)
-            return self.index.image_to_captions(self.index.embed_photo(regions), k)
+            return self.index.image_to_captions(self.index.embed_photo(photo_regions(self.regions, loaded)), k)
 
 
 # ------------------------------------------------------------------------------------------------ the app
