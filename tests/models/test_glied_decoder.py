@@ -170,7 +170,8 @@ def test_fused_inference_weights_follow_parameter_updates():
     m = tiny("glied")
     x = inputs()
     with torch.no_grad():
-        m.generate(*x, beam_size=2, max_len=6)  # builds and caches the fused/folded inference weights
+        for _ in range(2):  # builds and caches the fused/folded inference weights and the attribute table
+            m.generate(*x, beam_size=2, max_len=6)
         for p in m.parameters():  # an optimiser-like in-place update: the cached weights must follow
             p.add_(0.5 * torch.randn_like(p))
         fast = m.encode(*x)
@@ -188,12 +189,14 @@ def test_folded_inference_memory_equals_training_memory(name):
     m = tiny(name)
     x = inputs()
     with torch.no_grad():
-        fast = m.encode(*x)  # attribute embedding folded into the key/value projections
+        folded = m.encode(*x)  # attribute embedding folded into the key/value projections
+        looked_up = m.encode(*x)  # same weights seen again: attribute keys/values from a vocabulary table
     plain = m.encode(*x)  # with autograd: the plain form
-    assert fast.kv.keys() == plain.kv.keys()
-    for n in fast.kv:
-        for a, b in zip(fast.kv[n], plain.kv[n]):
-            torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-5)
+    for fast in (folded, looked_up):
+        assert fast.kv.keys() == plain.kv.keys()
+        for n in fast.kv:
+            for a, b in zip(fast.kv[n], plain.kv[n]):
+                torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-5)
 
 
 def test_state_is_preallocated_and_bounded():
