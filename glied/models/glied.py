@@ -243,7 +243,8 @@ class GliedDecoder(nn.Module):
 
         Projections that read the same input run as one GEMM (fused weights); without autograd the attribute
         embedding W_e E[a] + W_p p is folded into the key/value projections that read it (exact up to float
-        rounding), so attribute keys/values cost one 256-wide GEMM."""
+        rounding), so attribute keys/values cost one 256-wide GEMM, or a table lookup once the weights were
+        seen unchanged (decoding batch after batch)."""
         c = self.config
         h = c.n_heads
         region_mask, attr_mask = region_mask.bool(), attr_mask.bool()
@@ -294,8 +295,16 @@ class GliedDecoder(nn.Module):
             return w @ self.embed_proj.weight, torch.addmv(b, w, bias_in), w_p  # (n*D, d_embed), (n*D,)
 
         sources = [self.embed_proj, *layers] + ([self.prob_proj] if self.prob_proj is not None else [])
-        w, b, w_p = derived(self.embed_proj, ("attr_kv", tuple(map(id, layers))), sources, fold)
-        out = F.linear(self.embed(attr_ids), w, b)  # (B, K, n*D)
+        key = tuple(map(id, layers))
+        w, b, w_p = derived(self.embed_proj, ("attr_kv", key), sources, fold)
+        # a model decoding batch after batch with the same weights: every word's keys/values as one table
+        # (V, n*D), so attribute keys/values are a lookup; never built while the weights keep changing
+        table = derived(self.embed_proj, ("attr_table", key), [self.embed, *sources],
+                        lambda: F.linear(self.embed.weight, w, b), reuses_first=1)
+        if table is not None:
+            out = F.embedding(attr_ids, table)  # (B, K, n*D)
+        else:
+            out = F.linear(self.embed(attr_ids), w, b)  # (B, K, n*D)
         return out if w_p is None else out.addcmul_(p, w_p)
 
     # ----------------------------------------------------------------------------------------- decoding
