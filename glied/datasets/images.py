@@ -21,6 +21,7 @@ short line and whose ``kind`` is a machine-readable tag (``empty``, ``not_image`
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -45,13 +46,14 @@ _MAGIC = (
 
 
 def find_images(root: str | os.PathLike) -> list[str]:
-    """Image files (suffix in :data:`IMAGE_EXTENSIONS`, any case; hidden files skipped) under ``root``,
-    recursively, sorted by folder then name."""
+    """Image files (suffix in :data:`IMAGE_EXTENSIONS`, any case; hidden files skipped; a FIFO, socket or device
+    named x.jpg is never opened) under ``root``, recursively, sorted by folder then name."""
     out = []
     for d, dirs, files in os.walk(os.fspath(root)):
         dirs.sort()
-        out += [os.path.join(d, f) for f in sorted(files)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        paths = (os.path.join(d, f) for f in sorted(files)
+                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        out += [p for p in paths if os.path.isfile(p)]
     return out
 
 
@@ -178,7 +180,10 @@ def decode_image(path: str | os.PathLike, max_side: int | None = None,
     _quiet_bomb_warning()
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):            # a FIFO would block open() forever
+            raise ImageLoadError(path, "not_file", "not a regular file (a folder, FIFO or device)")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(32)
     except FileNotFoundError:
