@@ -3,7 +3,7 @@
 Uses :class:`shapes_box_features.ShapesBoxFeatures` (ground-truth boxes through a fixed random projection, not the
 real extractor), so its numbers tune the training recipe; they are not pipeline results.
 
-    glied make-shapes W --images 3000 --seed 0 && glied prepare W/captions.json --out P --max-length 24
+    glied make-shapes W --count 3000 --seed 0 && glied prepare W/captions.json --out P --max-length 24
     python benchmarks/shapes_recipe.py --world W --prep P --out RUNS [--models base glied]
 
 Recipe used (d_model 256 to fit minutes on 2 loaded cores; the paper size is 512): XE 8 epochs, lr 1e-3,

@@ -92,6 +92,16 @@ def _given(renames: dict | None = None) -> set[str]:
     return {back.get(n, n) for n in typed}
 
 
+def _one_of(name: str, value, old_name: str, old_value, default=None):
+    """An option and its hidden old name: the one given (both: a usage error), else ``default`` (None: the
+    option is required)."""
+    if value is not None and old_value is not None:
+        raise click.UsageError(f"{old_name} is the old name of {name}; give only {name}")
+    if value is None and old_value is None and default is None:
+        raise click.UsageError(f"Missing option '{name}'.")
+    return next(v for v in (value, old_value, default) if v is not None)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data: the synthetic shapes world and dataset preparation
 # ---------------------------------------------------------------------------------------------------------
@@ -99,17 +109,20 @@ def _given(renames: dict | None = None) -> set[str]:
 
 @cli.command("make-shapes")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--images", "n_images", type=int, default=1000, show_default=True, help="Number of images.")
+@click.option("--count", "n_images", type=int, default=None, help="Number of images (default 1000).")
+@click.option("--images", "n_images_old", type=int, default=None, hidden=True)  # the old name of --count
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same bytes).")
 @click.option("--size", type=int, default=128, show_default=True, help="Image side in pixels.")
 @click.option("--workers", type=int, default=None, help="Rendering processes (default: CPU count).")
-def make_shapes_cmd(out: str, n_images: int, seed: int, size: int, workers: int | None) -> None:
+def make_shapes_cmd(out: str, n_images: int | None, n_images_old: int | None, seed: int, size: int,
+                    workers: int | None) -> None:
     """Render the synthetic shapes world into OUT: images/, instances.json (COCO), captions.json (Karpathy)."""
     import time
 
     from glied.pipeline.data import make_shapes_world
 
     t0 = time.perf_counter()
+    n_images = _one_of("--count", n_images, "--images", n_images_old, 1000)
     s = make_shapes_world(out, n_images, seed=seed, size=size, workers=workers)
     sp = s["splits"]
     click.echo(f"wrote {s['images']} images ({s['objects']} objects; train {sp['train']}, val {sp['val']}, "
@@ -430,8 +443,9 @@ _MODELS = list(MODEL_PRESETS)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--stage", type=click.Choice(["xe", "scst", "both"]), default="both", show_default=True,
               help="Cross-entropy, self-critical (needs --init or --resume), or XE then SCST.")
-@click.option("--model", type=click.Choice(_MODELS), default="glied", show_default=True,
-              help="GLIED, the base model, or base plus one distilling part.")
+@click.option("--config", "model", type=click.Choice(_MODELS), default="glied", show_default=True,
+              help="Model preset: GLIED, the base model, or base plus one distilling part.")
+@click.option("--model", "model_old", type=click.Choice(_MODELS), default=None, hidden=True)  # old name of --config
 @click.option("--epochs", type=click.IntRange(min=0), default=15, show_default=True, help="Cross-entropy epochs.")
 @click.option("--scst-epochs", type=click.IntRange(min=0), default=10, show_default=True,
               help="Self-critical epochs.")
@@ -452,7 +466,8 @@ _MODELS = list(MODEL_PRESETS)
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.", callback=_device)
-def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs: int, scst_epochs: int,
+def train_cmd(data: str, features: str, out: str, stage: str, model: str, model_old: str | None, epochs: int,
+              scst_epochs: int,
               batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
               scst_samples: int, captions_per_image: int | None, d_model: int, d_embed: int, heads: int,
               box_geometry: bool, init: str | None, resume: bool, seed: int, device: str) -> None:
@@ -462,12 +477,13 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs
     """
     from glied.pipeline.train import train
 
+    model = _one_of("--config", None if model_old is not None else model, "--model", model_old, model)
     settings = dict(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
                     lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
                     scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model,
                     d_embed=d_embed, n_heads=heads, seed=seed, box_geometry=box_geometry)
     # only the settings typed on the command line: the others are the defaults, or the run's own on --resume
-    given = _given({"n_heads": "heads"})
+    given = _given({"n_heads": "heads"}) | ({"model"} if model_old is not None else set())
     s = train(data, features, out, {k: v for k, v in settings.items() if k in given}, resume=resume, init=init,
               device=device, log=click.echo)
     if s.get("rank", 0) == 0:
@@ -475,7 +491,9 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs
 
 
 @cli.command("evaluate")
-@click.option("--checkpoint", required=True, type=click.Path(), help="Run directory (best.pt) or .pt file.")
+@click.option("--run", "checkpoint", type=click.Path(), default=None,
+              help="Run folder of `glied train` (its best.pt) or a .pt file.  [required]")
+@click.option("--checkpoint", "checkpoint_old", type=click.Path(), default=None, hidden=True)  # old name of --run
 @click.option("--features", required=True, type=click.Path(), help="Feature cache the model was trained on.")
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data.")
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
@@ -483,10 +501,12 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs
 @click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write (default: run dir).")
 @click.option("--device", default="cpu", show_default=True, callback=_device)
-def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: int, batch_size: int,
-                 out: str | None, device: str) -> None:
+def evaluate_cmd(checkpoint: str | None, checkpoint_old: str | None, features: str, data: str, split: str,
+                 beam: int, batch_size: int, out: str | None, device: str) -> None:
     """Caption a split, write COCO-format predictions and BLEU/METEOR/ROUGE-L/CIDEr (pycocoevalcap)."""
     from glied.pipeline.evaluate import evaluate
+
+    checkpoint = _one_of("--run", checkpoint, "--checkpoint", checkpoint_old)
 
     r = evaluate(checkpoint, features, data, split, beam_size=beam, batch_size=batch_size, out=out, device=device,
                  log=click.echo)
@@ -536,7 +556,7 @@ def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str |
             failed += 1
             click.echo(f"error: {r.path}: {r.error}", err=True)
         if as_json:
-            click.echo(json.dumps(r.to_json(captioner.attributes.vocab, captioner.regions.classes)))
+            click.echo(json.dumps(r.to_json(captioner.word_extractor.vocab, captioner.region_extractor.classes)))
         elif not r.error:
             click.echo(f"{r.path}\t{r.caption}" if len(files) > 1 else r.caption)
         if show and not r.error:
@@ -566,14 +586,16 @@ def bundle_cmd(detector: str, attributes: str, decoder: str, out: str, beam: int
 @cli.command("demo")
 @click.option("--out", default="glied-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every stage's outputs; a second run reuses what exists.")
-@click.option("--images", type=int, default=3000, show_default=True, help="Size of the shapes world.")
+@click.option("--count", "images", type=int, default=None, help="Size of the shapes world (default 3000).")
+@click.option("--images", "images_old", type=int, default=None, hidden=True)  # the old name of --count
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--decoder-seeds", type=click.IntRange(1, 10), default=1, show_default=True,
               help="Train each decoder with this many seeds; the table gives mean +- std.")
-def demo_cmd(out: str, images: int, seed: int, decoder_seeds: int) -> None:
+def demo_cmd(out: str, images: int | None, images_old: int | None, seed: int, decoder_seeds: int) -> None:
     """The main job: the whole pipeline on the embedded synthetic shapes world."""
     from glied.pipeline.demo import DemoConfig, run_demo
 
+    images = _one_of("--count", images, "--images", images_old, 3000)
     run_demo(out, DemoConfig(images=images, seed=seed, decoder_seeds=tuple(range(seed, seed + decoder_seeds))))
 
 

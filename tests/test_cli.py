@@ -33,7 +33,7 @@ def test_help_is_fast():
 
 
 def test_make_shapes_then_prepare(tmp_path):
-    r = run("make-shapes", str(tmp_path / "w"), "--images", "60", "--seed", "1")
+    r = run("make-shapes", str(tmp_path / "w"), "--count", "60", "--seed", "1")
     assert r.returncode == 0, r.stderr
     assert "wrote 60 images" in r.stdout
     r = run("prepare", str(tmp_path / "w" / "captions.json"), "--out", str(tmp_path / "p"), "--max-length", "24")
@@ -49,5 +49,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert str(bad) in r.stderr and "not valid JSON" in r.stderr
-    r = run("make-shapes", str(tmp_path / "w"), "--images", "0")
-    assert r.returncode == 2 and "--images must be at least 1" in r.stderr
+    r = run("make-shapes", str(tmp_path / "w"), "--count", "0")
+    assert r.returncode == 2 and "--count must be at least 1" in r.stderr
+    r = run("make-shapes", str(tmp_path / "w"), "--images", "0")  # the old name still works, hidden from --help
+    assert r.returncode == 2 and "--count must be at least 1" in r.stderr
+    assert "--images" not in run("make-shapes", "--help").stdout

@@ -88,7 +88,7 @@ class Captioner:
                  top_k: Optional[int] = None, device: str = "cpu", max_side: Optional[int] = DEFAULT_MAX_SIDE):
         from glied.datasets.captions import attribute_vocab_map
 
-        self.regions, self.attributes, self.decoder = regions, attributes, decoder
+        self.region_extractor, self.word_extractor, self.decoder = regions, attributes, decoder
         self.vocab, self.beam_size, self.max_len, self.device = vocab, beam_size, max_len, device
         self.top_k = top_k
         self.max_side = check_max_side(max_side)
@@ -144,11 +144,11 @@ class Captioner:
         from glied.models.beam import decode_text
 
         t0 = time.perf_counter()
-        regs = self.regions.extract(images)
+        regs = self.region_extractor.extract(images)
         if loaded is not None:
             regs = [_rescale(r, im) for r, im in zip(regs, loaded)]
         t1 = time.perf_counter()
-        words = self.attributes.extract(images)
+        words = self.word_extractor.extract(images)
         t2 = time.perf_counter()
         items = [self._item(i, r, w) for i, (r, w) in enumerate(zip(regs, words))]
         batch = collate(items)
@@ -255,6 +255,7 @@ def save_picture(result: CaptionResult, captioner: Captioner, path: str | os.Pat
         r = RegionFeatures(r.boxes * np.array([sx, sy, sx, sy], np.float32), r.features, r.obj_ids, r.obj_scores,
                            r.attr_ids, r.attr_scores, r.image_w, r.image_h)
     ex = Explanation(image=result.image, regions=r, caption=result.tokens, words=result.words,
-                     word_vocab=captioner.attributes.vocab, attention=result.attention,
-                     object_names=captioner.regions.classes, attribute_names=captioner.regions.attributes)
+                     word_vocab=captioner.word_extractor.vocab, attention=result.attention,
+                     object_names=captioner.region_extractor.classes,
+                     attribute_names=captioner.region_extractor.box_attributes)
     save_explanation(ex, str(path))

@@ -56,8 +56,8 @@ class RegionExtractor:
         self.cfg = model.cfg
         self.precision = precision
         self.fingerprint = fingerprint
-        self.classes = classes
-        self.attributes = attributes
+        self.classes = classes                 # Visual Genome object class names (None: ids only)
+        self.box_attributes = attributes       # Visual Genome box attribute names (None: ids only)
         self.name = name
         self.device = next(model.parameters()).device
         if channels_last is None:
