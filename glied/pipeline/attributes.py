@@ -18,7 +18,12 @@ from glied.errors import ConfigError, InputError
 
 # Per-preset training defaults: (epochs, batch size, learning rate).
 TRAIN_DEFAULTS = {"small": (8, 8, 1e-3), "resnet18": (10, 16, 1e-4), "resnet50": (10, 8, 1e-4),
-                  "resnet101": (10, 8, 1e-4), "bottomup": (8, 8, 1e-3)}
+                  "resnet101": (10, 8, 1e-4), "bottomup": (2, 8, 3e-3)}
+# How a detector-initialised (bottomup) trunk trains by default: the detector's res5 runs over the map, the
+# stem..res4 stay fixed and res5 fine-tunes at a tenth of the head's rate. Measured on the demo's shapes world
+# (3000 images, its 8-epoch detector, input 256, 2 epochs): shape-word AP 0.87 vs 0.80 with res5 fixed (1 epoch)
+# and 0.43 when res2..res4 fine-tune at the head's rate without res5.
+BOTTOMUP_DEFAULTS = {"freeze_stages": 4, "trunk_lr_mult": 0.1, "res5": True}
 
 
 def _images_root(prep: PreparedData, images: str | Path | None) -> Path:
@@ -44,13 +49,16 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
                      lr: float | None = None, vocab_size: int = 1000, input_size: int | None = None,
                      stopwords: bool = False, empty_policy: str = "keep", resume: bool = False, seed: int = 0,
                      backbone_weights: str | None = None, init_from: str | Path | None = None,
-                     freeze_stages: int = 0, trunk_lr_mult: float = 1.0, device: str = "cpu",
+                     freeze_stages: int | None = None, trunk_lr_mult: float | None = None, res5: bool | None = None,
+                     device: str = "cpu",
                      log: Callable[[str], None] = print) -> dict:
     """Train a MIL word detector on prepared data ``data`` into the run folder ``out``; returns a summary.
 
     ``init_from``: a detector (the published bottom-up .pkl or a ``glied train-detector`` run) whose trunk
     becomes the MIL trunk (config ``bottomup``, see :mod:`glied.extractors.mil.init_from`); its path and sha256
-    are kept in the checkpoint's training config. ``freeze_stages`` / ``trunk_lr_mult``: how that trunk trains.
+    are kept in the checkpoint's training config. ``freeze_stages`` / ``trunk_lr_mult``: how that trunk trains;
+    ``res5``: the trunk also runs the detector's res5 over the map (None: ``BOTTOMUP_DEFAULTS`` with
+    ``init_from``, else off).
     """
     import torch
 
@@ -65,6 +73,13 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
     if (config == "bottomup") != (init_from is not None):
         raise ConfigError(f"--config {config} {'needs' if init_from is None else 'cannot take'} --init-from: the "
                           "detector-initialised trunk is --config bottomup (the default with --init-from)")
+    if init_from is not None:
+        freeze_stages = BOTTOMUP_DEFAULTS["freeze_stages"] if freeze_stages is None else freeze_stages
+        trunk_lr_mult = BOTTOMUP_DEFAULTS["trunk_lr_mult"] if trunk_lr_mult is None else trunk_lr_mult
+        res5 = BOTTOMUP_DEFAULTS["res5"] if res5 is None else res5
+    elif freeze_stages or res5 or trunk_lr_mult not in (None, 1.0):
+        raise ConfigError("--freeze-stages, --trunk-lr-mult and --res5 shape a detector-initialised trunk; "
+                          "pass --init-from DETECTOR")
     trunk = None
     if init_from is not None:  # on --resume too: its config must match the run's (the weights come from last.pt)
         from glied.extractors.mil.init_from import load_detector_trunk
@@ -77,8 +92,8 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
     tcfg = MilTrainConfig(epochs=epochs or d_epochs, batch_size=batch_size or d_batch, lr=lr or d_lr,
                           vocab_size=vocab_size, stopwords=stopwords, empty_label_policy=empty_policy,
                           seed=seed, backbone_weights=str(backbone_weights) if backbone_weights else None,
-                          init_from=trunk.source if trunk is not None else None, freeze_stages=freeze_stages,
-                          trunk_lr_mult=trunk_lr_mult)
+                          init_from=trunk.source if trunk is not None else None, freeze_stages=freeze_stages or 0,
+                          trunk_lr_mult=1.0 if trunk_lr_mult is None else trunk_lr_mult)
     train_idx = prep.split_indices("train")
     if not train_idx:
         raise InputError(f"{data}: the prepared data has no training image")
@@ -96,7 +111,8 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
     if prep.split_indices("val"):
         va, va_paths, _ = _split_labels(prep, "val", vocab, root, "keep")
         val_set = TrainSet(va_paths, va.labels, vocab)
-    cfg = MilConfig.preset(config, len(vocab), input_size=input_size, trunk=trunk.config if trunk else None)
+    cfg = MilConfig.preset(config, len(vocab), input_size=input_size, trunk=trunk.config if trunk else None,
+                             trunk_res5=res5 or None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if trunk is not None:
