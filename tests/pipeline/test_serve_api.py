@@ -83,7 +83,7 @@ def test_bad_photos_get_the_cli_line_and_4xx(client, tiny_bundle, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"this is not a jpeg")
     cli = subprocess.run([sys.executable, "-m", "glied", "caption", "broken.jpg", "--model",
                           str(tiny_bundle["bundle"])], capture_output=True, text=True, cwd=tmp_path)
-    cli_line = cli.stderr.splitlines()[0]
+    cli_line = next(ln for ln in cli.stderr.splitlines() if ln.startswith("error: "))  # after the precision line
     r = post(client, ("broken.jpg", b"this is not a jpeg"))
     assert r.status_code == 400 and "error: " + r.json()["error"] == cli_line
     assert r.json()["results"][0]["kind"] == "not_image"
