@@ -47,7 +47,7 @@ def load(args, tmp):
     elif args.detector:
         weights, what = args.detector, f"R101-C4 {args.detector}"
     else:
-        from glied.extractors.bottomup.parity.harness import write_random_checkpoint
+        from scripts.bottomup_parity.harness import write_random_checkpoint
 
         weights = os.path.join(tmp, "random.pkl")
         write_random_checkpoint(weights)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from glied.extractors.bottomup.config import BottomUpConfig  # noqa: E402
 from glied.extractors.bottomup.extractor import RegionExtractor  # noqa: E402
 from glied.extractors.bottomup.model import BottomUpDetector  # noqa: E402
-from glied.extractors.bottomup.parity.harness import match_boxes, write_random_checkpoint  # noqa: E402
+from scripts.bottomup_parity.harness import match_boxes, write_random_checkpoint  # noqa: E402
 from glied.extractors.bottomup.weights import load_detectron2_state, read_detectron2_pickle  # noqa: E402
 
 

@@ -114,3 +114,36 @@ def load(path: str | os.PathLike, fmt: Format, required: tuple[str, ...] = ()) -
             raise WeightsError(f"{p}: {fmt.what} checkpoint lacks {key!r}; {fmt.hint}")
     obj["path"] = str(p)
     return obj
+
+
+# ---- resuming a run ------------------------------------------------------------------------------------------
+EXTENDABLE = ("epochs", "scst_epochs")   # the only settings a resume may change: raised, to train longer
+
+
+def resume_settings(stored: dict, given: dict, *, where: str, flags: dict | None = None,
+                    extendable: tuple[str, ...] = EXTENDABLE) -> dict:
+    """The settings of a resumed run: the ``stored`` ones, with ``given`` (what the user typed; None = not
+    given) checked against them. The one resume rule of every training loop (detector, MIL, decoder):
+
+    * a given value equal to the stored one is fine; an epoch count (``extendable``) may be raised to train
+      longer;
+    * any other difference is refused with one line naming the flag:
+      ``{where}: --lr 0.01 conflicts with the run's stored 0.0005; drop the flag or start a new run``.
+
+    Randomness is restored with the settings: every loop draws its shuffling, augmentation and sampling
+    from generators seeded by (stored seed, epoch), so a resumed run repeats the uninterrupted one.
+    ``flags`` maps setting names to their flag where it is not ``--`` + name with ``_`` -> ``-``.
+    """
+    from glied.errors import ConfigError
+
+    out = dict(stored)
+    for key, value in given.items():
+        if value is None or key not in stored or value == stored[key]:
+            continue
+        if key in extendable and isinstance(value, int) and value > stored[key]:
+            out[key] = value
+            continue
+        flag = (flags or {}).get(key, "--" + key.replace("_", "-"))
+        raise ConfigError(f"{where}: {flag} {value} conflicts with the run's stored {stored[key]}; "
+                          f"drop the flag or start a new run")
+    return out

@@ -15,6 +15,9 @@ import click
 
 from glied import __version__
 from glied.errors import GliedError
+from glied.extractors.mil.config import ARCHS as _MIL_PRESETS
+from glied.models.presets import MODEL_PRESETS
+from glied.pipeline.detector import PRESETS as _DETECTOR_PRESETS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,24 +81,48 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
 
 
+def _given(renames: dict | None = None) -> set[str]:
+    """Names of the current command's options typed on the command line (not defaults); ``renames`` maps a
+    setting name to its parameter name where they differ."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    typed = {n for n in ctx.params if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
+    back = {v: k for k, v in (renames or {}).items()}
+    return {back.get(n, n) for n in typed}
+
+
+def _one_of(name: str, value, old_name: str, old_value, default=None):
+    """An option and its hidden old name: the one given (both: a usage error), else ``default`` (None: the
+    option is required)."""
+    if value is not None and old_value is not None:
+        raise click.UsageError(f"{old_name} is the old name of {name}; give only {name}")
+    if value is None and old_value is None and default is None:
+        raise click.UsageError(f"Missing option '{name}'.")
+    return next(v for v in (value, old_value, default) if v is not None)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Data: the synthetic shapes world and dataset preparation (issue 2)
+# Data: the synthetic shapes world and dataset preparation
 # ---------------------------------------------------------------------------------------------------------
 
 
 @cli.command("make-shapes")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--images", "n_images", type=int, default=1000, show_default=True, help="Number of images.")
+@click.option("--count", "n_images", type=int, default=None, help="Number of images (default 1000).")
+@click.option("--images", "n_images_old", type=int, default=None, hidden=True)  # the old name of --count
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same bytes).")
 @click.option("--size", type=int, default=128, show_default=True, help="Image side in pixels.")
 @click.option("--workers", type=int, default=None, help="Rendering processes (default: CPU count).")
-def make_shapes_cmd(out: str, n_images: int, seed: int, size: int, workers: int | None) -> None:
+def make_shapes_cmd(out: str, n_images: int | None, n_images_old: int | None, seed: int, size: int,
+                    workers: int | None) -> None:
     """Render the synthetic shapes world into OUT: images/, instances.json (COCO), captions.json (Karpathy)."""
     import time
 
     from glied.pipeline.data import make_shapes_world
 
     t0 = time.perf_counter()
+    n_images = _one_of("--count", n_images, "--images", n_images_old, 1000)
     s = make_shapes_world(out, n_images, seed=seed, size=size, workers=workers)
     sp = s["splits"]
     click.echo(f"wrote {s['images']} images ({s['objects']} objects; train {sp['train']}, val {sp['val']}, "
@@ -125,7 +152,7 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Bottom-up region detector: train-detector, evaluate-detector (issues 3, 9)
+# Bottom-up region detector: train-detector, evaluate-detector
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -135,7 +162,8 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 @click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False),
               help="Directory the file_name entries are relative to.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoint, logs).")
-@click.option("--config", "preset", default="small", show_default=True, help="Model preset.")
+@click.option("--config", "preset", type=click.Choice(_DETECTOR_PRESETS), default="small", show_default=True,
+              help="Model preset.")
 @click.option("--epochs", type=int, default=None, help="Epochs (default: the training config's).")
 @click.option("--batch-size", type=int, default=None, help="Images per step.")
 @click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate (AdamW).")
@@ -144,8 +172,9 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 @click.option("--split-file", type=click.Path(dir_okay=False), default=None,
               help="Karpathy captions.json giving each image's split (when instances.json has none).")
 @click.option("--max-images", type=int, default=None, help="Train on the first N images only.")
-@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out with its stored settings (a conflicting flag is refused).")
+@click.option("--seed", type=int, default=None, help="Random seed (default 0).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 def train_detector_cmd(annotations, images_dir, out, preset, epochs, batch_size, lr, input_size, split, split_file,
                        max_images, resume, seed, threads) -> None:
@@ -183,7 +212,7 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
 
 
 # ---------------------------------------------------------------------------------------------------------
-# MIL attribute words: train-attributes, evaluate-attributes (issue 4)
+# MIL attribute words: train-attributes, evaluate-attributes
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -192,8 +221,8 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--images", type=click.Path(), default=None,
               help="Image folder (default: the prepared data's images_root).")
-@click.option("--config", "config", type=click.Choice(["small", "resnet18", "resnet50", "resnet101", "bottomup"]),
-              default=None, help="Model preset (default: small, the shapes world; bottomup with --init-from).")
+@click.option("--config", "config", type=click.Choice(_MIL_PRESETS), default=None,
+              help="Model preset (default: small, the shapes world; bottomup with --init-from).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default per preset: small 8).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step (small: 8).")
 @click.option("--lr", type=POSITIVE, default=None, help="Adam learning rate (small: 1e-3, ResNets: 1e-4).")
@@ -214,7 +243,9 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
               help="With --init-from: trunk stages kept fixed (1 stem, 2 +res2, 3 +res3, 4 the whole trunk).")
 @click.option("--trunk-lr-mult", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="With --init-from: the trunk's learning rate relative to the head's.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last.pt with its stored settings (a conflicting flag is "
+                   "refused; --epochs may be raised).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -229,12 +260,13 @@ def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, voca
         import torch
         torch.set_num_threads(threads)
 
-    config = config or ("bottomup" if init_from else "small")
-    s = train_attributes(data, out, images=images, config=config, epochs=epochs, batch_size=batch_size, lr=lr,
-                         vocab_size=vocab_size, input_size=input_size, stopwords=stopwords,
-                         empty_policy=empty_policy, resume=resume, seed=seed, backbone_weights=backbone_weights,
-                         init_from=init_from, freeze_stages=freeze_stages, trunk_lr_mult=trunk_lr_mult,
-                         device=device, log=click.echo)
+    typed = _given()   # untyped settings: the preset's defaults, or the run's own on --resume
+    settings = dict(config=config, epochs=epochs, batch_size=batch_size, lr=lr, vocab_size=vocab_size,
+                    input_size=input_size, stopwords=stopwords, empty_policy=empty_policy, seed=seed,
+                    freeze_stages=freeze_stages, trunk_lr_mult=trunk_lr_mult)
+    s = train_attributes(data, out, images=images, resume=resume, backbone_weights=backbone_weights,
+                         init_from=init_from, device=device, log=click.echo,
+                         **{k: (v if k in typed else None) for k, v in settings.items()})
     val = f", val mAP {s['val_mAP']:.4f}" if s.get("val_mAP") is not None else ""
     click.echo(f"trained {s['epochs']} epochs in {s['seconds_this_run']:.1f} s (loss {s['final_loss']:.4f}{val}) "
                f"-> {out}/model.pt")
@@ -273,7 +305,7 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Feature cache: extract, import-features, export-features, merge-caches (issue 5)
+# Feature cache: extract, import-features, export-features, merge-caches
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -317,15 +349,15 @@ def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, 
     """
     from glied.datasets.images import DEFAULT_MAX_SIDE, check_max_side
     from glied.datasets.inputs import parse_shard
-    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, choose_precision,
-                                        extract, resolve_device, say_precision)
+    from glied.extractors import load_extractors
+    from glied.pipeline.extract import choose_precision, extract, resolve_device, say_precision
 
     sh = parse_shard(shard)
     max_side = check_max_side(DEFAULT_MAX_SIDE if max_side is None else max_side)
     dev = resolve_device(device)
     prec = choose_precision(precision, dev)
-    region = build_region_extractor(detector, extractor_module, dev, prec.precision)
-    attr = build_attribute_extractor(attributes, dev, top_k)
+    region, attr = load_extractors(detector, attributes, extractor_module=extractor_module, device=dev,
+                                   precision=prec.precision, top_k=top_k)
     say_precision(prec, quiet=quiet)
     s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
                 images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
@@ -399,10 +431,10 @@ def export_features_cmd(cache, out) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# GLIED decoder: train, evaluate (issue 6)
+# GLIED decoder: train, evaluate
 # ---------------------------------------------------------------------------------------------------------
 
-_MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
+_MODELS = list(MODEL_PRESETS)
 
 
 @cli.command("train")
@@ -411,8 +443,9 @@ _MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--stage", type=click.Choice(["xe", "scst", "both"]), default="both", show_default=True,
               help="Cross-entropy, self-critical (needs --init or --resume), or XE then SCST.")
-@click.option("--model", type=click.Choice(_MODELS), default="glied", show_default=True,
-              help="GLIED, the base model, or base plus one distilling part.")
+@click.option("--config", "model", type=click.Choice(_MODELS), default="glied", show_default=True,
+              help="Model preset: GLIED, the base model, or base plus one distilling part.")
+@click.option("--model", "model_old", type=click.Choice(_MODELS), default=None, hidden=True)  # old name of --config
 @click.option("--epochs", type=click.IntRange(min=0), default=15, show_default=True, help="Cross-entropy epochs.")
 @click.option("--scst-epochs", type=click.IntRange(min=0), default=10, show_default=True,
               help="Self-critical epochs.")
@@ -433,7 +466,8 @@ _MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.", callback=_device)
-def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs: int, scst_epochs: int,
+def train_cmd(data: str, features: str, out: str, stage: str, model: str, model_old: str | None, epochs: int,
+              scst_epochs: int,
               batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
               scst_samples: int, captions_per_image: int | None, d_model: int, d_embed: int, heads: int,
               box_geometry: bool, init: str | None, resume: bool, seed: int, device: str) -> None:
@@ -441,19 +475,25 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs
 
     Runs under `torchrun --nproc_per_node N glied train ...` with DistributedDataParallel.
     """
-    from glied.pipeline.train import TrainConfig, train
+    from glied.pipeline.train import train
 
-    cfg = TrainConfig(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
-                      lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
-                      scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed,
-                      box_geometry=box_geometry)
-    s = train(data, features, out, cfg, resume=resume, init=init, device=device, log=click.echo)
+    model = _one_of("--config", None if model_old is not None else model, "--model", model_old, model)
+    settings = dict(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
+                    lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
+                    scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model,
+                    d_embed=d_embed, n_heads=heads, seed=seed, box_geometry=box_geometry)
+    # only the settings typed on the command line: the others are the defaults, or the run's own on --resume
+    given = _given({"n_heads": "heads"}) | ({"model"} if model_old is not None else set())
+    s = train(data, features, out, {k: v for k, v in settings.items() if k in given}, resume=resume, init=init,
+              device=device, log=click.echo)
     if s.get("rank", 0) == 0:
         click.echo(f"best val CIDEr-D {s['best_val_cider']:.4f}; checkpoints in {out}")
 
 
 @cli.command("evaluate")
-@click.option("--checkpoint", required=True, type=click.Path(), help="Run directory (best.pt) or .pt file.")
+@click.option("--run", "checkpoint", type=click.Path(), default=None,
+              help="Run folder of `glied train` (its best.pt) or a .pt file.  [required]")
+@click.option("--checkpoint", "checkpoint_old", type=click.Path(), default=None, hidden=True)  # old name of --run
 @click.option("--features", required=True, type=click.Path(), help="Feature cache the model was trained on.")
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data.")
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
@@ -461,10 +501,12 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs
 @click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write (default: run dir).")
 @click.option("--device", default="cpu", show_default=True, callback=_device)
-def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: int, batch_size: int,
-                 out: str | None, device: str) -> None:
+def evaluate_cmd(checkpoint: str | None, checkpoint_old: str | None, features: str, data: str, split: str,
+                 beam: int, batch_size: int, out: str | None, device: str) -> None:
     """Caption a split, write COCO-format predictions and BLEU/METEOR/ROUGE-L/CIDEr (pycocoevalcap)."""
     from glied.pipeline.evaluate import evaluate
+
+    checkpoint = _one_of("--run", checkpoint, "--checkpoint", checkpoint_old)
 
     r = evaluate(checkpoint, features, data, split, beam_size=beam, batch_size=batch_size, out=out, device=device,
                  log=click.echo)
@@ -472,7 +514,7 @@ def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: in
 
 
 # ---------------------------------------------------------------------------------------------------------
-# End to end: caption, bundle, demo (issue 7)
+# End to end: caption, bundle, demo
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -514,7 +556,7 @@ def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str |
             failed += 1
             click.echo(f"error: {r.path}: {r.error}", err=True)
         if as_json:
-            click.echo(json.dumps(r.to_json(captioner.attributes.vocab, captioner.regions.classes)))
+            click.echo(json.dumps(r.to_json(captioner.word_extractor.vocab, captioner.region_extractor.classes)))
         elif not r.error:
             click.echo(f"{r.path}\t{r.caption}" if len(files) > 1 else r.caption)
         if show and not r.error:
@@ -544,14 +586,16 @@ def bundle_cmd(detector: str, attributes: str, decoder: str, out: str, beam: int
 @cli.command("demo")
 @click.option("--out", default="glied-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every stage's outputs; a second run reuses what exists.")
-@click.option("--images", type=int, default=3000, show_default=True, help="Size of the shapes world.")
+@click.option("--count", "images", type=int, default=None, help="Size of the shapes world (default 3000).")
+@click.option("--images", "images_old", type=int, default=None, hidden=True)  # the old name of --count
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--decoder-seeds", type=click.IntRange(1, 10), default=1, show_default=True,
               help="Train each decoder with this many seeds; the table gives mean +- std.")
-def demo_cmd(out: str, images: int, seed: int, decoder_seeds: int) -> None:
+def demo_cmd(out: str, images: int | None, images_old: int | None, seed: int, decoder_seeds: int) -> None:
     """The main job: the whole pipeline on the embedded synthetic shapes world."""
     from glied.pipeline.demo import DemoConfig, run_demo
 
+    images = _one_of("--count", images, "--images", images_old, 3000)
     run_demo(out, DemoConfig(images=images, seed=seed, decoder_seeds=tuple(range(seed, seed + decoder_seeds))))
 
 

@@ -1,6 +1,7 @@
 """The GLIED decoder and its cross-modal fully-attentive base model (Liu et al., IJCAI 2019).
 
-Equations follow the paper's slides (FACTS.md §1.2); G(y; z) = LayerNorm(z + Dropout(y)) with no FFN.
+Equations follow the paper's slides (docs/architecture.md, "The GLIED decoder");
+G(y; z) = LayerNorm(z + Dropout(y)) with no FFN.
 
     I  = ReLU(W_r r) regions (2048 -> 512);  A = W_e E[a] + W_p p  attribute words + MIL probabilities
     x  = W_e E[w] + PE(t)                    input word (E is ONE 256-d table shared by words and attributes)
@@ -14,7 +15,7 @@ Equations follow the paper's slides (FACTS.md §1.2); G(y; z) = LayerNorm(z + Dr
     y ~ softmax(W^c c̃)
 
 Each of the three distilling parts has its own switch in :class:`GliedConfig`, so base, single additions and
-full GLIED are the same code. Choices the paper leaves open (FACTS §1.6), made here:
+full GLIED are the same code. Choices the paper leaves open (docs/architecture.md), made here:
   * one shared 256->512 projection W_e for words and attributes (the table is shared, so is its projection);
   * regions: Linear 2048->512 + ReLU + dropout, no normalisation;
   * fixed sinusoidal positional encoding added to input words (no parameters);
@@ -35,17 +36,8 @@ from torch import nn
 
 from glied.errors import ConfigError
 from glied.models.attention import MultiHeadAttention, Residual, derived, fused_linear, sinusoid_table, split_heads
-
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
-
-#: named ablations: (global_visual, global_attribute, local_distilling)
-MODEL_PRESETS: dict[str, tuple[bool, bool, bool]] = {
-    "glied": (True, True, True),
-    "base": (False, False, False),
-    "base+gvd": (True, False, False),  # + global visual distilling
-    "base+gad": (False, True, False),  # + global attribute distilling
-    "base+gld": (False, False, True),  # + global aspect vector and local cross-modal distilling
-}
+from glied.models.presets import MODEL_PRESETS  # noqa: F401 - the named ablations, re-exported here
+from glied.tokens import BOS, EOS, PAD, UNK  # noqa: F401 - the special token ids, re-exported here
 
 
 @dataclass(frozen=True)
@@ -462,14 +454,6 @@ class GliedDecoder(nn.Module):
         if (PAD, BOS) == (0, 1):  # the two words never generated lead the vocabulary: skip them
             return logits[:, 2:].argmax(-1) + 2
         return logits.index_fill(1, torch.tensor([PAD, BOS], device=logits.device), float("-inf")).argmax(-1)
-
-    def sequence_logprobs(self, mem: Memory, seqs: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities of given sequences (for SCST). seqs (N, T) generated words (ending in <eos> then
-        <pad>); mem for N rows. Returns (N, T) log p(seqs[:, t] | prefix), 0 after the first <eos>."""
-        inputs = torch.cat([torch.full_like(seqs[:, :1], BOS), seqs[:, :-1]], 1)  # (N, T)
-        logp = self.word_logprobs(self.decode(mem, inputs)).gather(2, seqs.unsqueeze(2)).squeeze(2)  # (N, T)
-        logp = logp.masked_fill(seqs == PAD, 0.0)
-        return logp * token_mask(seqs)
 
     @torch.no_grad()
     def generate(self, regions: torch.Tensor, region_mask: torch.Tensor, attr_ids: torch.Tensor,

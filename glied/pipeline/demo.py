@@ -120,10 +120,10 @@ def _attributes_eval_stage(prep: Path, mil_run: str, cfg: DemoConfig, log) -> Ca
 
 def _features_stage(world: Path, det_run: str, mil_run: str, cfg: DemoConfig, log) -> Callable[[Path], dict]:
     def run(d: Path) -> dict:
-        from glied.pipeline.extract import build_attribute_extractor, build_region_extractor, extract
+        from glied.extractors import load_extractors
+        from glied.pipeline.extract import extract
 
-        regions = build_region_extractor(det_run, None, "cpu", "fp32")
-        words = build_attribute_extractor(mil_run, "cpu", cfg.top_k)
+        regions, words = load_extractors(det_run, mil_run, device="cpu", precision="fp32", top_k=cfg.top_k)
         s = extract(str(world / "captions.json"), str(d / "cache"), region_extractor=regions,
                     attribute_extractor=words, top_k=cfg.top_k, images_root=str(world), dtype="float16",
                     batch_size=16, progress=False, log=log)
@@ -141,15 +141,16 @@ def _jsonable(v) -> bool:
 
 
 def decoder_recipe(model: str, stage: str, seed: int, cfg: DemoConfig):
-    """The demo's decoder TrainConfig for one stage ("xe" or "scst"): a 256-wide model, ``captions_per_image``
+    """The demo's decoder settings (DecoderTrainConfig) for one stage ("xe" or "scst"): a 256-wide model, ``captions_per_image``
     references per image and XE epoch, box geometry with the region features, 2 SCST samples per image with
     the greedy baseline."""
-    from glied.pipeline.train import TrainConfig
+    from glied.pipeline.train import DecoderTrainConfig
 
-    return TrainConfig(model=model, stage=stage, epochs=cfg.xe_epochs if stage == "xe" else 0,
-                       scst_epochs=cfg.scst_epochs if stage == "scst" else 0, batch_size=cfg.batch_size,
-                       seed=seed, d_model=256, d_embed=128, lr=1e-3, warmup_steps=100,
-                       captions_per_image=cfg.captions_per_image, scst_samples=2, box_geometry=cfg.box_geometry)
+    return DecoderTrainConfig(model=model, stage=stage, epochs=cfg.xe_epochs if stage == "xe" else 0,
+                              scst_epochs=cfg.scst_epochs if stage == "scst" else 0, batch_size=cfg.batch_size,
+                              seed=seed, d_model=256, d_embed=128, lr=1e-3, warmup_steps=100,
+                              captions_per_image=cfg.captions_per_image, scst_samples=2,
+                              box_geometry=cfg.box_geometry)
 
 
 def _decoder_stage(prep: Path, cache: Path, model: str, stage: str, seed: int, cfg: DemoConfig,

@@ -5,23 +5,21 @@ Data flow::
     enumerate_inputs(INPUT) -> shard -> skip ids already in the cache
       -> decode in worker threads (Pillow/cv2 release the GIL), a few batches ahead of the model
       -> region_extractor.extract(batch)  [or .extract_given_boxes(batch, boxes)]
-      -> attribute_extractor.predict(batch)          (optional)
+      -> attribute_extractor.extract(batch)          (optional)
       -> boxes mapped back to original pixels -> CacheWriter.put (fsync'ed in groups)
 
 Bad images never stop the run: each gets one line on stderr and a record {id, path, kind, reason} in
 ``CACHE/failures.jsonl`` (replaced, atomically, at the end of each run; failed images are tried again on the
 next run).
-Extractors follow the contracts in COMMON.md; ``extractor_module`` ("pkg.mod:factory" or
+Extractors implement :class:`glied.extractors.Extractor` and are built by
+:func:`glied.extractors.load_extractors`; its ``extractor_module`` ("pkg.mod:factory" or
 "path/to/file.py:factory") loads any factory ``factory(weights=..., device=..., precision=...)`` that returns
-such an object (``extract(images) -> list[RegionFeatures]``; for ``--boxes`` also
-``extract_given_boxes(image, boxes (N, 4)) -> RegionFeatures``), which is how users plug their own
-extractor and how the tests drive a real subprocess.
+a region extractor (for ``--boxes`` also ``extract_given_boxes(image, boxes (N, 4)) -> RegionFeatures``),
+which is how users plug their own extractor and how the tests drive a real subprocess.
 """
 from __future__ import annotations
 
 import collections
-import importlib
-import importlib.util
 import json
 import os
 import re
@@ -55,31 +53,6 @@ class ExtractSummary:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
 
 
-def load_factory(spec: str):
-    """'pkg.module:factory' or 'path/to/file.py:factory' -> the callable (ConfigError if not found)."""
-    mod_name, sep, attr = spec.rpartition(":")
-    if not sep or not mod_name or not attr:
-        raise ConfigError(f"--extractor-module {spec!r}: expected 'package.module:factory' or "
-                          f"'file.py:factory'")
-    try:
-        if mod_name.endswith(".py"):
-            if not os.path.isfile(mod_name):
-                raise ConfigError(f"--extractor-module: {mod_name} does not exist")
-            name = "glied_user_extractor_" + os.path.splitext(os.path.basename(mod_name))[0]
-            s = importlib.util.spec_from_file_location(name, mod_name)
-            module = importlib.util.module_from_spec(s)
-            sys.modules[name] = module
-            s.loader.exec_module(module)
-        else:
-            module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ConfigError(f"--extractor-module {spec!r}: cannot import {mod_name} ({e})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"--extractor-module {spec!r}: {mod_name} has no callable {attr!r}")
-    return fn
-
-
 def resolve_device(device: str) -> str:
     """'cpu' | 'cuda' | 'cuda:N' | 'auto' -> a concrete torch device string (ConfigError if unavailable)."""
     if device == "cpu":
@@ -111,28 +84,6 @@ def say_precision(choice, log=None, quiet: bool = False) -> None:
         log(choice.describe())
     if choice.warning:
         log(f"warning: {choice.warning}")
-
-
-def build_region_extractor(detector: str | None, extractor_module: str | None, device: str, precision: str):
-    """The region extractor for `glied extract` (bottom-up weights/run, or a user factory)."""
-    if extractor_module:
-        return load_factory(extractor_module)(weights=detector, device=device, precision=precision)
-    if not detector:
-        raise ConfigError("glied extract needs --detector WEIGHTS_OR_RUN (bottom-up weights or a "
-                          "train-detector run folder), or --extractor-module pkg.mod:factory")
-    from glied.extractors.bottomup import load_region_extractor
-
-    return load_region_extractor(detector, device=device, precision=precision)
-
-
-def build_attribute_extractor(run: str | None, device: str, top_k: int | None):
-    """The MIL attribute-word extractor of ``run`` (None when no run is given); top_k None: the run's own."""
-    if not run:
-        return None
-    from glied.extractors.mil import load_attribute_extractor
-
-    kw = {} if top_k is None else {"top_k": top_k}
-    return load_attribute_extractor(run, device=device, **kw)
 
 
 def load_boxes(path: str) -> dict[str, np.ndarray]:
@@ -223,9 +174,10 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
     """Extract every image of ``input_path`` (shard ``shard``) not yet in cache ``out``; see module docstring.
 
     ``max_side``: photos are decoded at most this long (None or 0: no cap); recorded in the cache identity,
-    so resuming with another value is refused. Attribute word maps (V, h, w) are large (often more than the regions) and are dropped unless
-    ``keep_word_maps``. Returns an :class:`ExtractSummary`. Raises ConfigError when ``out`` holds features
-    of another extractor identity (the message says what differs); committed entries are never rewritten.
+    so resuming with another value is refused. Attribute word maps (V, h, w) are large (often more than the
+    regions) and are dropped unless ``keep_word_maps``. Returns an :class:`ExtractSummary`. Raises
+    ConfigError when ``out`` holds features of another extractor identity (the message says what differs);
+    committed entries are never rewritten.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if batch_size < 1 or workers < 0:
@@ -275,7 +227,7 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 else:
                     regs = region_extractor.extract(ims)
                 words = ([None] * len(ims) if attribute_extractor is None
-                         else attribute_extractor.predict(ims))
+                         else attribute_extractor.extract(ims))
                 if len(regs) != len(ims) or len(words) != len(ims):
                     raise ConfigError(f"the extractor returned {len(regs)} region sets and {len(words)} word "
                                       f"lists for a batch of {len(ims)} images; fix the extractor")

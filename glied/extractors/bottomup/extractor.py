@@ -10,7 +10,6 @@ checkpoint (``save_checkpoint``; config and vocabularies inside).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from glied.errors import ConfigError, InputError, WeightsError
 from glied.extractors.bottomup import selection as sel
 from glied.extractors.bottomup.config import BottomUpConfig
 from glied.extractors.bottomup.model import BottomUpDetector, RawOutputs
-from glied.extractors.bottomup.weights import (DETECTOR, load_checkpoint, load_detectron2_state, missing_weights_message,
-                                               model_from_checkpoint,
+from glied.extractors.bottomup.weights import (DETECTOR, load_checkpoint, load_detectron2_state,
+                                               missing_weights_message, model_from_checkpoint,
                                                read_detectron2_pickle, read_vocab, weights_fingerprint)
 from glied.records import RegionFeatures
 
@@ -57,8 +56,8 @@ class RegionExtractor:
         self.cfg = model.cfg
         self.precision = precision
         self.fingerprint = fingerprint
-        self.classes = classes
-        self.attributes = attributes
+        self.classes = classes                 # Visual Genome object class names (None: ids only)
+        self.box_attributes = attributes       # Visual Genome box attribute names (None: ids only)
         self.name = name
         self.device = next(model.parameters()).device
         if channels_last is None:
@@ -86,21 +85,16 @@ class RegionExtractor:
                 "weights_fingerprint": self.fingerprint, "feature_dim": self.cfg.feature_dim}
 
     # ---- running ---------------------------------------------------------------------------------------------
-    def _autocast(self):
-        """Reduced precision is done by casting the conv stacks (see optimise_for_inference), not by autocast,
-        so weights are not re-cast on every call; kept as a hook for callers that run pieces by hand."""
-        return contextlib.nullcontext()
-
     def raw(self, image: np.ndarray, name: str = "image") -> RawOutputs:
         """All detector outputs for one BGR uint8 image (see :class:`RawOutputs`)."""
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             return self.model.run_image(image, name)
 
     def raw_batch(self, images: list, names: list | None = None) -> list:
         """:meth:`raw` of several images in one forward (backbone and RPN per image, the RoI head over the RoIs of
         all of them; see ``BottomUpDetector.run_batch``)."""
         names = names or [f"image {i}" for i in range(len(images))]
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             xs, infos = zip(*(self.model.transform(im, nm) for im, nm in zip(images, names))) if images else ((), ())
             return self.model.run_batch(list(xs), list(infos))
 
@@ -153,7 +147,7 @@ class RegionExtractor:
             if x2 <= x1 or y2 <= y1:
                 raise InputError(f"{name}: box {k} [{x1:g}, {y1:g}, {x2:g}, {y2:g}] has zero area (need x2 > x1, "
                                  f"y2 > y1)")
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             x, info = self.model.transform(image, name)
             h, w = info.input_hw
             sx, sy = np.float32(w / w0), np.float32(h / h0)

@@ -131,9 +131,8 @@ class BottomUpDetector(nn.Module):
         self.backbone = ResNetC4(cfg)
         self.rpn = RPN(cfg)
         self.roi_heads = RoIHeads(cfg)
-
-    compute_dtype = torch.float32
-    channels_last = False
+        self.compute_dtype = torch.float32      # input dtype and memory format (optimise_for_inference)
+        self.channels_last = False
 
     def replace_cfg(self, **changes) -> "BottomUpDetector":
         """Change settings that do not touch the architecture (thresholds, selection, res5_chunk, resizer)."""
@@ -234,3 +233,38 @@ class BottomUpDetector(nn.Module):
         """One BGR uint8 image at its original size -> :class:`RawOutputs`."""
         x, info = self.transform(image, name)
         return self.run_resized(x, info)
+
+    # ---- training interface (used by training.detector_losses; nothing outside reaches into submodules) ----
+    def losses(self, images: torch.Tensor, image_sizes: list, targets: list, train_cfg,
+               generator: torch.Generator | None = None) -> dict:
+        """The training losses of a batch (train mode): {"rpn_cls", "rpn_box", "roi_cls", "roi_box", "attr"},
+        scalar tensors whose sum is the loss. ``images`` (B, 3, H, W) transformed and zero-padded,
+        ``image_sizes`` (h, w) of each image inside the batch, ``targets`` per image {"boxes" (G, 4) in input
+        pixels, "classes" (G,), "attributes" (G, L)}, ``train_cfg`` a ``training.DetectorTrainConfig``.
+        See :func:`glied.extractors.bottomup.training.detector_losses` for the recipe."""
+        from glied.extractors.bottomup.training import detector_losses
+
+        return detector_losses(self, images, image_sizes, targets, train_cfg, generator)
+
+    def rpn_outputs(self, images: torch.Tensor):
+        """(B, 3, H, W) -> res4 (B, C4, Hf, Wf), objectness (B, A, Hf, Wf), deltas (B, 4A, Hf, Wf), anchors
+        (Hf*Wf*A, 4) in (y, x, a) order."""
+        res4 = self.backbone(images)
+        objectness, deltas = self.rpn.head(res4)
+        anchors = self.rpn.anchors(*objectness.shape[-2:]).to(images.dtype)
+        return res4, objectness, deltas, anchors
+
+    def propose(self, objectness: torch.Tensor, deltas: torch.Tensor, image_sizes: list) -> list:
+        """Per image, proposal boxes (P, 4) in input pixels (the RPN's post-NMS top-N)."""
+        return [p[0] if isinstance(p, tuple) else p for p in self.rpn.propose(objectness, deltas, image_sizes)]
+
+    def region_outputs(self, res4: torch.Tensor, rois: torch.Tensor):
+        """rois (K, 5) [batch index, x1, y1, x2, y2] -> features (K, D), class logits (K, C+1), box deltas
+        (K, 4C): RoI pool -> res5 -> mean -> box predictor, as at test time."""
+        feats = self.roi_heads.features(res4, rois)
+        cls_logits, box_deltas = self.roi_heads.box_predictor(feats)
+        return feats, cls_logits, box_deltas
+
+    def attribute_logits(self, feats: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(K, D) features and the class index each is conditioned on (K,) -> attribute logits (K, A+1)."""
+        return self.roi_heads.attr_head(feats, classes)

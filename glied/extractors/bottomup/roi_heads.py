@@ -46,12 +46,11 @@ class AttributeHead(nn.Module):
 
 
 class RoIHeads(nn.Module):
-    compute_dtype = torch.float32     # res5's dtype (set by BottomUpDetector.optimise_for_inference)
-    channels_last = False
-
     def __init__(self, cfg: BottomUpConfig):
         super().__init__()
         self.cfg = cfg
+        self.compute_dtype = torch.float32     # res5's dtype (set by BottomUpDetector.optimise_for_inference)
+        self.channels_last = False
         self.res5 = make_res5(cfg)
         self.box_predictor = BoxPredictor(cfg.feature_dim, cfg.num_classes)
         self.attr_head = AttributeHead(cfg.feature_dim, cfg.num_classes, cfg.num_attributes,
