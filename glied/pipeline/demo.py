@@ -8,6 +8,7 @@ Stages, each in its own folder under ``out`` and skipped on a re-run when its se
     detector     train the small bottom-up detector          -> detector_eval (box mAP@0.5, attribute accuracy)
     attributes   train the MIL attribute-word detector        -> attributes_eval (word mAP, P/R@k)
     features     `glied extract` of every image into the feature cache (regions + attribute words)
+    retrieval    image-sentence retrieval (vse dual encoder) trained on the cache -> R@1/5/10 both ways, rsum
     base_xe, base_scst, glied_xe, glied_scst    decoder training (XE, then SCST from the XE weights)
     eval         COCO caption metrics of the four decoders on the test split
     bundle       detector + attribute detector + GLIED (SCST) in one model bundle
@@ -181,6 +182,20 @@ def _eval_stage(prep: Path, cache: Path, runs: dict[str, list[Path]], cfg: DemoC
     return run
 
 
+def _retrieval_stage(prep: Path, cache: str, log) -> Callable[[Path], dict]:
+    def run(d: Path) -> dict:
+        import shutil
+
+        from glied.pipeline.retrieval import RetrievalTrainConfig, evaluate_retrieval, train_retrieval
+
+        # image-sentence retrieval on the same cache (docs/retrieval.md): the vse dual encoder, small sizes
+        shutil.rmtree(d / "vse", ignore_errors=True)  # a partial run from an interrupted demo starts over
+        train_retrieval(prep, cache, d / "vse", RetrievalTrainConfig(model="vse", preset="small", epochs=3,
+                                                                     batch_size=64, lr_decay_epoch=2), log=log)
+        return _portable(evaluate_retrieval(d / "vse", cache, prep, "test", "all", log=log), d.parent)
+    return run
+
+
 def _captions_stage(bundle: Path, world: Path, cfg: DemoConfig, log) -> Callable[[Path], dict]:
     def run(d: Path) -> dict:
         from glied.pipeline.caption import Captioner, save_picture
@@ -234,6 +249,8 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
                           _attributes_eval_stage(prep, str(mil), cfg, quiet), after=("attributes",))
     cache = out / runner.run("features", {"top_k": cfg.top_k}, _features_stage(world, str(det), str(mil), cfg, quiet),
                              after=("detector", "attributes"))["cache"]
+    retrieval = runner.run("retrieval", {"epochs": 3}, _retrieval_stage(prep, str(cache), quiet),
+                           after=("prep", "features"))
     recipe = {"batch": cfg.batch_size, "captions_per_image": cfg.captions_per_image,
               "box_geometry": cfg.box_geometry}
     runs: dict[str, list[Path]] = {}
@@ -262,7 +279,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
     caps = runner.run("captions", {"pictures": cfg.pictures, "unseen": [cfg.unseen_images, cfg.unseen_seed]},
                       _captions_stage(bundle, world, cfg, log), after=("bundle",))
 
-    report = format_report(det_eval, mil_eval, table, caps, cfg)
+    report = format_report(det_eval, mil_eval, table, caps, cfg) + _retrieval_line(retrieval)
     log("")
     log(report)
     log("per-stage time (s):")
@@ -287,6 +304,11 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _retrieval_line(m: dict) -> str:
+    from glied.pipeline.retrieval import format_metrics
+    return f"\nretrieval (vse) {format_metrics(m)}\n"
 
 
 def format_report(det_eval: dict, mil_eval: dict, table: dict, caps: dict, cfg: DemoConfig) -> str:

@@ -226,3 +226,12 @@ def test_bad_inputs_fail_with_one_line(tiny, tmp_path, capsys):
     # no index
     code, _, err = _cli(capsys, "search", "--index", tmp_path / "nope", "a red circle")
     assert code == 2 and "glied index" in err
+
+
+def test_demo_retrieval_stage(tiny, tmp_path):
+    from glied.pipeline.demo import _retrieval_line, _retrieval_stage
+
+    root, prep, cache, _, _ = tiny
+    m = _retrieval_stage(prep, str(cache), lambda s: None)(tmp_path)
+    assert (tmp_path / "vse" / "best.pt").is_file() and m["images_per_fold"] == 6
+    assert "rsum" in _retrieval_line(m) and "i2t R@1/5/10" in _retrieval_line(m)
