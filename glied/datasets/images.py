@@ -21,6 +21,7 @@ short line and whose ``kind`` is a machine-readable tag (``empty``, ``not_image`
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from glied.errors import InputError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 DEFAULT_MAX_SIDE = 2000         # photos are decoded at most this long for the detector (which works at <= 1000)
 MIN_SIDE = 8                     # smaller images are skipped: a detector cannot see anything in them
 MAX_PIXELS = 400_000_000         # refuse to decode more than this (after JPEG draft reduction)
@@ -167,7 +168,10 @@ def decode_image(path: str | os.PathLike, max_side: int | None = None,
     _quiet_bomb_warning()
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):            # a FIFO would block open() forever
+            raise ImageLoadError(path, "not_file", "not a regular file (a folder, FIFO or device)")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(32)
     except FileNotFoundError:

@@ -1,8 +1,9 @@
 """What `glied extract` reads: enumerate INPUT into (stable id, path) pairs in a deterministic order.
 
 INPUT may be
-* a folder: searched recursively for .jpg .jpeg .png .bmp .webp .tif .tiff (any case); id = the path
-  relative to the folder, with "/" separators and Unicode NFC normalisation (``"2014/a.jpg"``);
+* a folder: searched recursively for regular files named .jpg .jpeg .png .bmp .webp .tif .tiff .gif (any
+  case); id = the path relative to the folder, with "/" separators and Unicode NFC normalisation
+  (``"2014/a.jpg"``; bytes of a file name that are not UTF-8 appear as ``\\xNN``);
 * a text file listing one path per line (blank lines and lines starting with ``#`` ignored); relative paths
   resolve against ``images_root`` (default: the list's folder); id = the path relative to that root;
 * a Karpathy captions json (``images[].filename`` [+ ``filepath``]): id = ``str(cocoid)`` when present,
@@ -34,6 +35,8 @@ class InputImage(NamedTuple):
 
 
 def _norm_rel(rel: str) -> str:
+    if not rel.isascii():   # bytes that are not UTF-8 (surrogate escapes) become a visible \xNN in the id
+        rel = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     rel = unicodedata.normalize("NFC", rel.replace(os.sep, "/"))
     parts = [p for p in rel.split("/") if p not in ("", ".")]
     return "/".join(parts)
@@ -57,6 +60,8 @@ def from_folder(root: str | os.PathLike) -> list[InputImage]:
         for f in files:
             if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
                 p = os.path.join(d, f)
+                if not os.path.isfile(p):       # a FIFO, socket or device named x.jpg: never opened
+                    continue
                 items.append(InputImage(_norm_rel(os.path.relpath(p, root)), p))
     if not items:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} recursively)")
@@ -68,13 +73,13 @@ def from_list(path: str, images_root: str | None) -> list[InputImage]:
     prefix = os.path.join(root, "")
     nfc = unicodedata.normalize
     items = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:   # file names need not be UTF-8
         for line in f:
             s = line.strip()
             if not s or s.startswith("#"):
                 continue
             if s[0] != "/" and "/." not in "/" + s and "//" not in s and s[-1] != "/" and "\\" not in s:
-                items.append(InputImage(nfc("NFC", s), prefix + s))   # fast path: a clean relative path
+                items.append(InputImage(nfc("NFC", s) if s.isascii() else _norm_rel(s), prefix + s))  # clean
                 continue
             p = os.path.normpath(os.path.join(root, s))
             rel = os.path.relpath(p, root)

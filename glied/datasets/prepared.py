@@ -54,7 +54,7 @@ def prepare(captions_json: str | os.PathLike, out_dir: str | os.PathLike, cfg: P
     """
     cfg.validate()
     src = Path(captions_json)
-    dataset, images = read_karpathy(src)
+    dataset, images, skipped = read_karpathy(src)
     train = [im for im in images if im.split == "train"]
     if not train:
         raise InputError(f"{src}: no image is in the train (or restval) split")
@@ -107,6 +107,7 @@ def prepare(captions_json: str | os.PathLike, out_dir: str | os.PathLike, cfg: P
         "source_sha256": sha256_file(src), "images_root": str(root.resolve()), "config": asdict(cfg),
         "counts": {"images": {s: sum(im.split == s for im in images) for s in ("train", "val", "test")},
                    "sentences": n_sent, "vocab": len(itow), "truncated_sentences": int(truncated),
+                   "empty_sentences_skipped": skipped["captions"], "images_without_captions": skipped["images"],
                    "train_tokens_unk": int(sum(c for w, c in counts.items() if w not in wtoi))},
     }
     write_json_atomic(out / "manifest.json", manifest)

@@ -19,15 +19,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from glied.datasets import identity as idn
-from glied.datasets.images import DEFAULT_MAX_SIDE, ImageLoadError, check_max_side, decode_image
-from glied.errors import GliedError
+from glied.datasets.images import DEFAULT_MAX_SIDE, IMAGE_EXTENSIONS, ImageLoadError, check_max_side, decode_image
+from glied.errors import InputError
 from glied.pipeline.bundle import read_bundle, write_bundle
 from glied.pipeline.extract import _rescale
 from glied.pipeline.show import Explanation, save_explanation
 from glied.records import AttributeWords, RegionFeatures
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
 
 @dataclass
 class CaptionResult:
@@ -68,7 +65,7 @@ def expand_inputs(paths: Sequence[str]) -> list[str]:
     out: list[str] = []
     for p in paths:
         if os.path.isdir(p):
-            out += sorted(str(f) for f in Path(p).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            out += sorted(str(f) for f in Path(p).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
         else:
             out.append(p)
     return out
@@ -179,9 +176,11 @@ class Captioner:
         import torch
 
         if len(r) == 0:
-            raise GliedError("the detector found no region in the image")
+            raise InputError("the detector found no region in the photo")
         word_ids = np.asarray(w.word_ids, np.int64)
-        return {"index": i, "regions": torch.from_numpy(np.asarray(r.features, np.float32)),
+        from glied.datasets.captions import region_matrix
+
+        return {"index": i, "regions": torch.from_numpy(region_matrix(r, self.decoder.config.box_geometry)),
                 "attr_ids": torch.from_numpy(self.attr_map[word_ids]),
                 "attr_probs": torch.from_numpy(np.asarray(w.probs, np.float32)),
                 "captions": torch.zeros(1, 1, dtype=torch.long)}
@@ -201,11 +200,21 @@ class Captioner:
         results: list[CaptionResult] = []
         pending: list[tuple[str, object]] = []
 
+        def caption(items: list) -> list[CaptionResult]:
+            """Caption a batch; when one photo is rejected (no region, an image the detector cannot take),
+            caption each alone so that only that one gets an error."""
+            loaded = [im for _, im in items]
+            try:
+                return self.caption_images([im.image for im in loaded], with_attention, loaded=loaded)
+            except (InputError, ValueError) as e:
+                if len(items) == 1:
+                    return [CaptionResult(path=items[0][0], error=str(e).splitlines()[0])]
+            return [r for it in items for r in caption([it])]
+
         def flush():
             if not pending:
                 return
-            loaded = [im for _, im in pending]
-            res = self.caption_images([im.image for im in loaded], with_attention, loaded=loaded)
+            res = caption(pending)
             for (p, im), r in zip(pending, res):
                 r.path, r.image_scale = p, (im.scale_x, im.scale_y)
                 results.append(r)

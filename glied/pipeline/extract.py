@@ -10,7 +10,8 @@ Data flow::
          overlapping the next batch's compute
 
 Bad images never stop the run: each gets one line on stderr and a record {id, path, kind, reason} in
-``CACHE/failures.jsonl`` (rewritten by each run; failed images are tried again on the next run).
+``CACHE/failures.jsonl`` (replaced, atomically, at the end of each run; failed images are tried again on the
+next run).
 Extractors follow the contracts in COMMON.md; ``extractor_module`` ("pkg.mod:factory" or
 "path/to/file.py:factory") loads any factory ``factory(weights=..., device=..., precision=...)`` that returns
 such an object (``extract(images) -> list[RegionFeatures]``; for ``--boxes`` also
@@ -24,6 +25,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +38,7 @@ from glied.datasets import inputs as inp
 from glied.datasets.cache import FAILURES, CacheWriter, make_manifest
 from glied.datasets.images import DEFAULT_MAX_SIDE, ImageLoadError, LoadedImage, check_max_side, decode_image
 from glied.errors import ConfigError, InputError
+from glied.fileio import atomic_open
 from glied.records import AttributeWords, RegionFeatures
 
 
@@ -101,10 +104,12 @@ def choose_precision(requested: str, device: str):
     return resolve_precision(requested, device)
 
 
-def say_precision(choice, log=None) -> None:
-    """One line with the precision used and why, plus a warning line when a forced precision is slow here."""
+def say_precision(choice, log=None, quiet: bool = False) -> None:
+    """One line with the precision used and why (not when ``quiet``), plus a warning line when a forced
+    precision is slow here (always)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    log(choice.describe())
+    if not quiet:
+        log(choice.describe())
     if choice.warning:
         log(f"warning: {choice.warning}")
 
@@ -142,20 +147,61 @@ def load_boxes(path: str) -> dict[str, np.ndarray]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"--boxes {path}: not valid JSON ({e})") from None
     out: dict[str, list] = collections.defaultdict(list)
+    bad: dict[str, str] = {}
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-        for a in data["annotations"]:
-            x, y, w, h = a["bbox"]
-            out[str(a["image_id"])].append([x, y, x + w, y + h])
+        for k, a in enumerate(data["annotations"]):
+            if not isinstance(a, dict) or "image_id" not in a:
+                raise InputError(f"--boxes {path}: annotations[{k}] is not an object with an image_id")
+            try:
+                x, y, w, h = (float(v) for v in a["bbox"])
+                out[str(a["image_id"])].append([x, y, x + w, y + h])
+            except (KeyError, TypeError, ValueError):
+                bad[str(a["image_id"])] = f"annotations[{k}].bbox {a.get('bbox')!r} is not [x, y, w, h]"
     elif isinstance(data, dict):
         for k, v in data.items():
-            out[str(k)] = list(v)
+            out[str(k)] = v
     else:
         raise InputError(f"--boxes {path}: expected COCO annotations or {{image_id: [[x1,y1,x2,y2], ...]}}")
-    res = {}
+    res: dict[str, np.ndarray | str] = {}
     for k, v in out.items():
-        a = np.asarray(v, dtype=np.float32).reshape(-1, 4) if len(v) else np.zeros((0, 4), np.float32)
-        res[k] = a
+        try:
+            a = np.asarray(v, dtype=np.float32)
+            res[k] = a.reshape(-1, 4) if a.size or a.ndim != 1 else np.zeros((0, 4), np.float32)
+        except (ValueError, TypeError):
+            res[k] = f"boxes {str(v)[:60]} are not a list of [x1, y1, x2, y2]"
+    res.update(bad)
     return res
+
+
+def box_problem(boxes) -> str | None:
+    """Why given boxes (N, 4) x1,y1,x2,y2 cannot be used (None: fine). A string is load_boxes' reason."""
+    if isinstance(boxes, str):
+        return boxes
+    if not np.isfinite(boxes).all():
+        return "a given box has a NaN or infinite coordinate"
+    if (boxes < 0).any():
+        return "a given box has a negative coordinate"
+    if len(boxes) and ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+        return "a given box has zero area (need x2 > x1 and y2 > y1)"
+    return None
+
+
+_IMAGE_PREFIX = re.compile(r"^image \d+: ")
+
+
+def _extract_isolated(run, batch: list, fail) -> list:
+    """``run(batch)`` -> per-item results; when the batch fails on an input the extractor rejects, each item
+    is run alone so that only the bad one is recorded by ``fail(item, kind, reason)`` (and skipped: None)."""
+    try:
+        return run(batch)
+    except (InputError, ValueError) as e:
+        if len(batch) == 1:
+            fail(batch[0][0], "extractor", _IMAGE_PREFIX.sub("", str(e).splitlines()[0]))
+            return [None]
+    out = []
+    for item in batch:
+        out += _extract_isolated(run, [item], fail)
+    return out
 
 
 def _rescale(r: RegionFeatures, im: LoadedImage) -> RegionFeatures:
@@ -183,6 +229,8 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
     of another extractor identity (the message says what differs); committed entries are never rewritten.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if batch_size < 1 or workers < 0:
+        raise ConfigError(f"extract: batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
     t0 = time.perf_counter()
     max_side = check_max_side(max_side)
     items = inp.shard(inp.enumerate_inputs(input_path, images_root), *shard)
@@ -197,9 +245,13 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
         if writer.recovered_bytes:
             log(f"{out}: repaired a torn index tail ({writer.recovered_bytes} bytes) "
                 f"left by an interrupted run")
+        if writer.dropped:
+            log(f"{out}: dropped {len(writer.dropped)} damaged entries, extracted again below: "
+                + "; ".join(f"{k}: {v}" for k, v in list(writer.dropped.items())[:5])
+                + ("; ..." if len(writer.dropped) > 5 else ""))
         todo = [it for it in items if it.id not in writer]
         already = len(items) - len(todo)
-        with open(fail_path, "w", encoding="utf-8") as ff:
+        with atomic_open(fail_path, "w", encoding="utf-8") as ff:       # replaced when the run ends
             def fail(it: inp.InputImage, kind: str, reason: str) -> None:
                 nonlocal n_fail
                 n_fail += 1
@@ -214,14 +266,11 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1)
             batch: list[tuple[inp.InputImage, LoadedImage]] = []
 
-            def flush() -> None:
-                nonlocal n_done
-                if not batch:
-                    return
-                ims = [b[1].image for b in batch]
+            def run(items: list) -> list:
+                ims = [b[1].image for b in items]
                 if given is not None:
                     bx = [given[it.id] * np.array([li.scale_x, li.scale_y] * 2, np.float32)  # (N, 4)
-                          for it, li in batch]
+                          for it, li in items]
                     # per image, as glied.extractors.bottomup's RegionExtractor.extract_given_boxes(image, boxes)
                     regs = [region_extractor.extract_given_boxes(im, b) for im, b in zip(ims, bx)]
                 else:
@@ -229,10 +278,19 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 words = ([None] * len(ims) if attribute_extractor is None
                          else attribute_extractor.predict(ims))
                 if len(regs) != len(ims) or len(words) != len(ims):
-                    raise RuntimeError(f"extractor returned {len(regs)} region sets and {len(words)} word "
-                                       f"lists for a batch of {len(ims)} images")
+                    raise ConfigError(f"the extractor returned {len(regs)} region sets and {len(words)} word "
+                                      f"lists for a batch of {len(ims)} images; fix the extractor")
+                return list(zip(regs, words))
+
+            def flush() -> None:
+                nonlocal n_done
+                if not batch:
+                    return
                 entries = []
-                for (it, li), r, w in zip(batch, regs, words):
+                for (it, li), res in zip(batch, _extract_isolated(run, batch, fail)):
+                    if res is None:             # rejected by the extractor: recorded in failures.jsonl
+                        continue
+                    r, w = res
                     if w is not None and w.word_map is not None and not keep_word_maps:
                         w = AttributeWords(word_ids=w.word_ids, probs=w.probs)
                     entries.append((it.id, r, li, w))
@@ -241,7 +299,7 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 writes.append(wpool.submit(put_all, entries))
                 while len(writes) > 2:
                     writes.popleft().result()
-                n_done += len(batch)
+                n_done += len(entries)
                 if bar is not None:
                     bar.update(len(batch))
                 batch.clear()
@@ -265,8 +323,12 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                         it = next(queue, None)
                         if it is None:
                             break
-                        if given is not None and it.id not in given:
-                            fail(it, "no_boxes", "no boxes given for this image id in --boxes")
+                        why = None
+                        if given is not None:
+                            why = (box_problem(given[it.id]) if it.id in given
+                                   else "no boxes given for this image id in --boxes")
+                        if why is not None:
+                            fail(it, "no_boxes" if it.id not in given else "bad_boxes", why)
                             if bar is not None:
                                 bar.update(1)
                             continue

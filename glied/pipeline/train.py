@@ -22,7 +22,7 @@ uninterrupted one. Distributed: under ``torchrun`` (WORLD_SIZE > 1) it uses Dist
 from __future__ import annotations
 
 import csv
-import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from glied.datasets import identity as idn
 from glied.datasets.captions import CaptionDataset, FeatureSource, collate, model_inputs
 from glied.errors import ConfigError, InputError
-from glied.fileio import write_atomic
+from glied.fileio import write_atomic, write_json_atomic
 from glied.models.beam import greedy, sample
 from glied.models.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
 from glied.models.glied import EOS, PAD, GliedConfig, GliedDecoder, MODEL_PRESETS, token_mask
@@ -66,6 +66,7 @@ class TrainConfig:
     dropout: float = 0.1
     label_smoothing: float = 0.0
     max_attrs: Optional[int] = None
+    box_geometry: bool = False  # give the decoder each region's box position and size (new models only)
     val_beam: int = 1
     seed: int = 0
 
@@ -79,6 +80,16 @@ class TrainConfig:
             raise ConfigError(f"unknown SCST baseline {self.scst_baseline!r}: use greedy or mean")
         if self.batch_size < 1 or self.epochs < 0 or self.scst_epochs < 0:
             raise ConfigError("batch size must be >= 1 and epoch counts >= 0")
+        if (self.epochs if self.stage != "scst" else 0) + (self.scst_epochs if self.stage != "xe" else 0) == 0:
+            raise ConfigError(f"nothing to train: stage {self.stage} with {self.epochs} cross-entropy and "
+                              f"{self.scst_epochs} self-critical epochs; give --epochs/--scst-epochs >= 1")
+        for k in ("lr", "scst_lr", "grad_clip"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{k} must be a positive finite number, not {v!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"{self.n_heads} attention heads do not divide d_model {self.d_model}; choose "
+                              f"--heads among the divisors of --d-model (e.g. 8 for 512)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,7 +176,7 @@ def _scst_step(ddp_model, module: GliedDecoder, batch: dict, device: str, cfg: T
         seqs = sample(module, mem, n, max_len)  # (B*n, T)
         greedy_r = None
         if cfg.scst_baseline == "greedy":
-            greedy_r = reward(greedy(module, mem, max_len)[0], img, itow)  # (B,)
+            greedy_r = reward(greedy(module, mem, max_len, keep_logits=False)[0], img, itow)  # (B,)
     r = reward(seqs, np.repeat(img, n), itow)  # (B*n,)
     adv = torch.as_tensor(self_critical_advantage(r, n, cfg.scst_baseline, greedy_r), dtype=torch.float32,
                           device=device)
@@ -199,9 +210,6 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
     prep = PreparedData.load(data)
     source, source_name = _open_features(features)
     identity = idn.for_decoder(source.manifest)
-    train_ds = CaptionDataset(prep, source, "train", cfg.max_attrs, where=source_name,
-                              captions_per_image=cfg.captions_per_image)
-    val_ds = CaptionDataset(prep, source, "val", cfg.max_attrs, where=source_name)
     max_len = int(prep.labels.shape[1])
 
     ckpt = None
@@ -213,6 +221,11 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
         raise InputError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose "
                          "a new --out")
     start = ckpt if ckpt is not None else (load_checkpoint(init) if init else None)
+    # a continued model reads its features the way it was trained; a new one as cfg says
+    geometry = bool(start["config"].get("box_geometry", False)) if start is not None else cfg.box_geometry
+    train_ds = CaptionDataset(prep, source, "train", cfg.max_attrs, where=source_name,
+                              captions_per_image=cfg.captions_per_image, box_geometry=geometry)
+    val_ds = CaptionDataset(prep, source, "val", cfg.max_attrs, where=source_name, box_geometry=geometry)
     if start is not None:
         idn.check_trained_on(source.manifest, start["feature_identity"], where=source_name, model=str(start["path"]))
         if list(start["vocab"]) != list(prep.vocab):
@@ -225,7 +238,7 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
         mcfg = GliedConfig.preset(cfg.model, vocab_size=len(prep.vocab), feature_dim=feature_dim,
                                   d_model=cfg.d_model, d_embed=cfg.d_embed, n_heads=cfg.n_heads,
                                   dropout=cfg.dropout, label_smoothing=cfg.label_smoothing,
-                                  max_positions=max(64, max_len + 2))
+                                  max_positions=max(64, max_len + 2), box_geometry=geometry)
     torch.manual_seed(cfg.seed)  # initial weights are a function of the seed
     model = GliedDecoder(mcfg).to(device)
     progress = {"xe_done": 0, "scst_done": 0, "step": 0}
@@ -250,8 +263,8 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": mcfg.to_dict(),
-                                                            "world_size": world}, indent=1))
+        write_json_atomic(out / "train_config.json", {"train": cfg.to_dict(), "model": mcfg.to_dict(),
+                                                      "world_size": world}, indent=1)
         logger = _Logger(out, history)
     reward = None
     itow = list(prep.vocab)

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from glied.errors import ConfigError
+
 from glied.models.beam import beam_search, greedy, greedy_uncached, sample
 from glied.models.checkpoint import build_model, load_checkpoint, save_checkpoint, FORMAT, VERSION
 from glied.models.glied import EOS, MODEL_PRESETS, GliedConfig, GliedDecoder, count_parameters, token_mask
@@ -120,5 +122,97 @@ def test_config_and_checkpoint_round_trip(tmp_path):
     m2 = build_model(load_checkpoint(tmp_path / "x.pt"))
     reg, rm, ai, ap, am = inputs()
     assert torch.equal(m.generate(reg, rm, ai, ap, am, 2, 6), m2.generate(reg, rm, ai, ap, am, 2, 6))
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
         GliedConfig.preset("nope", vocab_size=5)
+    with pytest.raises(ConfigError, match="3 heads do not divide d_model 64"):
+        GliedConfig.preset("glied", vocab_size=5, d_model=64, n_heads=3)
+    with pytest.raises(ConfigError, match="unknown GliedConfig fields"):
+        GliedConfig.from_dict({**m.config.to_dict(), "extra": 1})
+
+
+def _reference_beam(m, mem, k, max_len):
+    """Plain beam search over the uncached teacher-forced decoder: every step re-decodes every prefix."""
+    from glied.models.glied import BOS, PAD
+    b = mem.batch_size
+    mem = mem.repeat(k)
+    seqs = torch.full((b * k, 1), BOS)
+    scores = torch.zeros(b, k)
+    scores[:, 1:] = float("-inf")
+    done = torch.zeros(b * k, dtype=torch.bool)
+    for t in range(max_len + 1):
+        logp = m.word_logprobs(m.decode(mem, seqs)[:, -1])  # (B*k, V)
+        if t == max_len:
+            only_eos = torch.full_like(logp, float("-inf"))
+            only_eos[:, EOS] = logp[:, EOS]
+            logp = only_eos
+        logp[done] = float("-inf")
+        logp[done, PAD] = 0.0
+        cand = (scores.view(-1, 1) + logp).view(b, -1)
+        scores, flat = cand.topk(k, 1)
+        rows = (torch.arange(b)[:, None] * k + flat // logp.shape[1]).view(-1)
+        word = (flat % logp.shape[1]).view(-1)
+        seqs = torch.cat([seqs[rows], word[:, None]], 1)
+        done = done[rows] | (word == EOS) | (word == PAD)
+        if done.all():
+            break
+    best = scores.argmax(1)
+    return seqs[:, 1:].view(b, k, -1)[torch.arange(b), best], scores.max(1).values
+
+
+@pytest.mark.parametrize("name", ["glied", "base"])
+def test_cached_beam_search_equals_uncached_reference(name):
+    m = tiny(name)
+    with torch.no_grad():
+        m.word.weight.mul_(4)  # sharper distributions: beams end at different steps
+    mem = m.encode(*inputs())
+    for k in (2, 3):
+        seqs, score = beam_search(m, mem, k, 9)
+        ref, ref_score = _reference_beam(m, mem, k, 9)
+        assert torch.equal(seqs, ref)
+        torch.testing.assert_close(score, ref_score, rtol=0, atol=1e-5)
+
+
+def test_fused_inference_weights_follow_parameter_updates():
+    m = tiny("glied")
+    x = inputs()
+    with torch.no_grad():
+        for _ in range(2):  # builds and caches the fused/folded inference weights and the attribute table
+            m.generate(*x, beam_size=2, max_len=6)
+        for p in m.parameters():  # an optimiser-like in-place update: the cached weights must follow
+            p.add_(0.5 * torch.randn_like(p))
+        fast = m.encode(*x)
+        logits, _ = m.step(fast, torch.full((3,), 1), None)
+    plain = m.encode(*x)  # with autograd: nothing cached
+    for n in fast.kv:
+        for a, b in zip(fast.kv[n], plain.kv[n]):
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-4)
+    expected = m.decode(plain, torch.full((3, 1), 1))[:, 0]  # the unfused teacher-forced path
+    torch.testing.assert_close(logits, expected.detach(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_folded_inference_memory_equals_training_memory(name):
+    m = tiny(name)
+    x = inputs()
+    with torch.no_grad():
+        folded = m.encode(*x)  # attribute embedding folded into the key/value projections
+        looked_up = m.encode(*x)  # same weights seen again: attribute keys/values from a vocabulary table
+    plain = m.encode(*x)  # with autograd: the plain form
+    for fast in (folded, looked_up):
+        assert fast.kv.keys() == plain.kv.keys()
+        for n in fast.kv:
+            for a, b in zip(fast.kv[n], plain.kv[n]):
+                torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-5)
+
+
+def test_state_is_preallocated_and_bounded():
+    m = tiny("glied")
+    mem = m.encode(*inputs())
+    state = m.init_state(3, 2, mem.kv["v"][0])
+    buf = state.kv
+    tok = torch.full((3,), 1)
+    _, state = m.step(mem, tok, state)
+    _, state = m.step(mem, tok, state)
+    assert state.kv is buf and state.length == 2  # written in place, never reallocated
+    with pytest.raises(ValueError):
+        m.step(mem, tok, state)

@@ -91,3 +91,14 @@ def tiny_config(**kw):
                 d_model=32, d_embed=16, n_heads=4, scst_samples=2, scst_lr=1e-3)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def write_cache(path, feats):
+    """Write an in-memory feature source (e.g. :class:`MemoryFeatures`) into a real feature cache at ``path``."""
+    from glied.datasets.cache import CacheWriter, make_manifest
+
+    m = make_manifest(feats.manifest["extractor"], "float16", feats.manifest["attributes"])
+    with CacheWriter(path, m) as w:
+        for i in feats.ids():
+            w.put(i, feats.regions(i), feats.attributes(i))
+    return path

@@ -120,14 +120,7 @@ def test_scst_stage_from_an_xe_checkpoint(world, tmp_path):
     assert [p for p, _, _ in _losses(tmp_path / "rl")] == ["scst"]
 
 
-def _write_cache(path, feats):
-    from glied.datasets.cache import CacheWriter, make_manifest
-
-    m = make_manifest(feats.manifest["extractor"], "float16", feats.manifest["attributes"])
-    with CacheWriter(path, m) as w:
-        for i in feats.ids():
-            w.put(i, feats.regions(i), feats.attributes(i))
-    return path
+_write_cache = fx.write_cache
 
 
 def test_cli_train_and_evaluate_on_a_real_cache(world, tmp_path, capsys):
