@@ -4,11 +4,15 @@ finished entries.
 
     python benchmarks/bench_cache.py [--images 2000] [--resume-entries 100000] [--runs 5] [--dir DIR]
 
-Prints min and median of ``--runs`` runs for each timed figure next to its target.
+Prints min and median of ``--runs`` runs for each timed figure next to its target. The read rates are measured
+twice, interleaved on the same random batches: with the CRC32 check every read does (the default) and without
+it (``FeatureCache.open(..., check_crc=False)``), so the check's cost is a ratio from one run; rates per CPU
+second are printed too (less sensitive to other jobs on a shared machine).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import statistics
@@ -62,29 +66,41 @@ def bench_size_and_reads(root: str, n_images: int, runs: int) -> None:
     print(f"bytes/image: {disk / n_images:,.0f} vs raw arrays {raw_all / n_images:,.0f} -> "
           f"{disk / raw_all:.4f}x (target <= 1.05x); vs features+boxes only {disk / raw_fb:.4f}x")
 
-    cache = FeatureCache.open(root)
+    cache = FeatureCache.open(root)                     # CRC32 of each entry checked on every read
+    nocrc = FeatureCache.open(root, check_crc=False)    # the same without the check: its cost, same run
     ids = cache.ids()
     batch, n_batches = 50, 40
     for _ in range(2):                                  # warm the page cache
         for i in ids:
             cache.regions(i).features.sum(dtype=np.float32)
-    rates_views, rates_batch = [], []
-    for run in range(runs):
-        r = np.random.default_rng(run)
-        t = time.perf_counter()
-        for _ in range(n_batches):
-            for i in r.choice(len(ids), batch, replace=False):
-                cache.regions(ids[i])
-        rates_views.append(batch * n_batches / (time.perf_counter() - t))
-        t = time.perf_counter()
-        for _ in range(n_batches):                       # FeatureCache.batch: padded to the batch's max R
-            cache.batch([ids[i] for i in r.choice(len(ids), batch, replace=False)])
-        rates_batch.append(batch * n_batches / (time.perf_counter() - t))
-    print(f"random batch of 50, warm, records only (zero-copy views): min {min(rates_views):,.0f} / median "
-          f"{statistics.median(rates_views):,.0f} images/s")
-    print(f"random batch of 50, warm, FeatureCache.batch -> padded (50, R_max, 2048) float16: min "
-          f"{min(rates_batch):,.0f} / median {statistics.median(rates_batch):,.0f} images/s "
-          f"(target >= 5,000)")
+    for i in ids:
+        nocrc.regions(i).features.sum(dtype=np.float32)  # map its pages too
+    rates: dict[str, list[float]] = collections.defaultdict(list)
+    for run in range(runs):                             # the two modes interleaved, same random batches
+        for c, tag in ((cache, ""), (nocrc, "_nocrc")):
+            r = np.random.default_rng(run)
+            t, tc = time.perf_counter(), time.process_time()
+            for _ in range(n_batches):
+                for i in r.choice(len(ids), batch, replace=False):
+                    c.regions(ids[i])
+            rates["views" + tag].append(batch * n_batches / (time.perf_counter() - t))
+            rates["views_cpu" + tag].append(batch * n_batches / max(time.process_time() - tc, 1e-9))
+            t, tc = time.perf_counter(), time.process_time()
+            for _ in range(n_batches):                   # FeatureCache.batch: padded to the batch's max R
+                c.batch([ids[i] for i in r.choice(len(ids), batch, replace=False)])
+            rates["batch" + tag].append(batch * n_batches / (time.perf_counter() - t))
+            rates["batch_cpu" + tag].append(batch * n_batches / max(time.process_time() - tc, 1e-9))
+
+    def fig(what: str, tag: str = "") -> str:
+        w, c = rates[what + tag], rates[what + "_cpu" + tag]
+        return (f"min {min(w):,.0f} / median {statistics.median(w):,.0f} images/s "
+                f"(per CPU second: median {statistics.median(c):,.0f})")
+
+    print(f"random batch of 50, warm, records only (views, CRC checked): {fig('views')}; "
+          f"without the CRC check: {fig('views', '_nocrc')}")
+    print(f"random batch of 50, warm, FeatureCache.batch -> padded (50, R_max, 2048) float16, CRC checked: "
+          f"{fig('batch')} (target >= 5,000); without the CRC check: {fig('batch', '_nocrc')}; median ratio "
+          f"{statistics.median(rates['batch']) / statistics.median(rates['batch_nocrc']):.2f}")
 
 
 def bench_resume(root: str, n_entries: int, runs: int) -> None:
@@ -108,21 +124,22 @@ def bench_resume(root: str, n_entries: int, runs: int) -> None:
     print(f"resume: {n_entries:,} finished entries (index {idx / 2**20:.1f} MiB, built in {build_s:.0f} s)")
     from glied.datasets.inputs import enumerate_inputs
 
-    times, t_open = [], []
+    times, t_open, cpu = [], [], []
     for _ in range(runs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         items = enumerate_inputs(lst, images_root=os.path.dirname(root))
         t1 = time.perf_counter()
         w = CacheWriter(root, m)
         todo = [it for it in items if it.id not in w]
         t2 = time.perf_counter()
+        cpu.append(time.process_time() - c)
         w.close()
         assert len(todo) == n_entries // 10 and isinstance(todo[0], InputImage)
         times.append(t2 - t)
         t_open.append(t2 - t1)
     print(f"resume start (list of {len(items):,} paths + open cache + skip finished): min {min(times):.2f} / "
-          f"median {statistics.median(times):.2f} s (target <= 2 s); of which opening the cache min "
-          f"{min(t_open):.2f} / median {statistics.median(t_open):.2f} s")
+          f"median {statistics.median(times):.2f} s (target <= 2 s; CPU time median {statistics.median(cpu):.2f} s); "
+          f"of which opening the cache min {min(t_open):.2f} / median {statistics.median(t_open):.2f} s")
 
 
 def main() -> None:

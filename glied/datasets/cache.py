@@ -27,13 +27,13 @@ import fcntl
 import json
 import os
 import time
-import zlib
 
 import numpy as np
 
 from glied.datasets import cache_store as cs
 from glied.datasets import identity as idn
 from glied.errors import ConfigError, InputError
+from glied.fileio import fsync_dir, write_bytes_atomic
 from glied.records import AttributeWords, RegionFeatures
 
 FORMAT = "glied-feature-cache"
@@ -84,23 +84,101 @@ def _read_manifest(root: str) -> dict:
     return m
 
 
+class DamagedEntryError(InputError):
+    """A cache entry whose bytes cannot be trusted (checksum mismatch, data file truncated or deleted)."""
+
+    def __init__(self, root: str, image_id: str, why: str):
+        super().__init__(f"feature cache {root}: entry {image_id!r} is damaged ({why}); run `glied verify-cache "
+                         f"{root} --repair` to drop the damaged entries, then `glied extract ... --out {root}` "
+                         f"re-extracts them")
+        self.image_id, self.why = image_id, why
+
+
+class EntryError(ConfigError, ValueError):
+    """An entry that cannot be put (a duplicate id, features of the wrong size): one line for the CLI."""
+
+
+def _take_lock(root: str):
+    """Open and flock ``root``/lock for the one writer (InputError when another process holds it)."""
+    lock = open(os.path.join(root, "lock"), "a+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise InputError(f"feature cache {root} is being written by another process (lock held); "
+                         f"wait for it or write to another --out") from None
+    return lock
+
+
+def check_cache(path: str | os.PathLike, repair: bool = False) -> tuple[int, dict[str, str]]:
+    """Check every entry of a cache (index lines, data ranges, data CRC32s); returns (number of intact
+    entries, {id: reason} of the damaged ones). ``repair``: also drop them from the index (under the writer lock), so the next
+    ``glied extract`` into the cache extracts exactly those images again; intact entries are kept as they are."""
+    root = os.fspath(path)
+    _read_manifest(root)
+    lock = _take_lock(root) if repair else None
+    try:
+        c = FeatureCache.open(root, check_crc=True)
+        c.verify()
+        bad = dict(c.damaged)
+        if repair and (bad or c._index.bad_tail_bytes):
+            cs.rewrite_index(root, c._index)
+        return len(c), bad
+    finally:
+        if lock is not None:
+            lock.close()
+
+
 class FeatureCache:
     """Read-only view of a feature cache (see module docstring). Safe to share with forked workers."""
 
-    def __init__(self, root: str, manifest: dict, index: cs.IndexReader):
+    def __init__(self, root: str, manifest: dict, index: cs.IndexReader, check_crc: bool = True):
         self.root, self.manifest = root, manifest
         self._index = index
         self._files = cs.DataFiles(root)
+        self._check_crc = check_crc
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "FeatureCache":
+    def open(cls, path: str | os.PathLike, *, check_crc: bool = True) -> "FeatureCache":
+        """Open a cache for reading. Entries that cannot be served (damaged index line, bytes outside their
+        data file) are left out and listed in :attr:`damaged`. ``check_crc``: check each entry's data CRC32
+        on every read (the default; False exists for benchmarks that measure its cost)."""
         root = os.fspath(path)
         m = _read_manifest(root)
-        return cls(root, m, cs.IndexReader().read(os.path.join(root, cs.INDEX_NAME)))
+        rd = cs.IndexReader().read(os.path.join(root, cs.INDEX_NAME))
+        cs.check_ranges(rd, root)
+        return cls(root, m, rd, check_crc)
 
     def refresh(self) -> None:
         """Pick up entries committed since open (e.g. by a running extraction)."""
         self._index.read(os.path.join(self.root, cs.INDEX_NAME), self._index.valid_bytes)
+        cs.check_ranges(self._index, self.root)
+
+    @property
+    def damaged(self) -> dict[str, str]:
+        """{id (or "index.log line N"): reason} of entries found damaged so far; never served."""
+        return self._index.damaged
+
+    def check_intact(self) -> None:
+        """Raise :class:`DamagedEntryError` if opening found damaged entries (before a whole-cache copy)."""
+        if self._index.damaged:
+            key, why = next(iter(self._index.damaged.items()))
+            n = len(self._index.damaged)
+            raise DamagedEntryError(self.root, key, why + (f"; and {n - 1} more" if n > 1 else ""))
+
+    def num_regions(self, image_id) -> int:
+        """Number of regions of one entry, from the index (no data read)."""
+        e = self._index.entries.get(str(image_id))
+        if e is None:
+            self._missing(str(image_id))
+        return next(int(shape[0]) for name, _, shape in e[7] if name == "features")
+
+    def _missing(self, key: str):
+        why = self._index.damaged.get(key)
+        if why is not None:
+            raise DamagedEntryError(self.root, key, why)
+        raise InputError(f"image id {key!r} is not in feature cache {self.root} ({len(self)} entries); "
+                         f"extract it first with `glied extract ... --out {self.root}`")
 
     def __contains__(self, image_id) -> bool:
         return str(image_id) in self._index.entries
@@ -135,15 +213,26 @@ class FeatureCache:
                   what=f"feature cache {self.root} does not match",
                   fix="Re-extract with the matching extractor or use the cache it was trained on")
 
-    def _arrays(self, image_id) -> tuple[cs.Entry, dict[str, np.ndarray]]:
+    def _arrays(self, image_id, check: bool | None = None) -> tuple[cs.Entry, dict[str, np.ndarray]]:
+        """One entry's arrays, after checking its bytes against the CRC32 in its index line."""
         key = str(image_id)
         e = self._index.entries.get(key)
         if e is None:
-            raise InputError(f"image id {key!r} is not in feature cache {self.root} ({len(self)} entries); "
-                             f"extract it first with `glied extract ... --out {self.root}`")
+            self._missing(key)
         e = cs.Entry(*e)
-        buf = self._files.view(e.file, e.offset + e.nbytes)
+        try:
+            buf = self._files.view(e.file, e.offset + e.nbytes)
+        except OSError as err:
+            self._damage(key, f"data unreadable: {err.strerror or err}")
+        if ((self._check_crc if check is None else check)
+                and cs.crc32(memoryview(buf)[e.offset:e.offset + e.nbytes]) != e.crc):
+            self._damage(key, "data checksum mismatch")
         return e, cs.unpack_arrays(buf, e.offset, e.layout)
+
+    def _damage(self, key: str, why: str):
+        del self._index.entries[key]
+        self._index.damaged[key] = why
+        raise DamagedEntryError(self.root, key, why)
 
     def regions(self, image_id) -> RegionFeatures:
         """Regions of one image. Arrays are read-only views of the memory-mapped file (no copy)."""
@@ -194,12 +283,13 @@ class FeatureCache:
         return out
 
     def verify(self, ids=None) -> list[str]:
-        """Ids whose stored bytes no longer match their checksum (empty list: all intact)."""
+        """Ids whose stored bytes no longer match their checksum (empty list: all intact); they join
+        :attr:`damaged` and are no longer served."""
         bad = []
         for k in (self.ids() if ids is None else ids):
-            e = cs.Entry(*self._index.entries[str(k)])
-            buf = self._files.view(e.file, e.offset + e.nbytes)
-            if zlib.crc32(memoryview(buf)[e.offset:e.offset + e.nbytes]) != e.crc:
+            try:
+                self._arrays(k, check=True)
+            except DamagedEntryError:
                 bad.append(str(k))
         return bad
 
@@ -207,6 +297,12 @@ class FeatureCache:
         d = dict(self.__dict__)
         d["_files"] = cs.DataFiles(self.root)
         return d
+
+
+def _stored_bytes(root: str) -> int:
+    """Bytes in the index and data files of a cache folder (0: nothing written yet)."""
+    idx = os.path.join(root, cs.INDEX_NAME)
+    return (os.path.getsize(idx) if os.path.exists(idx) else 0) + sum(cs.data_sizes(root).values())
 
 
 class CacheWriter:
@@ -224,13 +320,7 @@ class CacheWriter:
         self.commit_every, self.commit_seconds = commit_every, commit_seconds
         self.max_file_bytes = max_file_bytes
         os.makedirs(os.path.join(self.root, cs.DATA_DIR), exist_ok=True)
-        self._lock = open(os.path.join(self.root, "lock"), "a+")
-        try:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            raise InputError(f"feature cache {self.root} is being written by another process (lock held); "
-                             f"wait for it or write to another --out") from None
+        self._lock = _take_lock(self.root)
         try:
             if os.path.exists(os.path.join(self.root, MANIFEST)):
                 have = _read_manifest(self.root)
@@ -239,15 +329,21 @@ class CacheWriter:
                           fix="Use a new --out folder or the same settings")
                 self.manifest = have
             else:
+                n = _stored_bytes(self.root)
+                if n:
+                    raise InputError(f"{self.root}: the cache holds {n} bytes of entries but no {MANIFEST}, so "
+                                     f"nothing says which extractor wrote them; restore {MANIFEST} from a "
+                                     f"backup, or write to a new --out folder (or delete {self.root})")
                 if manifest.get("format") != FORMAT:
                     raise ConfigError("CacheWriter needs a manifest from glied.datasets.cache.make_manifest")
-                cs.atomic_write_bytes(os.path.join(self.root, MANIFEST),
-                                      json.dumps(manifest, indent=1).encode("utf-8"))
+                write_bytes_atomic(os.path.join(self.root, MANIFEST),
+                                   json.dumps(manifest, indent=1).encode("utf-8"), durable=True)
                 self.manifest = manifest
             self._dtype = np.dtype(self.manifest["dtype"])
             self._dim = int(self.manifest["extractor"]["feature_dim"])
             rd = cs.recover(self.root)
             self.recovered_bytes = rd.bad_tail_bytes
+            self.dropped = dict(rd.damaged)         # {id or "index.log line N": reason}: extracted again
             self._committed = rd.entries            # id -> entry; used as a set of finished ids
             self._open_files(rd)
         except BaseException:
@@ -265,12 +361,12 @@ class CacheWriter:
         new_data = not os.path.exists(os.path.join(self.root, cs.data_file_name(self._num)))
         self._data = open(os.path.join(self.root, cs.data_file_name(self._num)), "ab")
         if new_data:
-            cs.fsync_dir(os.path.join(self.root, cs.DATA_DIR))
+            fsync_dir(os.path.join(self.root, cs.DATA_DIR))
         self._pos = self._data.tell()
         new_index = not os.path.exists(os.path.join(self.root, cs.INDEX_NAME))
         self._index = open(os.path.join(self.root, cs.INDEX_NAME), "ab")
         if new_index:
-            cs.fsync_dir(self.root)
+            fsync_dir(self.root)
 
     def __contains__(self, image_id) -> bool:
         return str(image_id) in self._committed or str(image_id) in self._pending_ids
@@ -285,11 +381,12 @@ class CacheWriter:
         """Queue one entry (committed within ``commit_every`` puts/``commit_seconds``, or at close)."""
         key = str(image_id)
         if key in self:
-            raise ValueError(f"image id {key!r} is already in feature cache {self.root}")
+            raise EntryError(f"image id {key!r} is already in feature cache {self.root}")
         r = regions
         feats = np.asarray(r.features)
         if feats.ndim != 2 or feats.shape[1] != self._dim:
-            raise ValueError(f"{key}: features have shape {feats.shape}, cache expects (R, {self._dim})")
+            raise EntryError(f"{key}: the extractor gave features of shape {feats.shape}, but cache {self.root} "
+                             f"holds (R, {self._dim}); fix the extractor or write to another --out")
         n = feats.shape[0]
         arrays = [("boxes", np.asarray(r.boxes, np.float32).reshape(n, 4)),
                   ("features", feats.astype(self._dtype, copy=False)),
@@ -310,7 +407,7 @@ class CacheWriter:
             self._data.write(b"\0" * pad)
             self._pos += pad
         self._data.write(blob)
-        self._pending.append(cs.encode_index_line(key, self._num, self._pos, len(blob), zlib.crc32(blob),
+        self._pending.append(cs.encode_index_line(key, self._num, self._pos, len(blob), cs.crc32(blob),
                                                   int(r.image_w), int(r.image_h), layout))
         self._pos += len(blob)
         self._pending_ids.add(key)
@@ -324,7 +421,7 @@ class CacheWriter:
         self._num += 1
         self._data = open(os.path.join(self.root, cs.data_file_name(self._num)), "ab")
         self._pos = 0
-        cs.fsync_dir(os.path.join(self.root, cs.DATA_DIR))
+        fsync_dir(os.path.join(self.root, cs.DATA_DIR))
 
     def commit(self) -> None:
         """Make every queued entry durable: fsync the data, then append + fsync their index lines."""

@@ -18,9 +18,12 @@ Why this layout (and not one file per image, HDF5 or LMDB):
 * Crash safety by ordering, not by luck: an entry's bytes are written and ``fsync``ed to the data file
   *before* its index line is appended and ``fsync``ed. An entry exists only when its index line is complete
   and its checksum matches. A SIGKILL at any moment therefore leaves (a) committed entries that are intact,
-  (b) possibly a torn last index line, which fails its checksum, and (c) possibly data bytes that no index
-  line points to. On the next open for writing both are cut off (:func:`recover`), and the missing images are
-  extracted again. Each index line also carries the CRC32 of its data bytes, checked by ``verify``.
+  (b) possibly a torn last index line (no newline yet), and (c) possibly data bytes that no index line
+  points to. On the next open for writing both are cut off (:func:`recover`), and the missing images are
+  extracted again.
+* Damage is found, never served: each index line carries its own CRC32 and the CRC32 of its entry's data
+  bytes. A damaged index line anywhere is skipped (its neighbours are kept); an entry whose bytes lie outside
+  its data file (truncated or deleted) is dropped on open; an entry's data CRC is checked on every read.
 * No dependency: ``lmdb`` is not installed here and would add a compiled dependency for no speed gain.
 * Resume cost is one sequential read of the index (~0.3 s for 100k entries), not a scan of the data.
 """
@@ -29,10 +32,17 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import zlib
+import re
 from typing import NamedTuple
 
 import numpy as np
+
+from glied.fileio import write_bytes_atomic
+
+try:            # the same CRC-32 as zlib's, computed with carry-less multiply: 5-20x faster on x86 and ARM
+    from zlib_ng.zlib_ng import crc32
+except ImportError:             # pragma: no cover - zlib-ng is a dependency; plain zlib gives equal values
+    from zlib import crc32
 
 INDEX_NAME = "index.log"
 DATA_DIR = "data"
@@ -44,24 +54,6 @@ def data_file_name(num: int) -> str:
     return os.path.join(DATA_DIR, f"{num:05d}.bin")
 
 
-def fsync_dir(path: str) -> None:
-    """fsync a directory so that a rename or a new file in it survives a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``path`` so that it holds either the old or the new bytes, never a mix (tmp + fsync + rename)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 class Entry(NamedTuple):
@@ -129,93 +121,196 @@ def encode_index_line(image_id: str, file: int, offset: int, nbytes: int, crc: i
     layout]>"."""
     body = json.dumps([image_id, file, offset, nbytes, crc, w, h, layout_code(layout)],
                       separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return b"%08x " % zlib.crc32(body) + body + b"\n"
+    return b"%08x " % crc32(body) + body + b"\n"
 
 
 class IndexReader:
-    """Parse an index log into {id: Entry}; stops at the first torn or corrupt line (``valid_bytes``)."""
+    """Parse an index log into {id: entry list}, keeping every intact line whatever damage surrounds it.
+
+    A line is intact when its CRC32 matches and its body parses. Damaged lines in the middle of the log are
+    listed in ``damaged`` and skipped; only bytes after the last newline (a line a crash tore off before its
+    newline was written) count as the torn tail (``bad_tail_bytes``), the one thing a writer may cut.
+    ``valid_bytes`` is the end of the last complete line (where an incremental :meth:`read` resumes).
+    """
 
     def __init__(self) -> None:
         self.entries: dict[str, list] = {}          # id -> [id, file, offset, nbytes, crc, w, h, layout]
         self.valid_bytes = 0
         self.bad_tail_bytes = 0
+        self.damaged: dict[str, str] = {}           # id (or "index.log line N") -> reason
         self._layouts: dict[str, tuple] = {}
+        self._lines = 0                             # complete lines read so far
+        self._ident: tuple | None = None            # (st_dev, st_ino) of the file read
 
     def read(self, path: str, start: int = 0) -> "IndexReader":
         """Read lines of ``path`` from byte ``start`` (for incremental refresh); returns self.
 
         Fast path: checksums are checked line by line, then all good bodies are parsed by ONE json.loads
-        call (100k entries in a few tenths of a second).
+        call (100k entries in a few tenths of a second); only when that fails is each line parsed alone.
         """
         try:
             with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if start and self._ident not in (None, (st.st_dev, st.st_ino)):
+                    start = 0                       # the index was rewritten (repair): read it again
+                    self.entries.clear()
+                    self.damaged.clear()
+                    self._lines = 0
+                self._ident = (st.st_dev, st.st_ino)
                 f.seek(start)
                 blob = f.read()
         except FileNotFoundError:
             return self
         lines = blob.split(b"\n")
-        lines.pop()                                  # after the last newline: b"" or a torn line
-        crc = zlib.crc32
-        good = 0
-        for line in lines:
+        tail = lines.pop()                           # after the last newline: b"" or a torn line
+        good, bad = [], []
+        for k, line in enumerate(lines):
             try:
-                if len(line) < 10 or line[8] != 32 or int(line[:8], 16) != crc(line[9:]):
-                    break
+                ok = len(line) >= 10 and line[8] == 32 and int(line[:8], 16) == crc32(line[9:])
             except ValueError:
-                break
-            good += 1
-        recs = []
-        while good:
-            try:
-                recs = json.loads(b"[" + b",".join([ln[9:] for ln in lines[:good]]) + b"]")
-                break
-            except ValueError:                        # a checksummed but unparsable line: stop before it
-                good -= 1
-        entries, layouts = self.entries, self._layouts
+                ok = False
+            (good if ok else bad).append(k)
         try:
-            for k, r in enumerate(recs):
+            recs = json.loads(b"[" + b",".join([lines[k][9:] for k in good]) + b"]")
+        except ValueError:                           # a checksummed but unparsable line: find it
+            recs = []
+            for k in list(good):
+                try:
+                    recs.append(json.loads(lines[k][9:]))
+                except ValueError:
+                    good.remove(k)
+                    bad.append(k)
+        entries, layouts = self.entries, self._layouts
+        for k, r in zip(list(good), recs):
+            try:
                 lay = layouts.get(r[7])
                 if lay is None:
                     lay = layouts[r[7]] = parse_layout_code(r[7])
+                if len(r) != 8 or not isinstance(r[0], str) or min(r[1], r[2], r[3]) < 0:
+                    raise ValueError
                 r[7] = lay
                 entries[r[0]] = r
-        except (ValueError, TypeError, IndexError):
-            good = k
-        pos = sum(map(len, lines[:good])) + good
+                if self.damaged:
+                    self.damaged.pop(r[0], None)
+            except (ValueError, TypeError, IndexError, AttributeError):
+                bad.append(k)
+        for k in sorted(bad):
+            line_no = self._lines + k + 1
+            iid = _id_of_damaged_line(lines[k])
+            what = f"index.log line {line_no} is damaged (checksum or format)"
+            if iid is not None and iid not in entries:
+                self.damaged[iid] = what
+            else:
+                self.damaged[f"index.log line {line_no}"] = what
+        self._lines += len(lines)
+        pos = len(blob) - len(tail)
         self.valid_bytes = start + pos
-        self.bad_tail_bytes = len(blob) - pos
+        self.bad_tail_bytes = len(tail)
         return self
 
 
-def recover(root: str) -> IndexReader:
-    """Make a cache folder consistent after a crash and return its committed index.
+def _id_of_damaged_line(line: bytes) -> str | None:
+    """The image id a damaged index line most likely names (for the report), or None."""
+    try:
+        r = json.loads(line[9:])
+        return r[0] if isinstance(r, list) and r and isinstance(r[0], str) else None
+    except (ValueError, UnicodeDecodeError):
+        m = re.match(rb'\["((?:[^"\\]|\\.)*)"', line[9:])
+        if m is None:
+            return None
+        try:
+            return json.loads(b'"' + m.group(1) + b'"')
+        except ValueError:
+            return None
 
-    Cuts a torn/corrupt tail off ``index.log`` and, in every data file, the bytes past the end of the last
-    committed entry (they belong to entries whose index line never made it). Never touches committed bytes.
+
+def data_sizes(root: str) -> dict[int, int]:
+    """{data file number: size in bytes} of the data files present."""
+    ddir = os.path.join(root, DATA_DIR)
+    out = {}
+    if os.path.isdir(ddir):
+        for name in os.listdir(ddir):
+            if name.endswith(".bin") and name[:-4].isdigit():
+                out[int(name[:-4])] = os.path.getsize(os.path.join(ddir, name))
+    return out
+
+
+def check_ranges(rd: IndexReader, root: str) -> list[str]:
+    """Move every entry whose bytes lie outside its data file (file truncated or deleted) from
+    ``rd.entries`` to ``rd.damaged``; returns the ids moved."""
+    sizes = data_sizes(root)
+    bad = []
+    for iid, e in rd.entries.items():
+        size = sizes.get(e[1])
+        if size is None or e[2] + e[3] > size:
+            bad.append(iid)
+            rd.damaged[iid] = (f"data file {data_file_name(e[1])} is missing" if size is None else
+                               f"data file {data_file_name(e[1])} is truncated ({size} bytes; the entry "
+                               f"ends at {e[2] + e[3]})")
+    for iid in bad:
+        del rd.entries[iid]
+    return bad
+
+
+def rewrite_index(root: str, rd: IndexReader) -> None:
+    """Replace ``index.log`` by the lines of ``rd.entries`` only (atomically): damaged lines, entries
+    dropped from ``rd.entries`` and a torn tail disappear; every kept line is copied byte for byte."""
+    path = os.path.join(root, INDEX_NAME)
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except FileNotFoundError:
+        lines = []
+    lines.pop() if lines else None
+    keep, entries = [], rd.entries
+    for line in lines:
+        try:
+            if len(line) < 10 or line[8] != 32 or int(line[:8], 16) != crc32(line[9:]):
+                continue
+            r = json.loads(line[9:])
+        except ValueError:
+            continue
+        e = entries.get(r[0]) if isinstance(r, list) and r and isinstance(r[0], str) else None
+        if e is not None and e[1:7] == r[1:7]:
+            keep.append(line + b"\n")
+    write_bytes_atomic(path, b"".join(keep), durable=True)
+    fresh = IndexReader().read(path)
+    rd.entries, rd.valid_bytes, rd.bad_tail_bytes = fresh.entries, fresh.valid_bytes, 0
+    rd._lines, rd._ident = fresh._lines, fresh._ident
+
+
+def recover(root: str) -> IndexReader:
+    """Make a cache folder consistent before writing and return its index (``damaged``: what was dropped).
+
+    Entries that cannot be served (damaged index lines, bytes outside their data file) are dropped from the
+    index, which is rewritten without them, so a resume extracts exactly those again; a torn final index line
+    is cut. Then, in every data file, the bytes past the end of the last committed entry are cut (they belong
+    to entries whose index line never made it). Never touches the bytes of an entry that is kept.
     """
     idx_path = os.path.join(root, INDEX_NAME)
     rd = IndexReader().read(idx_path)
-    if rd.bad_tail_bytes:
+    check_ranges(rd, root)
+    if rd.damaged:
+        tail = rd.bad_tail_bytes
+        rewrite_index(root, rd)
+        rd.bad_tail_bytes = tail
+    elif rd.bad_tail_bytes:
         with open(idx_path, "r+b") as f:
             f.truncate(rd.valid_bytes)
             f.flush()
             os.fsync(f.fileno())
     # Entries are appended to the highest-numbered data file only, and a file is fully committed before the
     # writer rolls over to the next, so uncommitted bytes can only follow the last committed entry.
-    last = next(reversed(rd.entries.values()), None)
-    last_file, last_end = (last[1], last[2] + last[3]) if last is not None else (-1, 0)
-    ddir = os.path.join(root, DATA_DIR)
-    if os.path.isdir(ddir):
-        for name in os.listdir(ddir):
-            if not name.endswith(".bin") or int(name[:-4]) < last_file:
-                continue
-            p = os.path.join(ddir, name)
-            end = last_end if int(name[:-4]) == last_file else 0
-            if os.path.getsize(p) > end:
-                with open(p, "r+b") as f:
-                    f.truncate(end)
-                    f.flush()
-                    os.fsync(f.fileno())
+    last_file, last_end = max(((e[1], e[2] + e[3]) for e in rd.entries.values()), default=(-1, 0))
+    for num, size in data_sizes(root).items():
+        if num < last_file:
+            continue
+        end = last_end if num == last_file else 0
+        if size > end:
+            with open(os.path.join(root, data_file_name(num)), "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
     return rd
 
 
@@ -228,11 +323,16 @@ class DataFiles:
         self._pid = os.getpid()
 
     def view(self, num: int, end: int):
+        """The mapping of data file ``num``, at least ``end`` bytes long; raises OSError when the file is
+        missing or shorter (never maps past its end, which would crash the process with SIGBUS on read)."""
         if self._pid != os.getpid():           # forked (DataLoader worker): map our own copies
             self._maps, self._pid = {}, os.getpid()
         m = self._maps.get(num)
         if m is None or len(m) < end:
             with open(os.path.join(self.root, data_file_name(num)), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < end:
+                    raise OSError(f"{data_file_name(num)} is {size} bytes, the entry ends at {end}")
                 m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[num] = m
         return m

@@ -1,5 +1,6 @@
 """`glied import-features`, `glied export-features`, `glied merge-caches`: moving features between caches
-and the files other bottom-up tools write (formats: :mod:`glied.datasets.bottomup_files`).
+and the files other bottom-up tools write (formats: :mod:`glied.datasets.bottomup_files`);
+`glied verify-cache`: every entry checked against its checksums, damaged ones listed (and dropped).
 
 All three write through :class:`~glied.datasets.cache.CacheWriter` (crash-safe, and a re-run skips the ids
 already written), except the TSV export, which is written to a temporary file and renamed at the end.
@@ -10,7 +11,7 @@ import sys
 
 from glied.datasets import bottomup_files as bf
 from glied.datasets import identity as idn
-from glied.datasets.cache import CacheWriter, FeatureCache, make_manifest
+from glied.datasets.cache import CacheWriter, FeatureCache, check_cache, make_manifest
 from glied.errors import InputError
 from glied.fileio import write_atomic
 
@@ -70,6 +71,7 @@ def import_features(sources: list[str], out: str, *, box_dir: str | None = None,
 def export_tsv(cache: str, out: str) -> int:
     """Write every entry of ``cache`` as a bottom-up TSV at ``out`` (float32); returns the row count."""
     c = FeatureCache.open(cache)
+    c.check_intact()
     n = 0
 
     def write(tmp: str) -> None:
@@ -86,6 +88,8 @@ def merge_caches(out: str, inputs: list[str]) -> tuple[int, int]:
     A duplicate id (already in ``out`` or in an earlier input) is skipped, so a merge can be re-run.
     """
     caches = [FeatureCache.open(p) for p in inputs]
+    for c in caches:
+        c.check_intact()
     ref = idn.of_manifest(caches[0].manifest)
     for c in caches[1:]:
         idn.check(idn.of_manifest(c.manifest), ref, what=f"cannot merge {c.root} with {caches[0].root}",
@@ -101,3 +105,9 @@ def merge_caches(out: str, inputs: list[str]) -> tuple[int, int]:
                 w.put(iid, c.regions(iid), c.attributes(iid))
                 n += 1
     return n, dup
+
+
+def verify_cache(cache: str, repair: bool = False) -> tuple[int, dict[str, str]]:
+    """(entries intact, {id: reason} damaged) of ``cache``; ``repair`` drops the damaged ones from its index
+    so that `glied extract` into it extracts them again."""
+    return check_cache(cache, repair=repair)
