@@ -247,6 +247,9 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
               help="With --init-from: the trunk also runs the detector's res5 over the whole map (default: on).")
 @click.option("--trunk-lr-mult", type=click.FloatRange(min=0), default=None,
               help="With --init-from: the trunk's learning rate relative to the head's (default 0.1).")
+@click.option("--global-context/--no-global-context", default=None,
+              help="Each cell's word logits also see the mean feature of the whole map (scene-level words; "
+                   "default: on with --init-from).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last.pt with its stored settings (a conflicting flag is "
                    "refused; --epochs may be raised).")
@@ -255,8 +258,8 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's; 1 is fastest for the small model on a busy machine).")
 def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, vocab_size, input_size, stopwords,
-                         empty_policy, backbone_weights, init_from, freeze_stages, trunk_lr_mult, res5, resume,
-                         seed, device, threads) -> None:
+                         empty_policy, backbone_weights, init_from, freeze_stages, trunk_lr_mult, res5,
+                         global_context, resume, seed, device, threads) -> None:
     """Train the MIL attribute-word detector (Fang et al. 2015) from the captions of prepared data."""
     from glied.pipeline.attributes import train_attributes
 
@@ -267,7 +270,8 @@ def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, voca
     typed = _given()   # untyped settings: the preset's defaults, or the run's own on --resume
     settings = dict(config=config, epochs=epochs, batch_size=batch_size, lr=lr, vocab_size=vocab_size,
                     input_size=input_size, stopwords=stopwords, empty_policy=empty_policy, seed=seed,
-                    freeze_stages=freeze_stages, trunk_lr_mult=trunk_lr_mult, res5=res5)
+                    freeze_stages=freeze_stages, trunk_lr_mult=trunk_lr_mult, res5=res5,
+                    global_context=global_context)
     s = train_attributes(data, out, images=images, resume=resume, backbone_weights=backbone_weights,
                          init_from=init_from, device=device, log=click.echo,
                          **{k: (v if k in typed else None) for k, v in settings.items()})

@@ -54,6 +54,8 @@ class MilConfig:
             the trunk is rebuilt.
         trunk_res5: ``bottomup`` only: also run the detector's res5 (its RoI head's, the features its classifier
             reads) over the whole res4 map, stride 1 and dilated as in the detector; the map stays at stride 16.
+        global_context: every cell's head input is its own feature and the mean feature of the whole map, so
+            that words about the whole scene (how many objects, where) can fire in any cell.
     """
 
     arch: str = "small"
@@ -69,6 +71,7 @@ class MilConfig:
     std_rgb: tuple[float, float, float] = IMAGENET_STD_RGB
     trunk: dict | None = field(default=None, hash=False)
     trunk_res5: bool = False
+    global_context: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:

@@ -144,7 +144,7 @@ class MilNet(nn.Module):
         else:
             self.trunk, channels, self.stride = _resnet_trunk(cfg.arch)
         self.dropout = nn.Dropout2d(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.head = nn.Conv2d(channels, cfg.vocab_size, kernel_size=1)
+        self.head = nn.Conv2d(channels * (2 if cfg.global_context else 1), cfg.vocab_size, kernel_size=1)
         nn.init.normal_(self.head.weight, std=cfg.head_init_std)
         nn.init.constant_(self.head.bias, FANG_BIAS)
         # the bottomup trunk is fed as its detector: BGR minus the detector's pixel mean (given in BGR), no std
@@ -207,6 +207,9 @@ class MilNet(nn.Module):
     def cell_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) 0..255 RGB -> (B, V, h, w) per-cell word logits."""
         feats = self.trunk(self.normalize(x))  # (B, C, h, w)
+        if self.cfg.global_context:
+            mean = feats.mean(dim=(2, 3), keepdim=True).expand_as(feats)  # (B, C, h, w)
+            feats = torch.cat([feats, mean], dim=1)  # (B, 2C, h, w)
         return self.head(self.dropout(feats))  # (B, V, h, w)
 
     @staticmethod

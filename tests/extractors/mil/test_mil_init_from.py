@@ -172,6 +172,8 @@ def test_cli_records_the_source_and_the_run_serves_words(world, detector_run, ca
     assert src["kind"] == "glied-detector" and src["path"] == str((detector_run / "checkpoint.pt").resolve())
     assert src["sha256"] == sha256_file(detector_run / "checkpoint.pt")
     assert ckpt["config"]["arch"] == "bottomup" and ckpt["train_config"]["freeze_stages"] == 2
+    assert ckpt["config"]["trunk_res5"] and ckpt["config"]["global_context"]  # the --init-from defaults
+    assert ckpt["train_config"]["trunk_lr_mult"] == 0.5
     assert json.loads((out / "config.json").read_text())["train"]["init_from"] == src
     det = torch.load(detector_run / "checkpoint.pt", weights_only=True)["model"]
     for k, v in ckpt["state_dict"].items():  # frozen stages are the detector's; trained ones moved
@@ -261,3 +263,20 @@ def test_reference_r101_checkpoint_trunk_is_copied_exactly(tmp_path):
     kmap = detectron2_key_map(BottomUpConfig.r101_vg())
     for k in names:
         torch.testing.assert_close(own[kmap[k].removeprefix("backbone.")], torch.from_numpy(state[k]), rtol=0, atol=0)
+
+
+def test_global_context_gives_every_cell_the_map_mean():
+    trunk = {**BottomUpConfig.small(**TINY).to_dict()}
+    cfg = MilConfig.preset("bottomup", 4, trunk=trunk, input_size=64, global_context=True)
+    model = MilNet(cfg).eval()
+    c = model.head.in_channels // 2
+    assert model.head.in_channels == 2 * MilNet(MilConfig.preset("bottomup", 4, trunk=trunk)).head.in_channels
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        model.head.weight.normal_()
+        logits = model.cell_logits(x)  # (B, V, h, w)
+        assert logits.std(dim=(2, 3)).min() > 0  # local features differ between cells
+        model.head.weight[:, :c] = 0  # only the scene-mean half left: every cell says the same
+        logits = model.cell_logits(x)
+    assert torch.allclose(logits, logits[..., :1, :1].expand_as(logits), atol=1e-5)
+    assert not torch.allclose(logits[0], logits[1])
