@@ -25,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import inspect  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -75,12 +76,13 @@ def glied_model(device: str = "cpu") -> GliedDecoder:
 def glied_runner(model: GliedDecoder, batch: int, beam: int, device: str = "cpu") -> Callable[[], torch.Tensor]:
     """One call decodes ``batch`` images (encoding included) and returns (batch, WORDS + 1) ids ending in <eos>."""
     x = make_inputs(batch, device=device)
+    keep = {"keep_logits": False} if "keep_logits" in inspect.signature(greedy).parameters else {}  # older API
 
     @torch.inference_mode()
     def run() -> torch.Tensor:
         mem = model.encode(*x)
         if beam == 1:
-            return greedy(model, mem, WORDS, keep_logits=False)[0]
+            return greedy(model, mem, WORDS, **keep)[0]
         return beam_search(model, mem, beam, WORDS)[0]
     return run
 
@@ -228,8 +230,8 @@ def scst_vs_xe(batch: int, repeats: int, memory: bool) -> None:
             fn()
             acc.append(time.perf_counter() - t0)
     print(f"\ntraining step, batch {batch} images x 5 sequences (min / median of {repeats}):\n"
-          f"  XE   {1 / min(t_xe):.2f} / {1 / statistics.median(t_xe):.2f} steps/s\n"
-          f"  SCST {1 / min(t_sc):.2f} / {1 / statistics.median(t_sc):.2f} steps/s "
+          f"  XE   {1 / min(t_xe):.3f} / {1 / statistics.median(t_xe):.3f} steps/s\n"
+          f"  SCST {1 / min(t_sc):.3f} / {1 / statistics.median(t_sc):.3f} steps/s "
           f"(5 samples + greedy baseline, CIDEr-D, backward); SCST/XE time "
           f"{min(t_sc) / min(t_xe):.2f}x")
     if memory:
@@ -258,10 +260,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peer", metavar="PATH", help="checkout of ImageCaptioning.pytorch to time in the same run")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: fp32 and bf16 at batch 1 and 500")
+    ap.add_argument("--dtypes", action="store_true",
+                    help="the accelerator tables (fp32 and bf16 at --gpu-batches) on --device, even on cpu")
     ap.add_argument("--settings", default=None,
                     help="comma-separated batch x beam, e.g. 1x1,50x3 (default: the four of the protocol)")
     ap.add_argument("--scst", action="store_true", help="time the SCST step against the XE step at batch 50")
     ap.add_argument("--memory", action="store_true", help="with --scst: also their peak memory")
+    ap.add_argument("--gpu-batches", default="1,500", help="batch sizes of the accelerator tables")
     ap.add_argument("--skip-decoding", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -272,7 +277,7 @@ def main() -> None:
     settings = SETTINGS
     if args.settings:
         settings = tuple(tuple(int(v) for v in s.split("x")) for s in args.settings.split(","))
-    if not args.skip_decoding and args.device == "cpu":
+    if not args.skip_decoding and args.device == "cpu" and not args.dtypes:
         model = glied_model()
         runners = {"glied": {s: glied_runner(model, *s) for s in settings}}
         print(f"glied: {count_parameters(model) / 1e6:.2f}M parameters")
@@ -289,15 +294,16 @@ def main() -> None:
 
 
 def gpu_tables(args) -> None:
-    """fp32 and bf16 (autocast) at batch 1 and 500, beam 1 and 3, GLIED and (with --peer) the peer."""
+    """fp32 and bf16 (autocast) at batch 1 and 500, beam 1 and 3, GLIED and (with --peer) the peer; a batch of
+    1 decodes 50 captions per run, larger batches one batch per run."""
     global CAPTIONS
     device = args.device
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     glied = glied_model(device)
     peer = load_peer(args.peer, device) if args.peer else None
     for dtype in (torch.float32, torch.bfloat16):
-        for batch in (1, 500):
-            CAPTIONS = 50 if batch == 1 else 500
+        for batch in (int(b) for b in args.gpu_batches.split(",")):
+            CAPTIONS = max(50, batch)
             runners = {"glied": {}}
             if peer is not None:
                 runners["peer"] = {}

@@ -47,19 +47,19 @@ def unseen_inputs(demo: Path, cfg: DemoConfig, top_k: int):
     """The unseen-seed world's photos, regions and attribute words (extracted once for every decoder)."""
     from glied.datasets.images import load_image
     from glied.pipeline.data import make_shapes_world
-    from glied.pipeline.extract import build_attribute_extractor, build_region_extractor
+    from glied.extractors import load_extractors
 
     world = demo / "captions" / "unseen_world"
     if not (world / "instances.json").is_file():
         make_shapes_world(world, cfg.unseen_images, seed=cfg.unseen_seed, size=cfg.size)
     inst = json.loads((world / "instances.json").read_text())
     images = [load_image(str(world / "images" / im["file_name"])) for im in inst["images"]]
-    regions = build_region_extractor(str(demo / "detector"), None, "cpu", "fp32")
-    words = build_attribute_extractor(str(demo / "attributes"), "cpu", top_k)
+    regions, words = load_extractors(str(demo / "detector"), str(demo / "attributes"), device="cpu",
+                                     precision="fp32", top_k=top_k)
     regs, ws = [], []
     for i in range(0, len(images), 16):
         regs += regions.extract(images[i:i + 16])
-        ws += words.predict(images[i:i + 16])
+        ws += words.extract(images[i:i + 16])
     return world, inst, images, (regions, regs), (words, ws)
 
 

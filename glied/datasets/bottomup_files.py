@@ -1,4 +1,5 @@
-"""Readers and a writer for the feature files other bottom-up tools produce (see FACTS.md sections 2 and 8).
+"""Readers and a writer for the feature files other bottom-up tools produce (docs/architecture.md, "Bottom-up
+feature files").
 
 * Bottom-up TSV (peteanderson80 ``generate_tsv.py``): no header, tab-separated, rows end ``\\r\\n``, fields
   ``image_id, image_w, image_h, num_boxes, boxes, features``; boxes/features are base64 of raw float32,

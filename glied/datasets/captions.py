@@ -16,8 +16,8 @@ import torch
 
 from glied.errors import ConfigError, InputError
 from glied.records import AttributeWords, RegionFeatures
+from glied.tokens import UNK
 
-UNK = 3
 
 
 @runtime_checkable

@@ -1,6 +1,6 @@
 """Robust photo decoding for extraction: any common file in, BGR uint8 (H, W, 3) out, or one clear reason.
 
-Decoder choice (see ``/work/shared/FACTS.md`` section 8 for the measured facts behind it):
+Decoder choice (docs/architecture.md, "Decoding photos", has the measured facts behind it):
 
 * Pillow decodes, because it *raises* on a truncated JPEG/PNG, while ``cv2.imread`` silently fills the
   missing part with grey and only prints a warning: an OpenCV-only loader caches corrupt images.
@@ -43,6 +43,18 @@ _MAGIC = (
     (b"GIF87a", "GIF"),
     (b"GIF89a", "GIF"),
 )
+
+
+def find_images(root: str | os.PathLike) -> list[str]:
+    """Image files (suffix in :data:`IMAGE_EXTENSIONS`, any case; hidden files skipped; a FIFO, socket or device
+    named x.jpg is never opened) under ``root``, recursively, sorted by folder then name."""
+    out = []
+    for d, dirs, files in os.walk(os.fspath(root)):
+        dirs.sort()
+        paths = (os.path.join(d, f) for f in sorted(files)
+                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        out += [p for p in paths if os.path.isfile(p)]
+    return out
 
 
 def check_max_side(max_side: int | None) -> int | None:

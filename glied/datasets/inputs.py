@@ -23,7 +23,8 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple
 
-from glied.datasets.images import IMAGE_EXTENSIONS
+from glied.datasets.images import IMAGE_EXTENSIONS, find_images
+from glied.datasets.karpathy import image_id as karpathy_image_id
 from glied.errors import InputError
 
 
@@ -54,15 +55,7 @@ def _check_unique(items: list[InputImage], src: str) -> list[InputImage]:
 
 def from_folder(root: str | os.PathLike) -> list[InputImage]:
     root = os.path.abspath(os.fspath(root))
-    items = []
-    for d, dirs, files in os.walk(root):
-        dirs.sort()
-        for f in files:
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                p = os.path.join(d, f)
-                if not os.path.isfile(p):       # a FIFO, socket or device named x.jpg: never opened
-                    continue
-                items.append(InputImage(_norm_rel(os.path.relpath(p, root)), p))
+    items = [InputImage(_norm_rel(os.path.relpath(p, root)), p) for p in find_images(root)]
     if not items:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} recursively)")
     return _check_unique(items, root)
@@ -120,8 +113,7 @@ def from_json(path: str, images_root: str | None) -> list[InputImage]:
             if "filename" not in im:
                 raise InputError(f"{src}: images[{k}] lacks 'filename'")
             rel = os.path.join(im.get("filepath", ""), im["filename"])
-            iid = str(im["cocoid"]) if "cocoid" in im else Path(im["filename"]).stem
-            items.append(InputImage(iid, str(root / rel)))
+            items.append(InputImage(karpathy_image_id(im), str(root / rel)))
     elif "file_name" in images[0]:                                # COCO instances / captions
         root = _pick_root(src, images[0]["file_name"], images_root)
         for k, im in enumerate(images):

@@ -47,7 +47,9 @@ class KarpathyImage:
     raws: tuple[str, ...]
 
 
-def _image_id(im: dict, dataset: str) -> str:
+def image_id(im: dict, dataset: str = "") -> str:
+    """The stable id of a Karpathy image entry: ``str(cocoid)`` (COCO), else the file name's stem (Flickr), else
+    ``str(imgid)``. It is the key that joins the feature cache to the prepared data."""
     if "cocoid" in im:
         return str(im["cocoid"])
     if dataset.startswith("flickr") or "filename" in im:
@@ -89,7 +91,7 @@ def read_karpathy(path: str | Path) -> tuple[str, list[KarpathyImage], dict[str,
         sents = im.get("sentences") or []
         if not sents:
             raise InputError(f"{p}: images[{k}] ({im['filename']}) has no sentences")
-        iid = _image_id(im, dataset)
+        iid = image_id(im, dataset)
         if iid in seen:
             raise InputError(f"{p}: image id {iid} appears twice (images[{k}], {im['filename']})")
         seen.add(iid)

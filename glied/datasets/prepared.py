@@ -25,11 +25,10 @@ import numpy as np
 from glied.datasets.karpathy import read_karpathy
 from glied.errors import ConfigError, InputError
 from glied.fileio import sha256_file, write_atomic, write_json_atomic
+from glied.tokens import SPECIALS, UNK, ids_to_text
 
 FORMAT = "glied-prepared"
 VERSION = 1
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
 @dataclass(frozen=True)
@@ -171,15 +170,8 @@ class PreparedData:
         return [self.wtoi.get(w, UNK) for w in tokens]
 
     def decode(self, ids) -> str:
-        """Word ids to text, stopping at <eos> or <pad>, skipping <bos>."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i in (EOS, PAD):
-                break
-            if i != BOS:
-                out.append(self.vocab[i])
-        return " ".join(out)
+        """Word ids to text, stopping at <eos> or <pad>, skipping <bos> (:func:`glied.tokens.ids_to_text`)."""
+        return ids_to_text(ids, self.vocab)
 
     @property
     def refs_path(self) -> dict[str, Path]:

@@ -127,19 +127,26 @@ def fused_linear(*layers: nn.Linear, scales: Optional[tuple[float, ...]] = None
     return derived(layers[0], ("stack", tuple(map(id, layers)), scales), layers, build)
 
 
-def derived(owner: nn.Module, key: Any, sources: Sequence[nn.Module], build: Callable[[], Any]) -> Any:
+def derived(owner: nn.Module, key: Any, sources: Sequence[nn.Module], build: Callable[[], Any],
+            reuses_first: int = 0) -> Any:
     """``build()``, a value computed from the parameters of ``sources`` (fused or folded weights).
 
     Under autograd it is rebuilt at every call, so gradients flow to the parameters; without autograd it is
     cached on ``owner`` and rebuilt only when a parameter changed (in-place updates bump its version counter,
-    moving it changes its storage)."""
+    moving it changes its storage). A value that costs more than it saves per call is only built once the
+    parameters were seen unchanged ``reuses_first`` more times (None until then), so a model being trained
+    never builds it."""
     if torch.is_grad_enabled():
         return build()
     versions = tuple((id(t), t._version, t.data_ptr()) for m in sources for t in m.parameters())
     cache = owner.__dict__.setdefault("_derived_cache", {})
     hit = cache.get(key)
     if hit is None or hit[0] != versions:
-        hit = cache[key] = (versions, build())
+        hit = cache[key] = [versions, None, 0]
+    else:
+        hit[2] += 1
+    if hit[1] is None and hit[2] >= reuses_first:
+        hit[1] = build()
     return hit[1]
 
 

@@ -8,6 +8,7 @@ Stages, each in its own folder under ``out`` and skipped on a re-run when its se
     detector     train the small bottom-up detector          -> detector_eval (box mAP@0.5, attribute accuracy)
     attributes   train the MIL attribute-word detector        -> attributes_eval (word mAP, P/R@k)
     features     `glied extract` of every image into the feature cache (regions + attribute words)
+    retrieval    image-sentence retrieval (vse dual encoder) trained on the cache -> R@1/5/10 both ways, rsum
     base_xe, base_scst, glied_xe, glied_scst    decoder training (XE, then SCST from the XE weights)
     eval         COCO caption metrics of the four decoders on the test split
     bundle       detector + attribute detector + GLIED (SCST) in one model bundle
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from glied.fileio import write_text_atomic
 from glied.pipeline.data import make_shapes_world, prepare_captions
 from glied.pipeline.stages import StageRunner
 
@@ -119,10 +121,10 @@ def _attributes_eval_stage(prep: Path, mil_run: str, cfg: DemoConfig, log) -> Ca
 
 def _features_stage(world: Path, det_run: str, mil_run: str, cfg: DemoConfig, log) -> Callable[[Path], dict]:
     def run(d: Path) -> dict:
-        from glied.pipeline.extract import build_attribute_extractor, build_region_extractor, extract
+        from glied.extractors import load_extractors
+        from glied.pipeline.extract import extract
 
-        regions = build_region_extractor(det_run, None, "cpu", "fp32")
-        words = build_attribute_extractor(mil_run, "cpu", cfg.top_k)
+        regions, words = load_extractors(det_run, mil_run, device="cpu", precision="fp32", top_k=cfg.top_k)
         s = extract(str(world / "captions.json"), str(d / "cache"), region_extractor=regions,
                     attribute_extractor=words, top_k=cfg.top_k, images_root=str(world), dtype="float16",
                     batch_size=16, progress=False, log=log)
@@ -140,15 +142,16 @@ def _jsonable(v) -> bool:
 
 
 def decoder_recipe(model: str, stage: str, seed: int, cfg: DemoConfig):
-    """The demo's decoder TrainConfig for one stage ("xe" or "scst"): a 256-wide model, ``captions_per_image``
+    """The demo's decoder settings (DecoderTrainConfig) for one stage ("xe" or "scst"): a 256-wide model, ``captions_per_image``
     references per image and XE epoch, box geometry with the region features, 2 SCST samples per image with
     the greedy baseline."""
-    from glied.pipeline.train import TrainConfig
+    from glied.pipeline.train import DecoderTrainConfig
 
-    return TrainConfig(model=model, stage=stage, epochs=cfg.xe_epochs if stage == "xe" else 0,
-                       scst_epochs=cfg.scst_epochs if stage == "scst" else 0, batch_size=cfg.batch_size,
-                       seed=seed, d_model=256, d_embed=128, lr=1e-3, warmup_steps=100,
-                       captions_per_image=cfg.captions_per_image, scst_samples=2, box_geometry=cfg.box_geometry)
+    return DecoderTrainConfig(model=model, stage=stage, epochs=cfg.xe_epochs if stage == "xe" else 0,
+                              scst_epochs=cfg.scst_epochs if stage == "scst" else 0, batch_size=cfg.batch_size,
+                              seed=seed, d_model=256, d_embed=128, lr=1e-3, warmup_steps=100,
+                              captions_per_image=cfg.captions_per_image, scst_samples=2,
+                              box_geometry=cfg.box_geometry)
 
 
 def _decoder_stage(prep: Path, cache: Path, model: str, stage: str, seed: int, cfg: DemoConfig,
@@ -176,6 +179,20 @@ def _eval_stage(prep: Path, cache: Path, runs: dict[str, list[Path]], cfg: DemoC
                 per_seed.append(res["metrics"])
             table[name] = per_seed
         return table
+    return run
+
+
+def _retrieval_stage(prep: Path, cache: str, log) -> Callable[[Path], dict]:
+    def run(d: Path) -> dict:
+        import shutil
+
+        from glied.pipeline.retrieval import RetrievalTrainConfig, evaluate_retrieval, train_retrieval
+
+        # image-sentence retrieval on the same cache (docs/retrieval.md): the vse dual encoder, small sizes
+        shutil.rmtree(d / "vse", ignore_errors=True)  # a partial run from an interrupted demo starts over
+        train_retrieval(prep, cache, d / "vse", RetrievalTrainConfig(model="vse", preset="small", epochs=3,
+                                                                     batch_size=64, lr_decay_epoch=2), log=log)
+        return _portable(evaluate_retrieval(d / "vse", cache, prep, "test", "all", log=log), d.parent)
     return run
 
 
@@ -232,6 +249,8 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
                           _attributes_eval_stage(prep, str(mil), cfg, quiet), after=("attributes",))
     cache = out / runner.run("features", {"top_k": cfg.top_k}, _features_stage(world, str(det), str(mil), cfg, quiet),
                              after=("detector", "attributes"))["cache"]
+    retrieval = runner.run("retrieval", {"epochs": 3}, _retrieval_stage(prep, str(cache), quiet),
+                           after=("prep", "features"))
     recipe = {"batch": cfg.batch_size, "captions_per_image": cfg.captions_per_image,
               "box_geometry": cfg.box_geometry}
     runs: dict[str, list[Path]] = {}
@@ -260,7 +279,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
     caps = runner.run("captions", {"pictures": cfg.pictures, "unseen": [cfg.unseen_images, cfg.unseen_seed]},
                       _captions_stage(bundle, world, cfg, log), after=("bundle",))
 
-    report = format_report(det_eval, mil_eval, table, caps, cfg)
+    report = format_report(det_eval, mil_eval, table, caps, cfg) + _retrieval_line(retrieval)
     log("")
     log(report)
     log("per-stage time (s):")
@@ -278,13 +297,18 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
         log(f"  caption:      {ex['caption']}")
         log(f"  ground truth: {', '.join(ex.get('objects', []))}")
         log(f"  reference:    {ex['references'][0]}")
-    (out / "report.txt").write_text(report)
+    write_text_atomic(out / "report.txt", report)
     return {name: r.result for name, r in runner.results.items()} | {"config": asdict(cfg)}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _retrieval_line(m: dict) -> str:
+    from glied.pipeline.retrieval import format_metrics
+    return f"\nretrieval (vse) {format_metrics(m)}\n"
 
 
 def format_report(det_eval: dict, mil_eval: dict, table: dict, caps: dict, cfg: DemoConfig) -> str:

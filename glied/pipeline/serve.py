@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from glied import __version__
 from glied.datasets.images import ImageLoadError, LoadedImage, decode_image
@@ -204,8 +204,8 @@ def _safe_name(name: Optional[str], i: int) -> str:
 def result_payload(result, loaded: LoadedImage, captioner, name: str) -> dict:
     """JSON of one captioned photo: ``CaptionResult.to_json`` (as ``glied caption --json``) plus what the page
     draws: caption tokens, each region's attribute, the picture's size and the (T, R) attention."""
-    attrs = getattr(captioner.regions, "attributes", None)
-    d = result.to_json(captioner.attributes.vocab, getattr(captioner.regions, "classes", None))
+    attrs = getattr(captioner.region_extractor, "box_attributes", None)
+    d = result.to_json(captioner.word_extractor.vocab, getattr(captioner.region_extractor, "classes", None))
     d["path"] = name
     d["tokens"] = list(result.tokens)
     d["image"] = {"width": int(loaded.orig_w), "height": int(loaded.orig_h)}
@@ -227,7 +227,7 @@ def bundle_identity(path: str | os.PathLike, captioner) -> dict:
     from glied.pipeline.bundle import read_bundle
 
     meta, _ = read_bundle(path)
-    features = idn.build(captioner.regions, captioner.attributes, top_k=captioner.top_k,
+    features = idn.build(captioner.region_extractor, captioner.word_extractor, top_k=captioner.top_k,
                          max_side=captioner.max_side)
     if features.get("attributes"):
         features["attributes"].pop("vocab", None)
@@ -257,8 +257,8 @@ class SearchIndex:
 
     def __init__(self, path: str | os.PathLike, captioner, lock: Optional[threading.Lock] = None):
         self.index = search_support(path)(path, device=captioner.device)
-        self.index.check_extractor(dict(captioner.regions.identity()), "the served bundle")
-        self.regions = captioner.regions
+        self.index.check_extractor(captioner.region_extractor, "the served bundle")
+        self.regions = captioner.region_extractor
         self.lock = lock or threading.Lock()
 
     def search_text(self, query: str, k: int) -> list[dict]:
@@ -266,11 +266,10 @@ class SearchIndex:
             return self.index.text_to_images(query, k)
 
     def search_image(self, loaded: LoadedImage, k: int) -> list[dict]:
-        from glied.pipeline.extract import _rescale
+        from glied.pipeline.retrieval import photo_regions
 
         with self.lock:  # the detector is shared with the captioning worker
-            regions = _rescale(self.regions.extract([loaded.image])[0], loaded)
-            return self.index.image_to_captions(self.index.embed_photo(regions), k)
+            return self.index.image_to_captions(self.index.embed_photo(photo_regions(self.regions, loaded)), k)
 
 
 # ------------------------------------------------------------------------------------------------ the app

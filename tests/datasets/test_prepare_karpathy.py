@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from glied.datasets.prepared import EOS, UNK, PrepareConfig, PreparedData, prepare
+from glied.datasets.prepared import PrepareConfig, PreparedData, prepare
+from glied.tokens import EOS, UNK
 from glied.errors import InputError
 
 

@@ -12,8 +12,9 @@ def tiny_bundle(tmp_path_factory):
     from glied.pipeline.caption import build_bundle
     from glied.pipeline.data import make_shapes_world, prepare_captions
     from glied.pipeline.detector import train_detector
-    from glied.pipeline.extract import build_attribute_extractor, build_region_extractor, extract
-    from glied.pipeline.train import TrainConfig, train
+    from glied.extractors import load_extractors
+    from glied.pipeline.extract import extract
+    from glied.pipeline.train import DecoderTrainConfig, train
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("e2e")
@@ -24,12 +25,11 @@ def tiny_bundle(tmp_path_factory):
     train_detector(str(world / "instances.json"), str(world / "images"), str(root / "det"), epochs=1,
                    max_images=8, log=quiet)
     train_attributes(root / "prep", root / "mil", epochs=1, log=quiet)
-    regions = build_region_extractor(str(root / "det"), None, "cpu", "fp32")
-    words = build_attribute_extractor(str(root / "mil"), "cpu", 8)
+    regions, words = load_extractors(str(root / "det"), str(root / "mil"), device="cpu", precision="fp32", top_k=8)
     extract(str(world / "captions.json"), str(root / "cache"), region_extractor=regions, attribute_extractor=words,
             top_k=8, images_root=str(world), progress=False, log=quiet)
-    tc = TrainConfig(model="glied", stage="xe", epochs=1, scst_epochs=0, batch_size=16, d_model=64, d_embed=32,
-                     n_heads=4)
+    tc = DecoderTrainConfig(model="glied", stage="xe", epochs=1, scst_epochs=0, batch_size=16, d_model=64,
+                            d_embed=32, n_heads=4)
     train(root / "prep", root / "cache", root / "dec", tc, log=quiet)
     path = build_bundle(root / "bundle", detector=str(root / "det" / "checkpoint.pt"), attributes=str(root / "mil"),
                         decoder=str(root / "dec"))

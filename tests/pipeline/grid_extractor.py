@@ -2,7 +2,7 @@
 
 A seeded two-layer torch conv net over the image resized to a short side of 64, RoIAlign over a fixed grid
 of boxes (plus the whole image), mean-pooled to ``dim`` features. It follows the region-extractor contract
-of COMMON.md (``identity()``, ``extract()``, ``extract_given_boxes()``), boxes in original pixels.
+of :class:`glied.extractors.Extractor` (``identity()``, ``extract()``, ``extract_given_boxes()``), boxes in original pixels.
 
 Loaded by ``glied extract --extractor-module path/to/grid_extractor.py:make_extractor``; the environment
 variable ``GRID_EXTRACTOR_DELAY`` (seconds per image) slows it down so a test can kill it mid-run.
@@ -85,7 +85,7 @@ class WordExtractor:
     def identity(self) -> dict:
         return {"name": "test-words", "config": {"rule": "mean-colour"}, "weights_fingerprint": "none"}
 
-    def predict(self, images):
+    def extract(self, images):
         from glied.records import AttributeWords
 
         out = []

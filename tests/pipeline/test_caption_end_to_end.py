@@ -64,7 +64,7 @@ def test_photo_without_regions_or_too_elongated_among_good_ones(bundle, tmp_path
     from glied.records import RegionFeatures
 
     c = Captioner.from_bundle(bundle["bundle"])
-    real = c.regions.extract
+    real = c.region_extractor.extract
 
     def extract(images):                          # no region in a photo 99 pixels wide
         regs = real(images)
@@ -72,7 +72,7 @@ def test_photo_without_regions_or_too_elongated_among_good_ones(bundle, tmp_path
                                r.attr_scores[:0], r.image_w, r.image_h) if im.shape[1] == 99 else r
                 for r, im in zip(regs, images)]
 
-    c.regions.extract = extract
+    c.region_extractor.extract = extract
     empty, sliver = tmp_path / "empty.png", tmp_path / "sliver.png"
     cv2.imwrite(str(empty), cv2.resize(cv2.imread(str(bundle["world"] / "images" / "000004.jpg")), (99, 80)))
     cv2.imwrite(str(sliver), np.full((20, 4000, 3), 128, np.uint8))

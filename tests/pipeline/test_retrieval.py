@@ -103,7 +103,8 @@ def tiny(tmp_path_factory):
     """(root, prep, cache, other cache, vse run) — a tiny world extracted with the grid extractor."""
     import torch
 
-    from glied.pipeline.extract import build_region_extractor, extract
+    from glied.extractors import load_extractors
+    from glied.pipeline.extract import extract
     from glied.pipeline.retrieval import RetrievalTrainConfig, train_retrieval
 
     torch.set_num_threads(1)
@@ -111,7 +112,7 @@ def tiny(tmp_path_factory):
     prep = fx.make_prepared(root, n_images=36)
     _draw(root)
     cache = root / "cache"
-    extract(str(root / "captions.json"), str(cache), region_extractor=build_region_extractor(None, GRID, "cpu", "fp32"),
+    extract(str(root / "captions.json"), str(cache), region_extractor=load_extractors(extractor_module=GRID)[0],
             images_root=str(root), progress=False, workers=0)
     other = fx.write_cache(root / "other", fx.MemoryFeatures(root, dim=32, name="other-extractor"))
     cfg = RetrievalTrainConfig(model="vse", preset="small", epochs=2, batch_size=8, embed_dim=32)
@@ -225,3 +226,12 @@ def test_bad_inputs_fail_with_one_line(tiny, tmp_path, capsys):
     # no index
     code, _, err = _cli(capsys, "search", "--index", tmp_path / "nope", "a red circle")
     assert code == 2 and "glied index" in err
+
+
+def test_demo_retrieval_stage(tiny, tmp_path):
+    from glied.pipeline.demo import _retrieval_line, _retrieval_stage
+
+    root, prep, cache, _, _ = tiny
+    m = _retrieval_stage(prep, str(cache), lambda s: None)(tmp_path)
+    assert (tmp_path / "vse" / "best.pt").is_file() and m["images_per_fold"] == 6
+    assert "rsum" in _retrieval_line(m) and "i2t R@1/5/10" in _retrieval_line(m)

@@ -83,7 +83,7 @@ def test_bad_photos_get_the_cli_line_and_4xx(client, tiny_bundle, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"this is not a jpeg")
     cli = subprocess.run([sys.executable, "-m", "glied", "caption", "broken.jpg", "--model",
                           str(tiny_bundle["bundle"])], capture_output=True, text=True, cwd=tmp_path)
-    cli_line = cli.stderr.splitlines()[0]
+    cli_line = next(ln for ln in cli.stderr.splitlines() if ln.startswith("error: "))  # after the precision line
     r = post(client, ("broken.jpg", b"this is not a jpeg"))
     assert r.status_code == 400 and "error: " + r.json()["error"] == cli_line
     assert r.json()["results"][0]["kind"] == "not_image"
@@ -105,6 +105,8 @@ def test_bad_photos_get_the_cli_line_and_4xx(client, tiny_bundle, tmp_path):
     assert r.status_code == 413 and "request too large" in r.json()["error"]
     # not multipart, no photo, bad beam: 400 with a reason
     assert client.post("/caption", content=b"{}", headers={"content-type": "application/json"}).status_code == 400
+    r = client.post("/caption", content=b"--x\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 400 and r.json()["error"]
     r = client.post("/caption", files={"beam": (None, "2")})  # multipart without a file
     assert r.status_code == 400 and "no photo" in r.json()["error"]
     r = post(client, ("good.jpg", good), beam="99")
@@ -184,9 +186,43 @@ def test_a_request_that_went_away_does_not_stop_the_worker(captioner, tiny_bundl
     assert batcher.stats()["photos"] == 2
 
 
-def test_serve_index_without_retrieval_support_is_one_line(tiny_bundle, tmp_path):
+@pytest.fixture(scope="module")
+def index(tiny_bundle, tmp_path_factory):
+    """A retrieval index over the tiny bundle's own feature cache (a vse model trained for one epoch)."""
+    from glied.pipeline.retrieval import RetrievalTrainConfig, build_index, train_retrieval
+
+    root, out = tiny_bundle["root"], tmp_path_factory.mktemp("serve-index")
+    cfg = RetrievalTrainConfig(model="vse", preset="small", epochs=1, batch_size=8, embed_dim=32)
+    train_retrieval(root / "prep", root / "cache", out / "vse", cfg, log=lambda s: None)
+    build_index(out / "vse", root / "cache", out / "index", data=root / "prep")
+    return out / "index"
+
+
+def test_search_by_text_and_by_photo(captioner, tiny_bundle, index):
+    from glied.pipeline.retrieval import Index
+    from glied.pipeline.serve import create_app
+
+    direct = Index(index)
+    app = create_app(captioner, bundle_path=tiny_bundle["bundle"], index_path=index)
+    with TestClient(app) as client:
+        assert client.get("/health").json()["search"] is True
+        r = client.post("/search", json={"text": "a red circle", "k": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"] == direct.text_to_images("a red circle", 3)
+        _, data = photo(tiny_bundle, 7)
+        r = client.post("/search", files=[("image", ("q.jpg", data))], data={"k": "4"})
+        hits = r.json()["results"]
+        assert r.status_code == 200 and len(hits) == 4 and all(h["caption"] and "score" in h for h in hits)
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        r = client.post("/search", json={"text": "   "})
+        assert r.status_code == 400 and "empty query" in r.json()["error"]
+        r = client.post("/search", files=[("image", ("q.jpg", b"not an image"))])
+        assert r.status_code == 400 and r.json()["error"] == "q.jpg: not an image: a text file (12 bytes)"
+
+
+def test_serve_with_a_missing_index_is_one_line(tiny_bundle, tmp_path):
     r = subprocess.run([sys.executable, "-m", "glied", "serve", "--model", str(tiny_bundle["bundle"]),
                         "--index", str(tmp_path / "index"), "--port", "0"], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "retrieval index support not installed" in r.stderr and "Traceback" not in r.stderr
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert str(tmp_path / "index") in r.stderr

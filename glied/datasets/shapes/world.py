@@ -40,7 +40,7 @@ class ShapesConfig:
 
     def validate(self) -> None:
         if self.n_images < 1:
-            raise ConfigError(f"--images must be at least 1 (got {self.n_images})")
+            raise ConfigError(f"--count must be at least 1 (got {self.n_images})")
         if not 64 <= self.size <= 1024:
             raise ConfigError(f"--size must be between 64 and 1024 pixels (got {self.size})")
         if not 1 <= self.max_objects <= 4:

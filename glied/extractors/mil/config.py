@@ -5,7 +5,7 @@ Presets (``MilConfig.preset(name, vocab_size)``):
 - ``small``: a 3-stage residual trunk (torchvision ``BasicBlock``; widths 32/64/128, output stride 16) on
   a plain 64x64 resize, giving a 4x4 word map. Made for the shapes world (128x128 images): trains in a few
   minutes on 2 CPU cores. At 64 px it reached a higher val mAP per CPU-minute than at 96 or 128 px in our
-  runs (shape words were not learned at any of these sizes within ~6000 steps; see the issue-4 notes).
+  runs (shape words were not learned at any of these sizes within ~6000 steps).
 - ``resnet18`` / ``resnet50`` / ``resnet101``: torchvision ResNet up to ``layer4`` (no global pool, output
   stride 32) on Fang's input: the longer side scaled to 565 and zero-padded at the top-left to 565x565,
   giving an 18x18 word map. ``weights=None``: initial backbone weights come only from a local file

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock
 
+from glied import checkpoint as ck
 from glied.errors import ConfigError, InputError, WeightsError
 from glied.extractors.mil.config import FANG_BIAS, MilConfig
 from glied.extractors.mil.noisy_or import noisy_or_bce, noisy_or_log
@@ -227,7 +228,7 @@ def load_backbone_weights(model: MilNet, path: str | Path) -> int:
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise WeightsError(f"{p}: cannot be read as a plain state dict ({type(e).__name__}: {e})") from None
+        raise WeightsError(f"{p}: cannot be read as a plain state dict ({ck.load_failure(e)})") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

@@ -13,7 +13,6 @@ accept a local ``--backbone-weights`` file for that.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from glied.errors import ConfigError
+from glied.fileio import write_json_atomic
 from glied.extractors.mil.checkpoint import LAST_FILE, MODEL_FILE, load_checkpoint, save_checkpoint
 from glied.extractors.mil.config import MilConfig, MilTrainConfig
 from glied.extractors.mil.data import ImageBank
@@ -191,5 +191,5 @@ def train_mil(train: TrainSet, out_dir: str | Path, cfg: MilConfig, tcfg: MilTra
                "final_loss": history[-1]["loss"] if history else None, "history": history,
                "val_mAP": history[-1].get("val_mAP") if history else None, "n_train": n,
                "vocab_size": len(train.vocab)}
-    (out / "train_log.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(out / "train_log.json", summary, indent=1)
     return summary

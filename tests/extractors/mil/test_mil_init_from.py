@@ -12,7 +12,7 @@ from glied.cli import main
 from glied.errors import WeightsError
 from glied.extractors.bottomup.config import BottomUpConfig
 from glied.extractors.bottomup.model import BottomUpDetector
-from glied.extractors.bottomup.parity.make_random_ckpt import _Numpy1Pickler
+from scripts.bottomup_parity.make_random_ckpt import _Numpy1Pickler
 from glied.extractors.bottomup.weights import detectron2_key_map
 from glied.extractors.mil import load_attribute_extractor
 from glied.extractors.mil.config import MilConfig, MilTrainConfig
@@ -176,7 +176,7 @@ def test_cli_records_the_source_and_the_run_serves_words(world, detector_run, ca
     assert moved
     ext = load_attribute_extractor(out, top_k=3)
     img = cv2.imread(str(next((world / "w" / "images").iterdir())))
-    words = ext.predict([img])[0]
+    words = ext.extract([img])[0]
     assert len(words) == 3 and ext.identity()["config"]["trunk"] == det_config(detector_run)
     code, stdout, err = run_cli(capsys, "evaluate-attributes", "--run", out, "--data", world / "p")
     assert code == 0 and "mAP" in stdout, err
