@@ -11,7 +11,7 @@ steps.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +41,25 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, n, self.n_heads, self.d_k).transpose(1, 2)  # (B, h, N, d_k)
 
     def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, d_model) -> keys, values each (B, h, N, d_k)."""
-        return self._split(self.w_k(kv)), self._split(self.w_v(kv))
+        """(B, N, d_model) -> keys, values each (B, h, N, d_k), contiguous (one fused projection)."""
+        w, b = fused_linear(self.w_k, self.w_v)
+        return split_heads(F.linear(kv, w, b), 2, self.n_heads)
+
+    def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention of projected, pre-scaled queries (fast path of incremental decoding).
+
+        Args:
+            q: (B, h, Tq, d_k) queries already multiplied by 1/sqrt(d_k).
+            k, v: (B, h, N, d_k) (contiguous, or a prefix N of a longer buffer).
+            bias: additive float mask broadcastable to (B, h, Tq, N) (0 = attend, -inf = masked) or None.
+        Returns:
+            (B, Tq, h * d_k) heads concatenated, before the output projection.
+        """
+        p = self.attn_dropout.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)  # (B, h, Tq, d_k)
+        b, h, tq, dk = out.shape
+        return out.transpose(1, 2).reshape(b, tq, h * dk)
 
     def weights(self, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention weights (B, h, Tq, N) of raw queries q (B, Tq, d_model) over pre-projected keys k; masked
@@ -88,6 +105,49 @@ class Residual(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.norm(z + self.dropout(y))
+
+
+def split_heads(x: torch.Tensor, parts: int, n_heads: int) -> tuple[torch.Tensor, ...]:
+    """(B, N, parts * D) fused projections -> ``parts`` tensors (B, h, N, D / h), each contiguous."""
+    b, n, d = x.shape
+    x = x.view(b, n, parts, n_heads, d // (parts * n_heads)).permute(2, 0, 3, 1, 4).contiguous()  # (P, B, h, N, dk)
+    return tuple(x.unbind(0))
+
+
+def fused_linear(*layers: nn.Linear, scales: Optional[tuple[float, ...]] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight (sum of out features, in) and bias of several Linear layers that read the same input, stacked so
+    one GEMM computes all of them; ``scales`` multiplies each layer's rows (e.g. 1/sqrt(d_k) for queries)."""
+    scales = scales or (1.0,) * len(layers)
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.cat([layer.weight * s if s != 1.0 else layer.weight for layer, s in zip(layers, scales)])
+        b = torch.cat([layer.bias * s if s != 1.0 else layer.bias for layer, s in zip(layers, scales)])
+        return w, b
+    return derived(layers[0], ("stack", tuple(map(id, layers)), scales), layers, build)
+
+
+def derived(owner: nn.Module, key: Any, sources: Sequence[nn.Module], build: Callable[[], Any],
+            reuses_first: int = 0) -> Any:
+    """``build()``, a value computed from the parameters of ``sources`` (fused or folded weights).
+
+    Under autograd it is rebuilt at every call, so gradients flow to the parameters; without autograd it is
+    cached on ``owner`` and rebuilt only when a parameter changed (in-place updates bump its version counter,
+    moving it changes its storage). A value that costs more than it saves per call is only built once the
+    parameters were seen unchanged ``reuses_first`` more times (None until then), so a model being trained
+    never builds it."""
+    if torch.is_grad_enabled():
+        return build()
+    versions = tuple((id(t), t._version, t.data_ptr()) for m in sources for t in m.parameters())
+    cache = owner.__dict__.setdefault("_derived_cache", {})
+    hit = cache.get(key)
+    if hit is None or hit[0] != versions:
+        hit = cache[key] = [versions, None, 0]
+    else:
+        hit[2] += 1
+    if hit[1] is None and hit[2] >= reuses_first:
+        hit[1] = build()
+    return hit[1]
 
 
 def sinusoid_table(n_positions: int, d_model: int) -> torch.Tensor:

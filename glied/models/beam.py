@@ -10,32 +10,40 @@ reached ``max_len + 1`` tokens, in which case the last token is forced to <eos>.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from glied.models.glied import BOS, EOS, PAD, GliedDecoder, Memory
+from glied.tokens import ids_to_text
 
 
 @torch.no_grad()
-def greedy(model: GliedDecoder, mem: Memory, max_len: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Argmax decoding with cached keys/values. Returns seqs (N, T) and per-step logits (N, T, V)."""
+def greedy(model: GliedDecoder, mem: Memory, max_len: int = 16,
+           keep_logits: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Argmax decoding with cached keys/values. Returns seqs (N, T) and per-step logits (N, T, V) (None when not
+    ``keep_logits``)."""
     n = mem.batch_size
     token = torch.full((n,), BOS, dtype=torch.long, device=mem.region_mask.device)
     done = torch.zeros(n, dtype=torch.bool, device=token.device)
-    state, seqs, all_logits = None, [], []
+    state, seqs, all_logits = _state(model, mem, n, max_len), [], []
     for t in range(max_len + 1):
         logits, state = model.step(mem, token, state)  # (N, V)
         if t == max_len:
             nxt = torch.full_like(token, EOS)
         else:
-            nxt = model.word_logprobs(logits).argmax(-1)
+            nxt = model.greedy_words(logits)
         nxt = nxt.masked_fill(done, PAD)
         seqs.append(nxt)
-        all_logits.append(logits)
+        if keep_logits:
+            all_logits.append(logits)
         done = done | (nxt == EOS)
         token = nxt
-        if bool(done.all()):
+        if _all_done(done, t):
             break
-    return torch.stack(seqs, 1), torch.stack(all_logits, 1)
+    if not keep_logits:
+        return _trim(torch.stack(seqs, 1))[0], None
+    return _trim(torch.stack(seqs, 1), torch.stack(all_logits, 1))
 
 
 @torch.no_grad()
@@ -50,7 +58,7 @@ def greedy_uncached(model: GliedDecoder, mem: Memory, max_len: int = 16) -> tupl
         if t == max_len:
             nxt = torch.full((n,), EOS, dtype=torch.long, device=prefix.device)
         else:
-            nxt = model.word_logprobs(logits).argmax(-1)
+            nxt = model.greedy_words(logits)
         nxt = nxt.masked_fill(done, PAD)
         seqs.append(nxt)
         all_logits.append(logits)
@@ -69,7 +77,7 @@ def sample(model: GliedDecoder, mem: Memory, n_samples: int, max_len: int = 16,
     n = mem.batch_size
     token = torch.full((n,), BOS, dtype=torch.long, device=mem.region_mask.device)
     done = torch.zeros(n, dtype=torch.bool, device=token.device)
-    state, seqs = None, []
+    state, seqs = _state(model, mem, n, max_len), []
     for t in range(max_len + 1):
         logits, state = model.step(mem, token, state)
         if t == max_len:
@@ -80,9 +88,9 @@ def sample(model: GliedDecoder, mem: Memory, n_samples: int, max_len: int = 16,
         seqs.append(nxt)
         done = done | (nxt == EOS)
         token = nxt
-        if bool(done.all()):
+        if _all_done(done, t):
             break
-    return torch.stack(seqs, 1)
+    return _trim(torch.stack(seqs, 1))[0]
 
 
 @torch.no_grad()
@@ -101,7 +109,7 @@ def beam_search(model: GliedDecoder, mem: Memory, beam_size: int = 3,
     scores[:, 1:] = float("-inf")  # all beams start identical: keep only the first alive at step 0
     done = torch.zeros(b * k, dtype=torch.bool, device=device)
     seqs = torch.zeros(b * k, 0, dtype=torch.long, device=device)
-    state = None
+    state = _state(model, mem, b * k, max_len)
     offsets = (torch.arange(b, device=device) * k)[:, None]  # (B, 1)
     for t in range(max_len + 1):
         logits, state = model.step(mem, token, state)  # (B*k, V)
@@ -120,27 +128,39 @@ def beam_search(model: GliedDecoder, mem: Memory, beam_size: int = 3,
         beam_idx = flat // v  # (B, k)
         word = flat % v  # (B, k)
         rows = (offsets + beam_idx).view(-1)  # (B*k,)
-        state = (state[0].index_select(0, rows), state[1].index_select(0, rows))
+        state = state.index_select(rows)
         seqs = torch.cat([seqs.index_select(0, rows), word.view(-1, 1)], 1)  # (B*k, t+1)
         done = done.index_select(0, rows) | (word.view(-1) == EOS) | (word.view(-1) == PAD)
         token = word.view(-1)
-        if bool(done.all()):
+        if _all_done(done, t):
             break
     best = scores.argmax(1)  # (B,)
     out = seqs.view(b, k, -1)[torch.arange(b, device=device), best]  # (B, T)
-    return out, scores.max(1).values
+    return _trim(out)[0], scores.max(1).values
+
+
+def _state(model: GliedDecoder, mem: Memory, n: int, max_len: int):
+    """An empty decoding state for n rows and the max_len + 1 steps of a caption."""
+    like = next(iter(mem.kv.values()))[0]
+    return model.init_state(n, max_len + 1, like)
+
+
+def _all_done(done: torch.Tensor, t: int) -> bool:
+    """Whether every row has ended. Reading it waits for the device, so on an accelerator it is read every
+    4th step only (rows that ended keep emitting <pad>, trimmed at the end)."""
+    if done.device.type != "cpu" and t % 4 != 3:
+        return False
+    return bool(done.all())
+
+
+def _trim(seqs: torch.Tensor, *per_step: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop trailing steps where every row is <pad> (steps decoded after all rows had ended)."""
+    if seqs.device.type == "cpu":  # ended every step exactly: nothing to trim
+        return (seqs, *per_step)
+    keep = int((seqs != PAD).any(0).nonzero().max()) + 1 if seqs.numel() else seqs.shape[1]
+    return (seqs[:, :keep], *(p[:, :keep] for p in per_step))
 
 
 def decode_text(seqs: torch.Tensor, itow: list[str]) -> list[str]:
-    """Word-id rows -> space-joined words up to the first <eos> (specials dropped)."""
-    out = []
-    for row in seqs.tolist():
-        words = []
-        for i in row:
-            if i == EOS or i == PAD:
-                break
-            if i == BOS:
-                continue
-            words.append(itow[i])
-        out.append(" ".join(words))
-    return out
+    """Word-id rows -> space-joined words up to the first <eos> (:func:`glied.tokens.ids_to_text`)."""
+    return [ids_to_text(row, itow) for row in seqs.tolist()]

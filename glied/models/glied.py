@@ -1,6 +1,7 @@
 """The GLIED decoder and its cross-modal fully-attentive base model (Liu et al., IJCAI 2019).
 
-Equations follow the paper's slides (FACTS.md §1.2); G(y; z) = LayerNorm(z + Dropout(y)) with no FFN.
+Equations follow the paper's slides (docs/architecture.md, "The GLIED decoder");
+G(y; z) = LayerNorm(z + Dropout(y)) with no FFN.
 
     I  = ReLU(W_r r) regions (2048 -> 512);  A = W_e E[a] + W_p p  attribute words + MIL probabilities
     x  = W_e E[w] + PE(t)                    input word (E is ONE 256-d table shared by words and attributes)
@@ -14,7 +15,7 @@ Equations follow the paper's slides (FACTS.md §1.2); G(y; z) = LayerNorm(z + Dr
     y ~ softmax(W^c c̃)
 
 Each of the three distilling parts has its own switch in :class:`GliedConfig`, so base, single additions and
-full GLIED are the same code. Choices the paper leaves open (FACTS §1.6), made here:
+full GLIED are the same code. Choices the paper leaves open (docs/architecture.md), made here:
   * one shared 256->512 projection W_e for words and attributes (the table is shared, so is its projection);
   * regions: Linear 2048->512 + ReLU + dropout, no normalisation;
   * fixed sinusoidal positional encoding added to input words (no parameters);
@@ -33,18 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glied.models.attention import MultiHeadAttention, Residual, sinusoid_table
-
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
-
-#: named ablations: (global_visual, global_attribute, local_distilling)
-MODEL_PRESETS: dict[str, tuple[bool, bool, bool]] = {
-    "glied": (True, True, True),
-    "base": (False, False, False),
-    "base+gvd": (True, False, False),  # + global visual distilling
-    "base+gad": (False, True, False),  # + global attribute distilling
-    "base+gld": (False, False, True),  # + global aspect vector and local cross-modal distilling
-}
+from glied.errors import ConfigError
+from glied.models.attention import MultiHeadAttention, Residual, derived, fused_linear, sinusoid_table, split_heads
+from glied.models.presets import MODEL_PRESETS  # noqa: F401 - the named ablations, re-exported here
+from glied.tokens import BOS, EOS, PAD, UNK  # noqa: F401 - the special token ids, re-exported here
 
 
 @dataclass(frozen=True)
@@ -63,25 +56,49 @@ class GliedConfig:
     local_distilling: bool = True
     attr_probs: bool = True
     label_smoothing: float = 0.0
+    box_geometry: bool = False  # region rows end with 5 box-geometry columns (glied.datasets.captions)
+
+    def __post_init__(self) -> None:
+        """ConfigError (one line for the CLI) on sizes the model cannot be built with."""
+        for k in ("vocab_size", "d_model", "d_embed", "n_heads", "feature_dim", "max_positions"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"model config: {k} must be a positive integer, not {v!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model config: {self.n_heads} heads do not divide d_model {self.d_model} "
+                              f"(choose --heads among the divisors of --d-model, e.g. 8 for 512)")
+        for k in ("dropout", "label_smoothing"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise ConfigError(f"model config: {k} must be in [0, 1), not {v!r}")
 
     @classmethod
     def preset(cls, name: str, **kw: Any) -> "GliedConfig":
         """A config for one of :data:`MODEL_PRESETS` (``glied``, ``base``, ``base+gvd``, ...)."""
         if name not in MODEL_PRESETS:
-            raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+            raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODEL_PRESETS)}")
         gv, ga, gl = MODEL_PRESETS[name]
-        return cls(global_visual=gv, global_attribute=ga, local_distilling=gl, **kw)
+        try:
+            return cls(global_visual=gv, global_attribute=ga, local_distilling=gl, **kw)
+        except TypeError as e:
+            raise ConfigError(f"model config: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GliedConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config: expected a mapping, not {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown GliedConfig fields {sorted(unknown)}")
-        return cls(**d)
+            raise ConfigError(f"unknown GliedConfig fields {sorted(unknown)} (a checkpoint of another glied "
+                              f"version?)")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"model config: {e}") from None
 
     def replace(self, **kw: Any) -> "GliedConfig":
         return replace(self, **kw)
@@ -91,13 +108,17 @@ class GliedConfig:
 class Memory:
     """Per-image encoder output, computed once and reused at every decoding step.
 
-    ``kv`` holds pre-projected (keys, values), each (B, h, N, d_k), for every cross attention; ``region_mask``
-    (B, R) and ``attr_mask`` (B, K) are bool, True = real entry.
+    ``kv`` holds pre-projected (keys, values), each (B, h, N, d_k) contiguous, for every cross attention (the
+    values of an image with no real key are zero); ``region_mask`` (B, R) and ``attr_mask`` (B, K) are bool,
+    True = real entry; ``region_keys`` / ``attr_keys`` are the same masks as (B, 1, 1, N) for the fused attention
+    kernel (an image with no real key attends everywhere, to zero values), or None when every entry is real.
     """
 
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
     region_mask: torch.Tensor
     attr_mask: torch.Tensor
+    region_keys: Optional[torch.Tensor] = None
+    attr_keys: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -106,7 +127,11 @@ class Memory:
     def index_select(self, index: torch.Tensor) -> "Memory":
         """Rows ``index`` (e.g. ``arange(B).repeat_interleave(k)`` to expand for k beams/captions)."""
         kv = {n: (k.index_select(0, index), v.index_select(0, index)) for n, (k, v) in self.kv.items()}
-        return Memory(kv, self.region_mask.index_select(0, index), self.attr_mask.index_select(0, index))
+
+        def rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.index_select(0, index)
+        return Memory(kv, self.region_mask.index_select(0, index), self.attr_mask.index_select(0, index),
+                      rows(self.region_keys), rows(self.attr_keys))
 
     def repeat(self, n: int) -> "Memory":
         """Each image repeated n times in a row: (B, ...) -> (B*n, ...)."""
@@ -116,8 +141,56 @@ class Memory:
         return self.index_select(rows)
 
 
-#: decoding state: causal context-attention keys and values of the steps so far, each (B, h, t, d_k)
-State = tuple[torch.Tensor, torch.Tensor]
+class KVCache:
+    """Decoding state: the causal context-attention keys and values of the steps so far.
+
+    One preallocated buffer ``kv`` (N, 2, h, capacity, d_k) (keys at [:, 0], values at [:, 1]); each step
+    writes its keys/values in place at position ``length``, so nothing grows by concatenation.
+    """
+
+    def __init__(self, kv: torch.Tensor, length: int = 0) -> None:
+        self.kv, self.length = kv, length
+
+    @classmethod
+    def empty(cls, n: int, n_heads: int, d_k: int, capacity: int, like: torch.Tensor) -> "KVCache":
+        return cls(like.new_empty(n, 2, n_heads, capacity, d_k))
+
+    @property
+    def capacity(self) -> int:
+        return int(self.kv.shape[3])
+
+    def append(self, kv_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one step's (N, 2, h, d_k) keys/values; returns all keys and values so far, each (N, h, t, d_k)."""
+        t = self.length
+        if t >= self.capacity:
+            raise ValueError(f"decoding state holds {self.capacity} steps; step {t + 1} does not fit")
+        self.kv[:, :, :, t] = kv_new
+        self.length = t + 1
+        return self.kv[:, 0, :, :t + 1], self.kv[:, 1, :, :t + 1]
+
+    def index_select(self, index: torch.Tensor) -> "KVCache":
+        """The state of rows ``index`` (beam search reordering)."""
+        return KVCache(self.kv.index_select(0, index), self.length)
+
+
+#: decoding state passed between steps
+State = KVCache
+
+
+def _key_mask(mask: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(B, N) bool -> (attention mask (B, 1, 1, N) or None when all keys are real, rows with any key (B,)).
+
+    A row without any real key may attend everywhere: its values are zeroed, so its output is zero (as in
+    :meth:`MultiHeadAttention.weights`)."""
+    has_key = mask.any(1)  # (B,)
+    if bool(mask.all()):
+        return None, has_key
+    return (mask | ~has_key[:, None])[:, None, None, :], has_key  # (B, 1, 1, N)
+
+
+def _zero_rows(v: torch.Tensor, has_key: torch.Tensor, keys: Optional[torch.Tensor]) -> torch.Tensor:
+    """Values (B, h, N, d_k) with the rows of images without any real key zeroed (``keys`` None: all real)."""
+    return v if keys is None else v * has_key[:, None, None, None].to(v.dtype)
 
 
 class GliedDecoder(nn.Module):
@@ -158,24 +231,73 @@ class GliedDecoder(nn.Module):
     def encode(self, regions: torch.Tensor, region_mask: torch.Tensor, attr_ids: torch.Tensor,
                attr_probs: torch.Tensor, attr_mask: torch.Tensor) -> Memory:
         """Embed regions and attribute words, run global visual distilling and project every cross-attention's
-        keys/values once per image. Returns a :class:`Memory` for B images."""
+        keys/values once per image. Returns a :class:`Memory` for B images.
+
+        Projections that read the same input run as one GEMM (fused weights); without autograd the attribute
+        embedding W_e E[a] + W_p p is folded into the key/value projections that read it (exact up to float
+        rounding), so attribute keys/values cost one 256-wide GEMM, or a table lookup once the weights were
+        seen unchanged (decoding batch after batch)."""
         c = self.config
+        h = c.n_heads
         region_mask, attr_mask = region_mask.bool(), attr_mask.bool()
+        region_keys, has_region = _key_mask(region_mask)
+        attr_keys, has_attr = _key_mask(attr_mask)
         I = self.drop(F.relu(self.region_proj(regions.float())))  # (B, R, D)
-        A = self.embed_proj(self.embed(attr_ids))  # (B, K, D)
-        if self.prob_proj is not None:
-            A = A + self.prob_proj(attr_probs.float().unsqueeze(-1))  # (B, K, D)
-        A = self.drop(A)
-        rmask = region_mask[:, None, :]  # (B, 1, R)
-        I_tilde = self.g_vd(self.h_vd(I, I, rmask), I) if c.global_visual else I  # (B, R, D)
-        kv = {"v": self.h_v.project_kv(I_tilde)}
-        if c.global_attribute:
-            kv["ad"] = self.h_ad.project_kv(A)
-        if c.local_distilling:
-            kv["vl"], kv["al"] = self.h_vl.project_kv(I), self.h_al.project_kv(A)
+        # every projection of I in one GEMM: [queries, keys, values of H_vd] + [keys, values of H_vl]
+        from_I = ([self.h_vd.w_q, self.h_vd.w_k, self.h_vd.w_v] if c.global_visual else []) + (
+            [self.h_vl.w_k, self.h_vl.w_v] if c.local_distilling else [])
+        kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if from_I:
+            scales = (self.h_vd.d_k ** -0.5, 1.0, 1.0) if c.global_visual else ()
+            scales += (1.0, 1.0) if c.local_distilling else ()
+            parts = split_heads(F.linear(I, *fused_linear(*from_I, scales=scales)), len(from_I), h)  # (B, h, R, dk)
+            if c.local_distilling:
+                kv["vl"] = (parts[-2], _zero_rows(parts[-1], has_region, region_keys))
+        if c.global_visual:
+            q, k, v = parts[:3]
+            ctx = self.h_vd.attend_one(q, k, _zero_rows(v, has_region, region_keys), region_keys)  # (B, R, D)
+            I_tilde = self.g_vd(self.h_vd.w_o(ctx), I)  # (B, R, D)
         else:
-            kv["a"] = self.h_a.project_kv(A)
-        return Memory(kv, region_mask, attr_mask)
+            I_tilde = I
+        k, v = self.h_v.project_kv(I_tilde)  # (B, h, R, dk)
+        kv["v"] = (k, _zero_rows(v, has_region, region_keys))
+        # attribute keys/values: H_ad and H_al (GLIED) or H_a (base)
+        names = (["ad"] if c.global_attribute else []) + (["al"] if c.local_distilling else ["a"])
+        heads = [getattr(self, f"h_{n}") for n in names]
+        parts = split_heads(self._attr_kv(heads, attr_ids, attr_probs), 2 * len(heads), h)  # (B, h, K, dk)
+        for i, n in enumerate(names):
+            kv[n] = (parts[2 * i], _zero_rows(parts[2 * i + 1], has_attr, attr_keys))
+        return Memory(kv, region_mask, attr_mask, region_keys, attr_keys)
+
+    def _attr_kv(self, heads: list[MultiHeadAttention], attr_ids: torch.Tensor,
+                 attr_probs: torch.Tensor) -> torch.Tensor:
+        """Keys and values of A = W_e E[a] + W_p p for the attention blocks ``heads``: (B, K, 2 * len(heads) * D)."""
+        layers = [lin for m in heads for lin in (m.w_k, m.w_v)]
+        p = attr_probs.float().unsqueeze(-1)  # (B, K, 1)
+        if torch.is_grad_enabled() or self.training:  # dropout on A, or gradients: the plain form
+            A = self.embed_proj(self.embed(attr_ids))  # (B, K, D)
+            if self.prob_proj is not None:
+                A = A + self.prob_proj(p)
+            return F.linear(self.drop(A), *fused_linear(*layers))
+
+        def fold() -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+            w, b = fused_linear(*layers)  # (n*D, D)
+            bias_in = self.embed_proj.bias + (self.prob_proj.bias if self.prob_proj is not None else 0.0)
+            w_p = w @ self.prob_proj.weight[:, 0] if self.prob_proj is not None else None  # (n*D,)
+            return w @ self.embed_proj.weight, torch.addmv(b, w, bias_in), w_p  # (n*D, d_embed), (n*D,)
+
+        sources = [self.embed_proj, *layers] + ([self.prob_proj] if self.prob_proj is not None else [])
+        key = tuple(map(id, layers))
+        w, b, w_p = derived(self.embed_proj, ("attr_kv", key), sources, fold)
+        # a model decoding batch after batch with the same weights: every word's keys/values as one table
+        # (V, n*D), so attribute keys/values are a lookup; never built while the weights keep changing
+        table = derived(self.embed_proj, ("attr_table", key), [self.embed, *sources],
+                        lambda: F.linear(self.embed.weight, w, b), reuses_first=1)
+        if table is not None:
+            out = F.embedding(attr_ids, table)  # (B, K, n*D)
+        else:
+            out = F.linear(self.embed(attr_ids), w, b)  # (B, K, n*D)
+        return out if w_p is None else out.addcmul_(p, w_p)
 
     # ----------------------------------------------------------------------------------------- decoding
     def _embed_words(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
@@ -187,8 +309,7 @@ class GliedDecoder(nn.Module):
         x = self.embed_proj(self.embed(tokens)) + self.pos_table[start:start + t]
         return self.drop(x)
 
-    def _after_context(self, t_tilde: torch.Tensor, ctx: torch.Tensor, mem: Memory,
-                       few_rows: bool = False) -> torch.Tensor:
+    def _after_context(self, t_tilde: torch.Tensor, ctx: torch.Tensor, mem: Memory) -> torch.Tensor:
         """From the context-attention output to logits: (N, T, D) -> (N, T, V)."""
         c = self.config
         rmask, amask = mem.region_mask[:, None, :], mem.attr_mask[:, None, :]
@@ -201,12 +322,6 @@ class GliedDecoder(nn.Module):
             both = (self.h_v.attend(x_tilde, *mem.kv["v"], rmask)
                     + self.h_a.attend(x_tilde, *mem.kv["a"], amask))
             c_tilde = self.g_c(both, x_tilde)
-        if few_rows and c_tilde.shape[0] * c_tilde.shape[1] <= 8:
-            # decoding a handful of rows: W (V, D) @ c^T is several times faster on CPU than c @ W^T (the
-            # BLAS picks a packing GEMM for 2..8 rows); same values up to float rounding
-            flat = c_tilde.reshape(-1, c_tilde.shape[-1])  # (N*T, D)
-            return torch.addmm(self.word.bias[:, None], self.word.weight, flat.T).T.reshape(
-                *c_tilde.shape[:-1], -1)  # (N, T, V)
         return self.word(c_tilde)
 
     def _pivot(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
@@ -224,23 +339,60 @@ class GliedDecoder(nn.Module):
         ctx = self.h_x(t_tilde, t_tilde, causal)
         return self._after_context(t_tilde, ctx, mem)
 
-    def step(self, mem: Memory, token: torch.Tensor, state: Optional[State]) -> tuple[torch.Tensor, State]:
+    def init_state(self, n: int, capacity: int, like: torch.Tensor) -> KVCache:
+        """An empty decoding state for n rows and up to ``capacity`` steps (dtype/device of ``like``)."""
+        c = self.config
+        return KVCache.empty(n, c.n_heads, c.d_model // c.n_heads, capacity, like)
+
+    def step(self, mem: Memory, token: torch.Tensor, state: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]:
         """One incremental decoding step.
 
         Args:
-            mem: memory for N rows; token: (N,) the current input word; state: None at the first step, else
-                the (keys, values) returned by the previous step.
+            mem: memory for N rows; token: (N,) the current input word; state: None at the first step (a state
+                for ``max_positions`` steps is made), else the state returned by the previous step (or
+                :meth:`init_state`).
         Returns:
-            logits (N, V) for the next word, and the new state (keys/values extended by this step).
+            logits (N, V) for the next word, and the state, extended in place by this step.
+
+        Same values as :meth:`decode` up to float rounding; projections reading the same input are fused into
+        one GEMM, queries are pre-scaled by 1/sqrt(d_k), and the two attentions of local cross-modal
+        distilling share one query and one output GEMM.
         """
-        pos = 0 if state is None else state[0].shape[2]
-        t_tilde = self._pivot(self._embed_words(token[:, None], pos), mem)  # (N, 1, D)
-        k_new, v_new = self.h_x.project_kv(t_tilde)  # (N, h, 1, d_k)
-        if state is not None:
-            k_new = torch.cat([state[0], k_new], 2)  # (N, h, t+1, d_k)
-            v_new = torch.cat([state[1], v_new], 2)  # (N, h, t+1, d_k)
-        ctx = self.h_x.attend(t_tilde, k_new, v_new)
-        return self._after_context(t_tilde, ctx, mem, few_rows=True)[:, 0], (k_new, v_new)
+        c = self.config
+        n, h, dk = token.shape[0], c.n_heads, c.d_model // c.n_heads
+        scale = dk ** -0.5
+        x = self._embed_words(token[:, None], 0 if state is None else state.length)  # (N, 1, D)
+        if state is None:
+            state = self.init_state(n, c.max_positions, x)
+        t_tilde = x
+        if c.global_attribute:
+            q = F.linear(x, *fused_linear(self.h_ad.w_q, scales=(scale,))).view(n, h, 1, dk)
+            ctx = self.h_ad.attend_one(q, *mem.kv["ad"], mem.attr_keys)  # (N, 1, D)
+            t_tilde = self.g_ad(self.h_ad.w_o(ctx), x)  # (N, 1, D)
+        qkv = F.linear(t_tilde, *fused_linear(self.h_x.w_q, self.h_x.w_k, self.h_x.w_v, scales=(scale, 1.0, 1.0)))
+        qkv = qkv.view(n, 3, h, dk)  # (N, 3, h, dk)
+        keys, values = state.append(qkv[:, 1:])  # (N, h, t+1, dk) each
+        ctx = self.h_x.attend_one(qkv[:, 0, :, None], keys, values)  # (N, 1, D)
+        x_tilde = self.g_x(self.h_x.w_o(ctx), t_tilde)  # (N, 1, D)
+        if c.local_distilling:
+            q = F.linear(x_tilde, *fused_linear(self.h_v.w_q, scales=(scale,))).view(n, h, 1, dk)
+            c_g = self.g_v(self.h_v.w_o(self.h_v.attend_one(q, *mem.kv["v"], mem.region_keys)), x_tilde)
+            query, pair = c_g, (("vl", self.h_vl, mem.region_keys), ("al", self.h_al, mem.attr_keys))
+        else:
+            query, pair = x_tilde, (("v", self.h_v, mem.region_keys), ("a", self.h_a, mem.attr_keys))
+        # H_1(query, ...) + H_2(query, ...) as one query GEMM and one output GEMM over both heads' outputs
+        (n1, m1, keys1), (n2, m2, keys2) = pair
+        q = F.linear(query, *fused_linear(m1.w_q, m2.w_q, scales=(scale, scale))).view(n, 2, h, 1, dk)
+        both = torch.cat([m1.attend_one(q[:, 0], *mem.kv[n1], keys1),
+                          m2.attend_one(q[:, 1], *mem.kv[n2], keys2)], -1)  # (N, 1, 2D)
+        c_tilde = self.g_c(F.linear(both, *self._sum_of_outputs(m1, m2)), query)  # (N, 1, D)
+        return self.word(c_tilde[:, 0]), state  # (N, V)
+
+    def _sum_of_outputs(self, m1: MultiHeadAttention, m2: MultiHeadAttention) -> tuple[torch.Tensor, torch.Tensor]:
+        """W, b with [o1, o2] W^T + b = m1.w_o(o1) + m2.w_o(o2)."""
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.cat([m1.w_o.weight, m2.w_o.weight], 1), m1.w_o.bias + m2.w_o.bias
+        return derived(m1, ("sum_out", id(m2)), (m1.w_o, m2.w_o), build)
 
     def region_attention(self, mem: Memory, seqs: torch.Tensor) -> torch.Tensor:
         """Head-averaged attention over the raw regions I while writing given sequences, for pictures.
@@ -295,13 +447,13 @@ class GliedDecoder(nn.Module):
         logits[..., BOS] = float("-inf")
         return F.log_softmax(logits, -1)
 
-    def sequence_logprobs(self, mem: Memory, seqs: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities of given sequences (for SCST). seqs (N, T) generated words (ending in <eos> then
-        <pad>); mem for N rows. Returns (N, T) log p(seqs[:, t] | prefix), 0 after the first <eos>."""
-        inputs = torch.cat([torch.full_like(seqs[:, :1], BOS), seqs[:, :-1]], 1)  # (N, T)
-        logp = self.word_logprobs(self.decode(mem, inputs)).gather(2, seqs.unsqueeze(2)).squeeze(2)  # (N, T)
-        logp = logp.masked_fill(seqs == PAD, 0.0)
-        return logp * token_mask(seqs)
+    @staticmethod
+    def greedy_words(logits: torch.Tensor) -> torch.Tensor:
+        """The most probable word of every row, (N, V) -> (N,): ``word_logprobs(logits).argmax(-1)`` without the
+        softmax (log-softmax is monotonic) and without copying the logits."""
+        if (PAD, BOS) == (0, 1):  # the two words never generated lead the vocabulary: skip them
+            return logits[:, 2:].argmax(-1) + 2
+        return logits.index_fill(1, torch.tensor([PAD, BOS], device=logits.device), float("-inf")).argmax(-1)
 
     @torch.no_grad()
     def generate(self, regions: torch.Tensor, region_mask: torch.Tensor, attr_ids: torch.Tensor,

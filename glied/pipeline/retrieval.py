@@ -638,7 +638,7 @@ def region_extractor_for(bundle: str | None = None, detector: str | None = None,
                          precision: str = "fp32") -> tuple[Any, str]:
     """(region extractor, where it came from): a model bundle's detector, a detector run or weights, or a
     factory — the builder `glied extract` uses."""
-    from glied.pipeline.extract import build_region_extractor
+    from glied.extractors import load_extractors
 
     where = bundle or detector or extractor_module
     if bundle:
@@ -647,7 +647,8 @@ def region_extractor_for(bundle: str | None = None, detector: str | None = None,
     if not detector and not extractor_module:
         raise ConfigError("search --image needs the region extractor: --model BUNDLE, --detector RUN or "
                           "--extractor-module MOD:FACTORY (or query a cached image with --image-id ID --features CACHE)")
-    return build_region_extractor(detector, extractor_module, device, precision), str(where)
+    return load_extractors(detector, extractor_module=extractor_module, device=device,
+                           precision=precision)[0], str(where)
 
 
 def decode_photo(photo: str, max_side: Optional[int]):

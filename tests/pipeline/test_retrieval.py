@@ -103,7 +103,8 @@ def tiny(tmp_path_factory):
     """(root, prep, cache, other cache, vse run) — a tiny world extracted with the grid extractor."""
     import torch
 
-    from glied.pipeline.extract import build_region_extractor, extract
+    from glied.extractors import load_extractors
+    from glied.pipeline.extract import extract
     from glied.pipeline.retrieval import RetrievalTrainConfig, train_retrieval
 
     torch.set_num_threads(1)
@@ -111,7 +112,7 @@ def tiny(tmp_path_factory):
     prep = fx.make_prepared(root, n_images=36)
     _draw(root)
     cache = root / "cache"
-    extract(str(root / "captions.json"), str(cache), region_extractor=build_region_extractor(None, GRID, "cpu", "fp32"),
+    extract(str(root / "captions.json"), str(cache), region_extractor=load_extractors(extractor_module=GRID)[0],
             images_root=str(root), progress=False, workers=0)
     other = fx.write_cache(root / "other", fx.MemoryFeatures(root, dim=32, name="other-extractor"))
     cfg = RetrievalTrainConfig(model="vse", preset="small", epochs=2, batch_size=8, embed_dim=32)
