@@ -418,6 +418,12 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
         f"{len(train_split.ids)} train / {len(val_split.ids)} val images, {cfg.epochs} epochs")
     rng = np.random.default_rng(cfg.seed)
     history: list[dict] = []
+
+    def state(epochs_done: int, best_rsum: Optional[float]) -> dict:
+        return {"config": mcfg.to_dict(), "vocab": list(prep.vocab), "max_words": cfg.max_words,
+                "feature_identity": identity, "model": model.state_dict(), "train_config": cfg.to_dict(),
+                "epoch": epochs_done, "history": history, "best_rsum": best_rsum}
+
     best, t_start = float("-inf"), time.perf_counter()
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
@@ -449,19 +455,12 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
         history.append(row)
         _write_metrics(out / "metrics.csv", history)
         log(f"epoch {epoch + 1}: loss {row['loss']:.4f} val rsum {val['rsum']:.1f} ({row['seconds']:.1f} s)")
-        state = {"config": mcfg.to_dict(), "vocab": list(prep.vocab),
-                 "max_words": cfg.max_words, "feature_identity": identity, "model": model.state_dict(),
-                 "train_config": cfg.to_dict(), "epoch": epoch + 1, "history": history,
-                 "best_rsum": max(best, val["rsum"])}
-        ck.save(out / "last.pt", state, RETRIEVAL)
+        ck.save(out / "last.pt", state(epoch + 1, max(best, val["rsum"])), RETRIEVAL)
         if val["rsum"] > best:
             best = val["rsum"]
-            ck.save(out / "best.pt", state, RETRIEVAL)
-    if cfg.epochs == 0:
-        ck.save(out / "last.pt", {"config": mcfg.to_dict(), "vocab": list(prep.vocab), "max_words": cfg.max_words,
-                                  "feature_identity": identity, "model": model.state_dict(),
-                                  "train_config": cfg.to_dict(), "epoch": 0, "history": [], "best_rsum": None},
-                RETRIEVAL)
+            ck.save(out / "best.pt", state(epoch + 1, best), RETRIEVAL)
+    if cfg.epochs == 0:                      # an untrained model (benchmarks of speed need only its shapes)
+        ck.save(out / "last.pt", state(0, None), RETRIEVAL)
     return {"out": str(out), "best_val_rsum": best, "epochs": cfg.epochs,
             "seconds": round(time.perf_counter() - t_start, 1), "model": model}
 
