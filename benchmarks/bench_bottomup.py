@@ -10,8 +10,14 @@ noisy shared machine affects them alike) for:
 
 - ``port-style``: glied's model run the way the detectron2 port runs it (fp32, FrozenBN as separate ops, NCHW,
   res5 on all 300 RoIs in one batch) -- the same-run anchor for the port (about 13 s/image on a quiet machine here);
-- ``fp32``: glied's default (BN folded, NCHW, res5 in chunks of 16 RoIs);
+- ``fp32-exact``: FrozenBN as separate ops, NCHW, res5 in chunks of 16 RoIs (bit-identical to the port);
+- ``fp32-gemm``: res5 as GEMMs over all RoIs of a chunk (``GemmRes5``: FrozenBN folded, 1x1 convolutions as
+  one sgemm each, residual added by the GEMM), backbone and RPN as fp32-exact;
 - ``bf16``: res5 in bf16 (backbone and RPN fp32), channels-last, res5 in chunks of 16;
+
+Besides wall-clock seconds it prints this process's CPU seconds per image (all threads): on a shared,
+overloaded machine the CPU time of a compute-bound run is the steadier figure (run with --threads 1 to keep
+thread spin-waiting out of it).
 
 then the small shapes configuration (128 px, fp32 and bf16), and bf16-vs-fp32 agreement on three photos:
 median / min feature cosine on the same boxes (fp32's butd boxes, given-box extraction) and the share of fp32's
@@ -19,6 +25,7 @@ butd boxes matched by bf16's at IoU >= 0.9.
 """
 import argparse
 import copy
+import os
 import statistics
 import sys
 import tempfile
@@ -33,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from glied.extractors.bottomup.config import BottomUpConfig  # noqa: E402
 from glied.extractors.bottomup.extractor import RegionExtractor  # noqa: E402
 from glied.extractors.bottomup.model import BottomUpDetector  # noqa: E402
-from glied.extractors.bottomup.parity.harness import match_boxes, write_random_checkpoint  # noqa: E402
+from scripts.bottomup_parity.harness import match_boxes, write_random_checkpoint  # noqa: E402
 from glied.extractors.bottomup.weights import load_detectron2_state, read_detectron2_pickle  # noqa: E402
 
 
@@ -47,9 +54,10 @@ def photos():
 
 
 def timed(fn, *a):
-    t = time.perf_counter()
+    """(wall seconds, process CPU seconds) of fn(*a)."""
+    t, c = time.perf_counter(), time.process_time()
     fn(*a)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def summary(ts):
@@ -63,6 +71,9 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-r101", action="store_true")
+    ap.add_argument("--modes", default="port-style,fp32-exact,fp32-gemm,bf16")
+    ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--skip-small", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, runs={args.runs}")
@@ -82,25 +93,36 @@ def main():
         load_detectron2_state(base, state)
         del state
         port = RegionExtractor(copy.deepcopy(base).replace_cfg(res5_chunk=300), channels_last=False,
-                               fuse_frozen_bn=False)
-        fp32 = RegionExtractor(copy.deepcopy(base))
+                               fuse_frozen_bn=False, res5_gemm=False)
+        exact = RegionExtractor(copy.deepcopy(base), res5_gemm=False)
+        fp32 = RegionExtractor(copy.deepcopy(base), res5_gemm=True)
         bf16 = RegionExtractor(copy.deepcopy(base), precision="bf16")
-        modes = {"port-style": port, "fp32": fp32, "bf16": bf16}
+        modes = {"port-style": port, "fp32-exact": exact, "fp32-gemm": fp32, "bf16": bf16}
+        modes = {m: e for m, e in modes.items() if m in args.modes.split(",")}
         for e in modes.values():                          # warm-up on a small input (allocations, oneDNN caches)
             e.extract([cv2.resize(a, (150, 90))])
         times = {m: [] for m in modes}
+        cpu = {m: [] for m in modes}
         for r in range(args.runs):
             for m, e in modes.items():
-                times[m].append(timed(e.extract, [img600]))
-            print(f"  run {r + 1}: " + ", ".join(f"{m} {times[m][-1]:.2f} s" for m in modes), flush=True)
+                w, c = timed(e.extract, [img600])
+                times[m].append(w)
+                cpu[m].append(c)
+            print(f"  run {r + 1}: " + ", ".join(f"{m} {times[m][-1]:.2f} s ({cpu[m][-1]:.2f} CPU s)" for m in modes)
+                  + f"; load {os.getloadavg()[0]:.1f}", flush=True)
         print("\nR101-C4, 600x1000 input, 300 proposals, butd selection (seconds per image):")
         for m in modes:
-            print(f"  {m:10s} {summary(times[m])}")
-        pm = statistics.median(times["port-style"])
-        for m in ("fp32", "bf16"):
-            print(f"  speed-up {m} vs port-style: median {pm / statistics.median(times[m]):.2f}x, "
-                  f"min {min(times['port-style']) / min(times[m]):.2f}x")
+            print(f"  {m:10s} wall {summary(times[m])}")
+            print(f"  {'':10s} CPU  {summary(cpu[m])}")
+        if "port-style" in modes:
+            for what, tab in (("wall", times), ("CPU", cpu)):
+                pm = statistics.median(tab["port-style"])
+                for m in modes:
+                    if m != "port-style":
+                        print(f"  speed-up {m} vs port-style ({what} time): median "
+                              f"{pm / statistics.median(tab[m]):.2f}x, min {min(tab['port-style']) / min(tab[m]):.2f}x")
 
+    if not args.skip_r101 and not args.skip_agreement:
         print("\nbf16 vs fp32 agreement (random-weight checkpoint):")
         cos_all, matched, total = [], 0, 0
         for name, im in imgs.items():
@@ -119,6 +141,8 @@ def main():
         print(f"  all: median cosine {np.median(c):.5f}, min {c.min():.5f}, butd boxes matched {matched}/{total} "
               f"({100.0 * matched / max(total, 1):.1f}%)")
 
+    if args.skip_small:
+        return
     print("\nsmall shapes configuration (128x128, random init), seconds per image:")
     small = BottomUpDetector(BottomUpConfig.small()).eval()
     rng = np.random.default_rng(0)
@@ -126,7 +150,7 @@ def main():
     for prec in ("fp32", "bf16"):
         e = RegionExtractor(copy.deepcopy(small), precision=prec)
         e.extract(batch[:2])
-        ts = [timed(e.extract, batch) / len(batch) for _ in range(args.runs)]
+        ts = [timed(e.extract, batch)[0] / len(batch) for _ in range(args.runs)]
         print(f"  {prec:5s} {summary(ts)}")
 
 

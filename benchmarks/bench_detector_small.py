@@ -33,7 +33,7 @@ def main() -> None:
     from glied.extractors.bottomup.data import DetectionDataset, make_batch, read_image
     from glied.extractors.bottomup.evaluation import detect
     from glied.extractors.bottomup.model import BottomUpDetector
-    from glied.extractors.bottomup.training import TrainConfig, detector_losses
+    from glied.extractors.bottomup.training import DetectorTrainConfig, detector_losses
     from glied.pipeline.detector import SHAPES_SMALL
 
     if args.threads:
@@ -49,7 +49,7 @@ def main() -> None:
         cfg = BottomUpConfig.small(data.num_classes, data.num_attributes, **over)
         torch.manual_seed(0)
         model = BottomUpDetector(cfg)
-        tcfg = TrainConfig(roi_batch_per_image=args.rois)
+        tcfg = DetectorTrainConfig(roi_batch_per_image=args.rois)
         imgs = [read_image(r) for r in data.records]
 
         def train_step():

@@ -3,7 +3,7 @@
 Uses :class:`shapes_box_features.ShapesBoxFeatures` (ground-truth boxes through a fixed random projection, not the
 real extractor), so its numbers tune the training recipe; they are not pipeline results.
 
-    glied make-shapes W --images 3000 --seed 0 && glied prepare W/captions.json --out P --max-length 24
+    glied make-shapes W --count 3000 --seed 0 && glied prepare W/captions.json --out P --max-length 24
     python benchmarks/shapes_recipe.py --world W --prep P --out RUNS [--models base glied]
 
 Recipe used (d_model 256 to fit minutes on 2 loaded cores; the paper size is 512): XE 8 epochs, lr 1e-3,
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from shapes_box_features import ShapesBoxFeatures  # noqa: E402
 
 from glied.pipeline.evaluate import evaluate  # noqa: E402
-from glied.pipeline.train import TrainConfig, train  # noqa: E402
+from glied.pipeline.train import DecoderTrainConfig, train  # noqa: E402
 
 RECIPE = dict(epochs=8, scst_epochs=2, batch_size=50, d_model=256, d_embed=128, lr=1e-3, warmup_steps=100,
               scst_lr=5e-5, captions_per_image=1, scst_samples=2)
@@ -42,7 +42,7 @@ def main() -> None:
     rows = []
     for m in args.models:
         run = Path(args.out) / m
-        train(args.prep, src, run, TrainConfig(model=m, **RECIPE), resume=(run / "last.pt").is_file())
+        train(args.prep, src, run, DecoderTrainConfig(model=m, **RECIPE), resume=(run / "last.pt").is_file())
         for ck, label in (("xe.pt", "XE"), ("best.pt", "XE+SCST")):
             r = evaluate(run / ck, src, args.prep, "test", beam_size=3, out=run / f"eval_{label}")
             rows.append((m, label, r["metrics"]))

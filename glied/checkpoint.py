@@ -11,20 +11,24 @@ part                format name      run-folder file(s)         written by
 region detector     glied-bottomup   checkpoint.pt              ``glied train-detector``
 attribute words     glied-mil        model.pt (last.pt: resume) ``glied train-attributes``
 caption decoder     glied-decoder    best.pt, last.pt           ``glied train``
+retrieval model     glied-retrieval  best.pt, last.pt           ``glied train-retrieval``
+retrieval index     glied-retrieval- index.pt                   ``glied index``
+                    index
 ==================  ===============  =========================  ===============================
 
 The keys inside each format are documented by the module that owns it:
 :mod:`glied.extractors.bottomup.weights`, :mod:`glied.extractors.mil.checkpoint`,
-:mod:`glied.models.checkpoint`.
+:mod:`glied.models.checkpoint`, :mod:`glied.pipeline.retrieval`.
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from glied.errors import WeightsError
-from glied.fileio import write_atomic
+from glied.fileio import write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,20 @@ def save(path: str | os.PathLike, obj: dict, fmt: Format) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {**obj, "format": fmt.name, "version": fmt.version}
-    write_atomic(path, lambda tmp: torch.save(data, tmp))
+    buf = io.BytesIO()          # serialise in memory: a full disk is then an OSError naming the file, which
+    torch.save(data, buf)       # torch's own file writer reports as an opaque RuntimeError
+    write_bytes_atomic(path, buf.getbuffer())
+
+
+def load_failure(e: Exception) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused a file. Torch's own message advises
+    loading with ``weights_only=False``, which would run the file's code: it is never repeated."""
+    msg = str(e)
+    if "weights only load failed" in msg.lower() or "weights_only" in msg:
+        return ("it holds Python objects besides tensors and plain settings, and loading those could run "
+                "code, so it is refused")
+    first = msg.splitlines()[0][:160] if msg else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def load(path: str | os.PathLike, fmt: Format, required: tuple[str, ...] = ()) -> dict:
@@ -83,8 +100,7 @@ def load(path: str | os.PathLike, fmt: Format, required: tuple[str, ...] = ()) -
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle errors, truncated files, unsafe content: a bad file
-        first = str(e).splitlines()[0][:160] if str(e) else ""
-        raise WeightsError(f"{p}: cannot load as a glied {fmt.what} checkpoint ({type(e).__name__}: {first}); "
+        raise WeightsError(f"{p}: cannot load as a glied {fmt.what} checkpoint ({load_failure(e)}); "
                            f"{fmt.hint} or pass another file") from None
     if not isinstance(obj, dict) or obj.get("format") != fmt.name:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
@@ -98,3 +114,36 @@ def load(path: str | os.PathLike, fmt: Format, required: tuple[str, ...] = ()) -
             raise WeightsError(f"{p}: {fmt.what} checkpoint lacks {key!r}; {fmt.hint}")
     obj["path"] = str(p)
     return obj
+
+
+# ---- resuming a run ------------------------------------------------------------------------------------------
+EXTENDABLE = ("epochs", "scst_epochs")   # the only settings a resume may change: raised, to train longer
+
+
+def resume_settings(stored: dict, given: dict, *, where: str, flags: dict | None = None,
+                    extendable: tuple[str, ...] = EXTENDABLE) -> dict:
+    """The settings of a resumed run: the ``stored`` ones, with ``given`` (what the user typed; None = not
+    given) checked against them. The one resume rule of every training loop (detector, MIL, decoder):
+
+    * a given value equal to the stored one is fine; an epoch count (``extendable``) may be raised to train
+      longer;
+    * any other difference is refused with one line naming the flag:
+      ``{where}: --lr 0.01 conflicts with the run's stored 0.0005; drop the flag or start a new run``.
+
+    Randomness is restored with the settings: every loop draws its shuffling, augmentation and sampling
+    from generators seeded by (stored seed, epoch), so a resumed run repeats the uninterrupted one.
+    ``flags`` maps setting names to their flag where it is not ``--`` + name with ``_`` -> ``-``.
+    """
+    from glied.errors import ConfigError
+
+    out = dict(stored)
+    for key, value in given.items():
+        if value is None or key not in stored or value == stored[key]:
+            continue
+        if key in extendable and isinstance(value, int) and value > stored[key]:
+            out[key] = value
+            continue
+        flag = (flags or {}).get(key, "--" + key.replace("_", "-"))
+        raise ConfigError(f"{where}: {flag} {value} conflicts with the run's stored {stored[key]}; "
+                          f"drop the flag or start a new run")
+    return out

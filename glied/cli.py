@@ -6,6 +6,8 @@ printed as one line by :func:`main` with a non-zero exit, never a traceback.
 """
 from __future__ import annotations
 
+import errno
+import math
 import os
 import sys
 
@@ -13,12 +15,40 @@ import click
 
 from glied import __version__
 from glied.errors import GliedError
+from glied.extractors.mil.config import ARCHS as _MIL_PRESETS
+from glied.models.presets import MODEL_PRESETS
+from glied.pipeline.detector import PRESETS as _DETECTOR_PRESETS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="glied")
 def cli() -> None:
     """glied: raw photos -> bottom-up regions + MIL attribute words -> GLIED captions."""
+
+
+class _PositiveFloat(click.ParamType):
+    """A finite number > 0 (click's FloatRange lets nan through)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not (math.isfinite(v) and v > 0):
+            self.fail(f"{value} is not a positive finite number", param, ctx)
+        return v
+
+
+POSITIVE = _PositiveFloat()
+
+
+def _device(ctx, param, value: str) -> str:
+    """--device callback: 'cuda' on a machine without CUDA is one line naming the fix, not a traceback."""
+    from glied.pipeline.extract import resolve_device
+
+    return resolve_device(value)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,31 +64,65 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:          # a bad flag value: one line too, naming the help to read
+        cmd = e.ctx.command_path if e.ctx is not None else "glied"
+        click.echo(f"error: {e.format_message()} (see `{cmd} --help`)", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except OSError as e:                   # disk full, read-only folder, permissions: the environment's fault
+        where = f"{e.filename}: " if e.filename else ""
+        hint = ("; free some space and run the same command again (finished work is kept)"
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "")
+        click.echo(f"error: {where}{e.strerror or e}{hint}", err=True)
+        sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
 
 
+def _given(renames: dict | None = None) -> set[str]:
+    """Names of the current command's options typed on the command line (not defaults); ``renames`` maps a
+    setting name to its parameter name where they differ."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    typed = {n for n in ctx.params if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
+    back = {v: k for k, v in (renames or {}).items()}
+    return {back.get(n, n) for n in typed}
+
+
+def _one_of(name: str, value, old_name: str, old_value, default=None):
+    """An option and its hidden old name: the one given (both: a usage error), else ``default`` (None: the
+    option is required)."""
+    if value is not None and old_value is not None:
+        raise click.UsageError(f"{old_name} is the old name of {name}; give only {name}")
+    if value is None and old_value is None and default is None:
+        raise click.UsageError(f"Missing option '{name}'.")
+    return next(v for v in (value, old_value, default) if v is not None)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Data: the synthetic shapes world and dataset preparation (issue 2)
+# Data: the synthetic shapes world and dataset preparation
 # ---------------------------------------------------------------------------------------------------------
 
 
 @cli.command("make-shapes")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--images", "n_images", type=int, default=1000, show_default=True, help="Number of images.")
+@click.option("--count", "n_images", type=int, default=None, help="Number of images (default 1000).")
+@click.option("--images", "n_images_old", type=int, default=None, hidden=True)  # the old name of --count
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same bytes).")
 @click.option("--size", type=int, default=128, show_default=True, help="Image side in pixels.")
 @click.option("--workers", type=int, default=None, help="Rendering processes (default: CPU count).")
-def make_shapes_cmd(out: str, n_images: int, seed: int, size: int, workers: int | None) -> None:
+def make_shapes_cmd(out: str, n_images: int | None, n_images_old: int | None, seed: int, size: int,
+                    workers: int | None) -> None:
     """Render the synthetic shapes world into OUT: images/, instances.json (COCO), captions.json (Karpathy)."""
     import time
 
     from glied.pipeline.data import make_shapes_world
 
     t0 = time.perf_counter()
+    n_images = _one_of("--count", n_images, "--images", n_images_old, 1000)
     s = make_shapes_world(out, n_images, seed=seed, size=size, workers=workers)
     sp = s["splits"]
     click.echo(f"wrote {s['images']} images ({s['objects']} objects; train {sp['train']}, val {sp['val']}, "
@@ -82,11 +146,13 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
     c = m["counts"]
     click.echo(f"{m['dataset']}: {c['images']['train']} train / {c['images']['val']} val / "
                f"{c['images']['test']} test images, {c['sentences']} captions, vocabulary {c['vocab']} "
-               f"({c['truncated_sentences']} captions truncated to {max_length}) -> {out}")
+               f"({c['truncated_sentences']} captions truncated to {max_length}"
+               + (f"; {c['empty_sentences_skipped']} empty captions skipped" if c.get("empty_sentences_skipped")
+                  else "") + f") -> {out}")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Bottom-up region detector: train-detector, evaluate-detector (issues 3, 9)
+# Bottom-up region detector: train-detector, evaluate-detector
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -96,17 +162,19 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
 @click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False),
               help="Directory the file_name entries are relative to.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoint, logs).")
-@click.option("--config", "preset", default="small", show_default=True, help="Model preset.")
+@click.option("--config", "preset", type=click.Choice(_DETECTOR_PRESETS), default="small", show_default=True,
+              help="Model preset.")
 @click.option("--epochs", type=int, default=None, help="Epochs (default: the training config's).")
 @click.option("--batch-size", type=int, default=None, help="Images per step.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).")
+@click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate (AdamW).")
 @click.option("--input-size", type=int, default=None, help="Input side in pixels for the small preset.")
 @click.option("--split", default="train", show_default=True, help="Training split (train|val|test|all).")
 @click.option("--split-file", type=click.Path(dir_okay=False), default=None,
               help="Karpathy captions.json giving each image's split (when instances.json has none).")
 @click.option("--max-images", type=int, default=None, help="Train on the first N images only.")
-@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out with its stored settings (a conflicting flag is refused).")
+@click.option("--seed", type=int, default=None, help="Random seed (default 0).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 def train_detector_cmd(annotations, images_dir, out, preset, epochs, batch_size, lr, input_size, split, split_file,
                        max_images, resume, seed, threads) -> None:
@@ -144,7 +212,7 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
 
 
 # ---------------------------------------------------------------------------------------------------------
-# MIL attribute words: train-attributes, evaluate-attributes (issue 4)
+# MIL attribute words: train-attributes, evaluate-attributes
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -153,11 +221,11 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--images", type=click.Path(), default=None,
               help="Image folder (default: the prepared data's images_root).")
-@click.option("--config", "config", type=click.Choice(["small", "resnet18", "resnet50", "resnet101"]),
-              default="small", show_default=True, help="Model preset (small: the shapes world).")
+@click.option("--config", "config", type=click.Choice(_MIL_PRESETS), default=None,
+              help="Model preset (default: small, the shapes world; bottomup with --init-from).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default per preset: small 8).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step (small: 8).")
-@click.option("--lr", type=float, default=None, help="Adam learning rate (small: 1e-3, ResNets: 1e-4).")
+@click.option("--lr", type=POSITIVE, default=None, help="Adam learning rate (small: 1e-3, ResNets: 1e-4).")
 @click.option("--vocab-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="K: the most frequent training-caption words kept.")
 @click.option("--input-size", type=click.IntRange(min=32), default=None,
@@ -168,13 +236,23 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
               show_default=True, help="Images whose captions have no vocabulary word: all-negative, or dropped.")
 @click.option("--backbone-weights", type=click.Path(), default=None,
               help="Local torchvision ResNet state dict to initialise the trunk (nothing is downloaded).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--init-from", "init_from", type=click.Path(), default=None, metavar="DETECTOR",
+              help="Use a detector's trunk (res1-res4) as the MIL trunk: the published bottom-up .pkl or a "
+                   "train-detector run folder.")
+@click.option("--freeze-stages", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="With --init-from: trunk stages kept fixed (1 stem, 2 +res2, 3 +res3, 4 the whole trunk).")
+@click.option("--trunk-lr-mult", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="With --init-from: the trunk's learning rate relative to the head's.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last.pt with its stored settings (a conflicting flag is "
+                   "refused; --epochs may be raised).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's; 1 is fastest for the small model on a busy machine).")
 def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, vocab_size, input_size, stopwords,
-                         empty_policy, backbone_weights, resume, seed, device, threads) -> None:
+                         empty_policy, backbone_weights, init_from, freeze_stages, trunk_lr_mult, resume, seed,
+                         device, threads) -> None:
     """Train the MIL attribute-word detector (Fang et al. 2015) from the captions of prepared data."""
     from glied.pipeline.attributes import train_attributes
 
@@ -182,10 +260,13 @@ def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, voca
         import torch
         torch.set_num_threads(threads)
 
-    s = train_attributes(data, out, images=images, config=config, epochs=epochs, batch_size=batch_size, lr=lr,
-                         vocab_size=vocab_size, input_size=input_size, stopwords=stopwords,
-                         empty_policy=empty_policy, resume=resume, seed=seed, backbone_weights=backbone_weights,
-                         device=device, log=click.echo)
+    typed = _given()   # untyped settings: the preset's defaults, or the run's own on --resume
+    settings = dict(config=config, epochs=epochs, batch_size=batch_size, lr=lr, vocab_size=vocab_size,
+                    input_size=input_size, stopwords=stopwords, empty_policy=empty_policy, seed=seed,
+                    freeze_stages=freeze_stages, trunk_lr_mult=trunk_lr_mult)
+    s = train_attributes(data, out, images=images, resume=resume, backbone_weights=backbone_weights,
+                         init_from=init_from, device=device, log=click.echo,
+                         **{k: (v if k in typed else None) for k, v in settings.items()})
     val = f", val mAP {s['val_mAP']:.4f}" if s.get("val_mAP") is not None else ""
     click.echo(f"trained {s['epochs']} epochs in {s['seconds_this_run']:.1f} s (loss {s['final_loss']:.4f}{val}) "
                f"-> {out}/model.pt")
@@ -202,7 +283,7 @@ def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, voca
               help="Also report the mAP over these words (one per line, or a json list).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Metrics json (default RUN/metrics_<split>.json).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
 def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device, threads) -> None:
     """Per-word AP, mAP and precision/recall at top-k of a MIL run on a held-out split."""
@@ -224,7 +305,7 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Feature cache: extract, import-features, export-features, merge-caches (issue 5)
+# Feature cache: extract, import-features, export-features, merge-caches
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -240,10 +321,12 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
 @click.option("--top-k", type=int, default=None, help="Attribute words kept per image (default: the run's).")
 @click.option("--images-root", type=click.Path(file_okay=False), default=None,
               help="Folder that the paths in a json or list INPUT are relative to.")
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True, help="Image-decoding threads (0: none).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Image-decoding threads (0: none).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16 where the CPU/GPU has it natively, fp16 on older tensor-core GPUs, else fp32.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the features in the cache.")
 @click.option("--shard", default=None, metavar="I/N", help="Only the images of shard I of N (0-based).")
@@ -255,7 +338,7 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
 @click.option("--commit-seconds", type=float, default=2.0, show_default=True,
               help="Make finished entries durable (fsync) at least this often.")
 @click.option("--keep-word-maps", is_flag=True, help="Also store the attribute words' per-cell maps (large).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no precision line.")
 def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, images_root, batch_size,
                 workers, device, precision, dtype, shard, boxes, max_side, commit_seconds, keep_word_maps,
                 quiet) -> None:
@@ -266,14 +349,16 @@ def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, 
     """
     from glied.datasets.images import DEFAULT_MAX_SIDE, check_max_side
     from glied.datasets.inputs import parse_shard
-    from glied.pipeline.extract import (build_attribute_extractor, build_region_extractor, extract,
-                                        resolve_device)
+    from glied.extractors import load_extractors
+    from glied.pipeline.extract import choose_precision, extract, resolve_device, say_precision
 
     sh = parse_shard(shard)
     max_side = check_max_side(DEFAULT_MAX_SIDE if max_side is None else max_side)
     dev = resolve_device(device)
-    region = build_region_extractor(detector, extractor_module, dev, precision)
-    attr = build_attribute_extractor(attributes, dev, top_k)
+    prec = choose_precision(precision, dev)
+    region, attr = load_extractors(detector, attributes, extractor_module=extractor_module, device=dev,
+                                   precision=prec.precision, top_k=top_k)
+    say_precision(prec, quiet=quiet)
     s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
                 images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
                 boxes=boxes, max_side=max_side, progress=not quiet, commit_seconds=commit_seconds,
@@ -346,10 +431,10 @@ def export_features_cmd(cache, out) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# GLIED decoder: train, evaluate (issue 6)
+# GLIED decoder: train, evaluate
 # ---------------------------------------------------------------------------------------------------------
 
-_MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
+_MODELS = list(MODEL_PRESETS)
 
 
 @cli.command("train")
@@ -358,13 +443,16 @@ _MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--stage", type=click.Choice(["xe", "scst", "both"]), default="both", show_default=True,
               help="Cross-entropy, self-critical (needs --init or --resume), or XE then SCST.")
-@click.option("--model", type=click.Choice(_MODELS), default="glied", show_default=True,
-              help="GLIED, the base model, or base plus one distilling part.")
-@click.option("--epochs", type=int, default=15, show_default=True, help="Cross-entropy epochs.")
-@click.option("--scst-epochs", type=int, default=10, show_default=True, help="Self-critical epochs.")
-@click.option("--batch-size", type=int, default=50, show_default=True, help="Images per step and process.")
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Cross-entropy learning rate.")
-@click.option("--scst-lr", type=float, default=5e-5, show_default=True, help="Self-critical learning rate.")
+@click.option("--config", "model", type=click.Choice(_MODELS), default="glied", show_default=True,
+              help="Model preset: GLIED, the base model, or base plus one distilling part.")
+@click.option("--model", "model_old", type=click.Choice(_MODELS), default=None, hidden=True)  # old name of --config
+@click.option("--epochs", type=click.IntRange(min=0), default=15, show_default=True, help="Cross-entropy epochs.")
+@click.option("--scst-epochs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Self-critical epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Images per step and process.")
+@click.option("--lr", type=POSITIVE, default=5e-4, show_default=True, help="Cross-entropy learning rate.")
+@click.option("--scst-lr", type=POSITIVE, default=5e-5, show_default=True, help="Self-critical learning rate.")
 @click.option("--warmup-steps", type=int, default=200, show_default=True)
 @click.option("--scst-baseline", type=click.Choice(["greedy", "mean"]), default="greedy", show_default=True)
 @click.option("--scst-samples", type=int, default=5, show_default=True, help="Samples per image in SCST.")
@@ -373,41 +461,52 @@ _MODELS = ["glied", "base", "base+gvd", "base+gad", "base+gld"]
 @click.option("--d-model", type=int, default=512, show_default=True, help="Model width (paper: 512).")
 @click.option("--d-embed", type=int, default=256, show_default=True, help="Shared embedding size (paper: 256).")
 @click.option("--heads", type=int, default=8, show_default=True, help="Attention heads (paper: 8).")
+@click.option("--box-geometry", is_flag=True, help="Give the decoder each region's box position and size.")
 @click.option("--init", type=click.Path(), default=None, help="Start from this checkpoint's weights.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-def train_cmd(data: str, features: str, out: str, stage: str, model: str, epochs: int, scst_epochs: int,
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.", callback=_device)
+def train_cmd(data: str, features: str, out: str, stage: str, model: str, model_old: str | None, epochs: int,
+              scst_epochs: int,
               batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
               scst_samples: int, captions_per_image: int | None, d_model: int, d_embed: int, heads: int,
-              init: str | None, resume: bool, seed: int, device: str) -> None:
+              box_geometry: bool, init: str | None, resume: bool, seed: int, device: str) -> None:
     """Train the GLIED decoder on cached features: cross-entropy, then SCST with a CIDEr-D reward.
 
     Runs under `torchrun --nproc_per_node N glied train ...` with DistributedDataParallel.
     """
-    from glied.pipeline.train import TrainConfig, train
+    from glied.pipeline.train import train
 
-    cfg = TrainConfig(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
-                      lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
-                      scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model, d_embed=d_embed, n_heads=heads, seed=seed)
-    s = train(data, features, out, cfg, resume=resume, init=init, device=device, log=click.echo)
+    model = _one_of("--config", None if model_old is not None else model, "--model", model_old, model)
+    settings = dict(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
+                    lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
+                    scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model,
+                    d_embed=d_embed, n_heads=heads, seed=seed, box_geometry=box_geometry)
+    # only the settings typed on the command line: the others are the defaults, or the run's own on --resume
+    given = _given({"n_heads": "heads"}) | ({"model"} if model_old is not None else set())
+    s = train(data, features, out, {k: v for k, v in settings.items() if k in given}, resume=resume, init=init,
+              device=device, log=click.echo)
     if s.get("rank", 0) == 0:
         click.echo(f"best val CIDEr-D {s['best_val_cider']:.4f}; checkpoints in {out}")
 
 
 @cli.command("evaluate")
-@click.option("--checkpoint", required=True, type=click.Path(), help="Run directory (best.pt) or .pt file.")
+@click.option("--run", "checkpoint", type=click.Path(), default=None,
+              help="Run folder of `glied train` (its best.pt) or a .pt file.  [required]")
+@click.option("--checkpoint", "checkpoint_old", type=click.Path(), default=None, hidden=True)  # old name of --run
 @click.option("--features", required=True, type=click.Path(), help="Feature cache the model was trained on.")
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data.")
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
-@click.option("--beam", type=int, default=3, show_default=True, help="Beam size (1 = greedy).")
-@click.option("--batch-size", type=int, default=50, show_default=True)
+@click.option("--beam", type=click.IntRange(min=1), default=3, show_default=True, help="Beam size (1 = greedy).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write (default: run dir).")
-@click.option("--device", default="cpu", show_default=True)
-def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: int, batch_size: int,
-                 out: str | None, device: str) -> None:
+@click.option("--device", default="cpu", show_default=True, callback=_device)
+def evaluate_cmd(checkpoint: str | None, checkpoint_old: str | None, features: str, data: str, split: str,
+                 beam: int, batch_size: int, out: str | None, device: str) -> None:
     """Caption a split, write COCO-format predictions and BLEU/METEOR/ROUGE-L/CIDEr (pycocoevalcap)."""
     from glied.pipeline.evaluate import evaluate
+
+    checkpoint = _one_of("--run", checkpoint, "--checkpoint", checkpoint_old)
 
     r = evaluate(checkpoint, features, data, split, beam_size=beam, batch_size=batch_size, out=out, device=device,
                  log=click.echo)
@@ -415,7 +514,7 @@ def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: in
 
 
 # ---------------------------------------------------------------------------------------------------------
-# End to end: caption, bundle, demo (issue 7)
+# End to end: caption, bundle, demo
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -425,11 +524,12 @@ def evaluate_cmd(checkpoint: str, features: str, data: str, split: str, beam: in
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per photo (for tools).")
 @click.option("--show", type=click.Path(dir_okay=False), default=None,
               help="Write a picture of what the model saw (with several photos: OUT_<photo>.png each).")
-@click.option("--beam", type=int, default=None, help="Beam size (default: the bundle's, 3).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--beam", type=click.IntRange(min=1), default=None, help="Beam size (default: the bundle's, 3).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="Detector precision (default: the one the decoder's training features used).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Detector precision; auto: bf16 where the CPU/GPU has it natively, else fp32 (the decoder "
+                   "works on either: they differ by rounding).")
 def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str | None, beam: int | None,
                 batch_size: int, device: str, precision: str | None) -> None:
     """Caption PHOTOS (files or folders) with a model bundle, in one process."""
@@ -437,12 +537,17 @@ def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str |
     import os
 
     from glied.pipeline.caption import Captioner, expand_inputs, save_picture
-    from glied.pipeline.extract import resolve_device
+    from glied.pipeline.extract import choose_precision, resolve_device, say_precision
 
+    if show and not os.path.isdir(os.path.dirname(os.path.abspath(show))):
+        raise GliedError(f"--show {show}: the folder {os.path.dirname(os.path.abspath(show))} does not exist")
     files = expand_inputs(photos)
     if not files:
         raise GliedError(f"no image files in {' '.join(photos)}")
-    captioner = Captioner.from_bundle(bundle, device=resolve_device(device), precision=precision, beam_size=beam)
+    dev = resolve_device(device)
+    prec = choose_precision(precision, dev)
+    captioner = Captioner.from_bundle(bundle, device=dev, precision=prec.precision, beam_size=beam)
+    say_precision(prec)
     failed = 0
 
     def emit(r) -> None:
@@ -451,7 +556,7 @@ def caption_cmd(photos: tuple[str, ...], bundle: str, as_json: bool, show: str |
             failed += 1
             click.echo(f"error: {r.path}: {r.error}", err=True)
         if as_json:
-            click.echo(json.dumps(r.to_json(captioner.attributes.vocab, captioner.regions.classes)))
+            click.echo(json.dumps(r.to_json(captioner.word_extractor.vocab, captioner.region_extractor.classes)))
         elif not r.error:
             click.echo(f"{r.path}\t{r.caption}" if len(files) > 1 else r.caption)
         if show and not r.error:
@@ -481,13 +586,173 @@ def bundle_cmd(detector: str, attributes: str, decoder: str, out: str, beam: int
 @cli.command("demo")
 @click.option("--out", default="glied-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every stage's outputs; a second run reuses what exists.")
-@click.option("--images", type=int, default=3000, show_default=True, help="Size of the shapes world.")
+@click.option("--count", "images", type=int, default=None, help="Size of the shapes world (default 3000).")
+@click.option("--images", "images_old", type=int, default=None, hidden=True)  # the old name of --count
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo_cmd(out: str, images: int, seed: int) -> None:
+@click.option("--decoder-seeds", type=click.IntRange(1, 10), default=1, show_default=True,
+              help="Train each decoder with this many seeds; the table gives mean +- std.")
+def demo_cmd(out: str, images: int | None, images_old: int | None, seed: int, decoder_seeds: int) -> None:
     """The main job: the whole pipeline on the embedded synthetic shapes world."""
     from glied.pipeline.demo import DemoConfig, run_demo
 
-    run_demo(out, DemoConfig(images=images, seed=seed))
+    images = _one_of("--count", images, "--images", images_old, 3000)
+    run_demo(out, DemoConfig(images=images, seed=seed, decoder_seeds=tuple(range(seed, seed + decoder_seeds))))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image-sentence retrieval: train-retrieval, evaluate-retrieval, index, search
+# ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("train-retrieval")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data (glied prepare).")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache (glied extract).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--model", type=click.Choice(["vse", "teran"]), default="vse", show_default=True,
+              help="vse: one vector per image and sentence (fast search); teran: region-word alignment.")
+@click.option("--text-encoder", default="gru", show_default=True,
+              help="gru (trained from scratch, offline) or a local BERT-family model folder (glied[bert]).")
+@click.option("--preset", type=click.Choice(["paper", "small"]), default="paper", show_default=True,
+              help="Model sizes: the paper's, or small ones for the shapes world.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: vse 25, teran 30).")
+@click.option("--batch-size", type=int, default=None, help="Image-sentence pairs per step (vse 128, teran 40).")
+@click.option("--lr", type=float, default=None, help="Learning rate (vse 5e-4, teran 2e-4).")
+@click.option("--lr-decay-epoch", type=int, default=None, help="lr x0.1 from this epoch (vse 15, teran 20).")
+@click.option("--warmup-epochs", type=int, default=None,
+              help="Epochs over all negatives before the hardest negative (vse 1, teran 0).")
+@click.option("--embed-dim", type=int, default=None, help="Joint-space size (default: the preset's).")
+@click.option("--boxes", is_flag=True, help="vse: also feed each region's normalised box (as teran does).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def train_retrieval_cmd(data, features, out, model, text_encoder, preset, epochs, batch_size, lr, lr_decay_epoch,
+                        warmup_epochs, embed_dim, boxes, seed, device) -> None:
+    """Train an image-sentence retrieval model on cached region features."""
+    from glied.pipeline.retrieval import RetrievalTrainConfig, train_retrieval
+
+    cfg = RetrievalTrainConfig(model=model, preset=preset, text_encoder=text_encoder, epochs=epochs,
+                               batch_size=batch_size, lr=lr, lr_decay_epoch=lr_decay_epoch,
+                               warmup_epochs=warmup_epochs, embed_dim=embed_dim, boxes=boxes, seed=seed)
+    s = train_retrieval(data, features, out, cfg, device=device, log=click.echo)
+    click.echo(f"best val rsum {s['best_val_rsum']:.1f} after {s['epochs']} epochs ({s['seconds']} s); run in {out}")
+
+
+@cli.command("evaluate-retrieval")
+@click.option("--run", required=True, type=click.Path(), help="train-retrieval run folder or .pt file.")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache the model was trained on.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--protocol", type=click.Choice(["1k", "5k", "all"]), default="all", show_default=True,
+              help="1k: mean over folds of 1,000 images (COCO 1K); 5k: first 5,000 images; all: the whole split.")
+@click.option("--ndcg", is_flag=True, help="Also NDCG@25 with ROUGE-L relevance (slow on large splits).")
+@click.option("--rerank", type=click.Path(), default=None,
+              help="A teran run whose alignment re-ranks each query's top --rerank-k.")
+@click.option("--rerank-k", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Metrics JSON (default RUN/retrieval_<split>_<protocol>.json).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_retrieval_cmd(run, features, data, split, protocol, ndcg, rerank, rerank_k, out, device) -> None:
+    """R@1/5/10 image->text and text->image, rsum (and NDCG@25) of a retrieval run on a split."""
+    from glied.pipeline.retrieval import evaluate_retrieval
+
+    r = evaluate_retrieval(run, features, data, split, protocol, ndcg=ndcg, out=out, device=device,
+                           rerank=rerank, rerank_k=rerank_k, log=click.echo)
+    click.echo(f"{r['seconds_end_to_end']:.1f} s -> {r['written_to']}")
+
+
+@cli.command("index")
+@click.option("--run", required=True, type=click.Path(), help="train-retrieval run folder or .pt file.")
+@click.option("--features", required=True, type=click.Path(), help="Feature cache whose images to index.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Prepared data whose captions to index too (for search --image).")
+@click.option("--device", default="cpu", show_default=True)
+def index_cmd(run, features, out, data, device) -> None:
+    """Embed every image of a feature cache once (and the prepared captions) into a search index."""
+    from glied.pipeline.retrieval import build_index
+
+    s = build_index(run, features, out, data=data, device=device)
+    click.echo(f"indexed {s['images']} images and {s['captions']} captions in {s['seconds']} s -> {s['index']}")
+
+
+@cli.command("search")
+@click.argument("query", required=False)
+@click.option("--index", "index_path", required=True, type=click.Path(), help="Index folder (glied index).")
+@click.option("--image", "photo", type=click.Path(), default=None, help="A photo: find captions for it.")
+@click.option("--image-id", default=None, help="A cached image (with --features): find captions for it.")
+@click.option("--features", type=click.Path(), default=None, help="Feature cache holding --image-id.")
+@click.option("--model", "bundle", type=click.Path(), default=None,
+              help="Model bundle whose detector extracts the regions of --image.")
+@click.option("--detector", type=click.Path(), default=None, help="Or a train-detector run / weights for --image.")
+@click.option("--extractor-module", default=None, metavar="MOD:FACTORY", help="Or a region-extractor factory.")
+@click.option("--captions", "captions_file", type=click.Path(dir_okay=False), default=None,
+              help="Rank these captions (one per line) instead of the index's.")
+@click.option("--run", type=click.Path(), default=None, help="Refuse an index built from another run than this.")
+@click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (for tools).")
+def search_cmd(query, index_path, photo, image_id, features, bundle, detector, extractor_module, captions_file,
+               run, k, as_json) -> None:
+    """Text -> images: `glied search --index INDEX "a red circle"`. Image -> captions: --image PHOTO --model
+    BUNDLE, or --image-id ID --features CACHE."""
+    import json
+
+    from glied.pipeline import retrieval as rt
+
+    if sum(x is not None for x in (query, photo, image_id)) != 1:
+        raise GliedError("search needs exactly one of: a QUERY sentence, --image PHOTO, --image-id ID")
+    rt.check_query(query)
+    if image_id is not None and features is None:
+        raise GliedError("--image-id needs --features CACHE (the cache holding that image)")
+    index = rt.Index(index_path)
+    if run:
+        index.check_run(run)
+    if query is not None:
+        hits, what = index.text_to_images(query, k), {"query": query}
+    else:
+        if photo is not None:
+            loaded = rt.decode_photo(photo, index.max_side)
+            extractor, where = rt.region_extractor_for(bundle, detector, extractor_module)
+            index.check_extractor(extractor, where)
+            emb, what = index.embed_photo(rt.photo_regions(extractor, loaded)), {"image": photo}
+        else:
+            emb, what = index.embed_cached(rt.open_cache(features), image_id), {"image_id": image_id}
+        hits = index.image_to_captions(emb, k, captions_file)
+    if as_json:
+        click.echo(json.dumps({**what, "results": hits}))
+        return
+    for h in hits:
+        click.echo(f"{h['score']:.4f}\t" + (h["image_id"] if "caption" not in h else h["caption"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Serving: a local web page and JSON API (glied.pipeline.serve)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@cli.command("serve")
+@click.option("--model", "bundle", required=True, type=click.Path(), help="A model bundle (`glied bundle`).")
+@click.option("--index", default=None, type=click.Path(), help="A retrieval index (`glied index`) for search.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--beam", type=click.IntRange(1, 8), default=None, help="Default beam size (default: the bundle's).")
+@click.option("--batch-window-ms", type=float, default=10.0, show_default=True,
+              help="How long to wait for more photos before captioning a batch.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most photos captioned together (1: no batching).")
+@click.option("--max-upload-mb", type=float, default=20.0, show_default=True, help="Largest request accepted.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Detector precision (default: the one the decoder's training features used).")
+def serve_cmd(bundle: str, index: str | None, host: str, port: int, beam: int | None, batch_window_ms: float,
+              max_batch: int, max_upload_mb: float, device: str, precision: str | None) -> None:
+    """Serve a page and a JSON API (POST /caption, POST /search, GET /health) for a model bundle."""
+    from glied.pipeline.extract import resolve_device
+    from glied.pipeline.serve import ServeConfig, require_serve_extra, serve
+
+    require_serve_extra()
+    config = ServeConfig(batch_window_ms=batch_window_ms, max_batch=max_batch, max_upload_mb=max_upload_mb,
+                         beam_size=beam)
+    serve(bundle, host=host, port=port, index=index, config=config, device=resolve_device(device),
+          precision=precision, log=lambda s: click.echo(s, err=s.startswith("warning")))
 
 
 if __name__ == "__main__":

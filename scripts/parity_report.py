@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from glied.extractors.bottomup import load_region_extractor  # noqa: E402
-from glied.extractors.bottomup.parity.harness import (IMAGES, compare, glied_fields, load_reference,  # noqa: E402
+from scripts.bottomup_parity.harness import (IMAGES, compare, glied_fields, load_reference,  # noqa: E402
                                                       write_random_checkpoint)
 
 FLOAT_ROWS = [
@@ -127,7 +127,7 @@ def write_page(args, results, secs):
       "deterministic random checkpoint that has exactly the key names, shapes and container layout of "
       "`faster_rcnn_from_caffe_attr.pkl` (536 entries, 65,545,214 values), on three scikit-image photos "
       "(astronaut 512x512, coffee 400x600, chelsea 300x451). glied regenerates the checkpoint "
-      "(`glied/extractors/bottomup/parity/make_random_ckpt.py`, md5-checked), loads it through its restricted "
+      "(`scripts/bottomup_parity/make_random_ckpt.py`, md5-checked), loads it through its restricted "
       "unpickler and strict key map (every key consumed, every parameter and buffer filled), and runs its own "
       "modules on the port's stored resized input, so the network and the resize are tested separately. "
       "The tests (`tests/extractors/bottomup/test_bottomup_parity.py`) assert, in fp32: features normwise relative error "

@@ -11,3 +11,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped (with the reason) where torch sees no CUDA device."""
+    gpu = [it for it in items if "gpu" in it.keywords]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for it in gpu:
+            it.add_marker(pytest.mark.skip(reason="needs a CUDA device"))

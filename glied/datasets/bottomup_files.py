@@ -1,4 +1,5 @@
-"""Readers and a writer for the feature files other bottom-up tools produce (see FACTS.md sections 2 and 8).
+"""Readers and a writer for the feature files other bottom-up tools produce (docs/architecture.md, "Bottom-up
+feature files").
 
 * Bottom-up TSV (peteanderson80 ``generate_tsv.py``): no header, tab-separated, rows end ``\\r\\n``, fields
   ``image_id, image_w, image_h, num_boxes, boxes, features``; boxes/features are base64 of raw float32,
@@ -73,30 +74,40 @@ def expand_tsv_parts(path: str) -> list[str]:
 def read_tsv(path: str) -> Iterator[tuple[str, RegionFeatures]]:
     """Rows of one bottom-up (6-field) or LXMERT (10-field) TSV file as (image_id, RegionFeatures)."""
     _raise_field_limit()
-    with open(path, newline="", encoding="ascii", errors="strict") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
+    with open(path, newline="", encoding="utf-8", errors="strict") as f:
+        rows = enumerate(csv.reader(f, delimiter="\t"), 1)
+        while True:
+            try:
+                lineno, row = next(rows, (0, None))
+            except (UnicodeDecodeError, csv.Error) as e:
+                raise InputError(f"{path}: not a readable TSV ({e})") from None
+            if row is None:
+                return
             if not row:
                 continue
             if len(row) == len(TSV_FIELDS):
                 d = dict(zip(TSV_FIELDS, row))
                 iid, w, h = d["image_id"], d["image_w"], d["image_h"]
-                extra = _unknown(int(d["num_boxes"]))
             elif len(row) == len(LXMERT_FIELDS):
                 d = dict(zip(LXMERT_FIELDS, row))
                 iid, w, h = d["img_id"], d["img_w"], d["img_h"]
-                n = int(d["num_boxes"])
-                extra = {k: _b64(d[f], dt, n, path, iid, f).reshape(n) for k, f, dt in (
-                    ("obj_ids", "objects_id", np.int64), ("obj_scores", "objects_conf", np.float32),
-                    ("attr_ids", "attrs_id", np.int64), ("attr_scores", "attrs_conf", np.float32))}
             else:
                 raise InputError(f"{path}: line {lineno} has {len(row)} tab-separated fields; expected "
                                  f"the 6 of a bottom-up TSV ({', '.join(TSV_FIELDS)}) or LXMERT's 10")
             try:
                 n = int(d["num_boxes"])
                 w, h = int(float(w)), int(float(h))
-            except ValueError:
-                raise InputError(f"{path}: line {lineno}: num_boxes/image size are not numbers "
+                if n < 0 or w < 0 or h < 0:
+                    raise ValueError
+            except (ValueError, OverflowError):
+                raise InputError(f"{path}: line {lineno}: num_boxes/image size are not non-negative numbers "
                                  f"(is this a TSV with a header line?)") from None
+            if len(row) == len(TSV_FIELDS):
+                extra = _unknown(n)
+            else:
+                extra = {k: _b64(d[f], dt, n, path, iid, f).reshape(n) for k, f, dt in (
+                    ("obj_ids", "objects_id", np.int64), ("obj_scores", "objects_conf", np.float32),
+                    ("attr_ids", "attrs_id", np.int64), ("attr_scores", "attrs_conf", np.float32))}
             boxes = _b64(d["boxes"], np.float32, n, path, iid, "boxes")
             feats = _b64(d["features"], np.float32, n, path, iid, "features")
             if boxes.shape != (n, 4):
@@ -107,7 +118,7 @@ def read_tsv(path: str) -> Iterator[tuple[str, RegionFeatures]]:
 def write_tsv(path: str, items) -> int:
     """Write (image_id, RegionFeatures) items as a bottom-up TSV (float32 base64, rows end \\r\\n)."""
     n = 0
-    with open(path, "w", newline="", encoding="ascii") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, delimiter="\t", fieldnames=TSV_FIELDS)
         for iid, r in items:
             w.writerow({"image_id": iid, "image_w": int(r.image_w), "image_h": int(r.image_h),
@@ -133,34 +144,44 @@ def read_npz_dir(folder: str, box_dir: str | None = None) -> Iterator[tuple[str,
             z = np.load(p, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise InputError(f"{p}: unreadable npz ({e})") from None
-        with z:
-            keys = set(z.files)
-            if {"x", "bbox"} <= keys:
-                boxes = np.asarray(z["bbox"], np.float32).reshape(-1, 4)
-                n = boxes.shape[0]
-                x = np.asarray(z["x"], np.float32)
-                if x.shape[0] != n and x.ndim == 2 and x.shape[1] == n:
-                    x = x.T                                      # stored as (D, n)
-                w = int(z["image_w"]) if "image_w" in keys else 0
-                h = int(z["image_h"]) if "image_h" in keys else 0
-            elif "feat" in keys:
-                x = np.asarray(z["feat"], np.float32)
-                x = x.reshape(-1, x.shape[-1])
-                n = x.shape[0]
-                bp = os.path.join(box_dir, iid + ".npy") if box_dir else None
-                if bp and os.path.isfile(bp):
-                    boxes = np.asarray(np.load(bp, allow_pickle=False), np.float32).reshape(-1, 4)
-                    if boxes.shape[0] != n:
-                        raise InputError(f"{bp}: {boxes.shape[0]} boxes but {p} has {n} features")
-                else:
-                    boxes = np.full((n, 4), np.nan, np.float32)
-                w = h = 0
+        try:
+            iid, r = _npz_entry(z, p, iid, box_dir)
+        except (ValueError, TypeError, KeyError, OSError) as e:      # object arrays, bad shapes, bad zips
+            raise InputError(f"{p}: unusable npz ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                             f"expected numeric arrays x+bbox (MILVLG) or feat (ImageCaptioning)") from None
+        yield iid, r
+
+
+def _npz_entry(z, p: str, iid: str, box_dir: str | None) -> tuple[str, RegionFeatures]:
+    """One per-image npz (open ``z``) -> (id, RegionFeatures); ValueError/TypeError on odd arrays."""
+    with z:
+        keys = set(z.files)
+        if {"x", "bbox"} <= keys:
+            boxes = np.asarray(z["bbox"], np.float32).reshape(-1, 4)
+            n = boxes.shape[0]
+            x = np.asarray(z["x"], np.float32)
+            if x.shape[0] != n and x.ndim == 2 and x.shape[1] == n:
+                x = x.T                                      # stored as (D, n)
+            w = int(z["image_w"]) if "image_w" in keys else 0
+            h = int(z["image_h"]) if "image_h" in keys else 0
+        elif "feat" in keys:
+            x = np.asarray(z["feat"], np.float32)
+            x = x.reshape(-1, x.shape[-1])
+            n = x.shape[0]
+            bp = os.path.join(box_dir, iid + ".npy") if box_dir else None
+            if bp and os.path.isfile(bp):
+                boxes = np.asarray(np.load(bp, allow_pickle=False), np.float32).reshape(-1, 4)
+                if boxes.shape[0] != n:
+                    raise InputError(f"{bp}: {boxes.shape[0]} boxes but {p} has {n} features")
             else:
-                raise InputError(f"{p}: unknown npz layout (keys {sorted(keys)}); expected x+bbox (MILVLG) "
-                                 f"or feat (ImageCaptioning)")
-        if x.shape[0] != n:
-            raise InputError(f"{p}: {x.shape[0]} feature rows but {n} boxes")
-        yield iid, RegionFeatures(boxes=boxes, features=x, image_w=w, image_h=h, **_unknown(n))
+                boxes = np.full((n, 4), np.nan, np.float32)
+            w = h = 0
+        else:
+            raise InputError(f"{p}: unknown npz layout (keys {sorted(keys)}); expected x+bbox (MILVLG) "
+                             f"or feat (ImageCaptioning)")
+    if x.ndim != 2 or x.shape[0] != n:
+        raise InputError(f"{p}: features of shape {x.shape} for {n} boxes")
+    return iid, RegionFeatures(boxes=boxes, features=x, image_w=w, image_h=h, **_unknown(n))
 
 
 def sniff_source(path: str) -> str:

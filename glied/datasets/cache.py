@@ -33,6 +33,7 @@ import numpy as np
 from glied.datasets import cache_store as cs
 from glied.datasets import identity as idn
 from glied.errors import ConfigError, InputError
+from glied.fileio import fsync_dir, write_bytes_atomic
 from glied.records import AttributeWords, RegionFeatures
 
 FORMAT = "glied-feature-cache"
@@ -91,6 +92,10 @@ class DamagedEntryError(InputError):
                          f"{root} --repair` to drop the damaged entries, then `glied extract ... --out {root}` "
                          f"re-extracts them")
         self.image_id, self.why = image_id, why
+
+
+class EntryError(ConfigError, ValueError):
+    """An entry that cannot be put (a duplicate id, features of the wrong size): one line for the CLI."""
 
 
 def _take_lock(root: str):
@@ -331,8 +336,8 @@ class CacheWriter:
                                      f"backup, or write to a new --out folder (or delete {self.root})")
                 if manifest.get("format") != FORMAT:
                     raise ConfigError("CacheWriter needs a manifest from glied.datasets.cache.make_manifest")
-                cs.atomic_write_bytes(os.path.join(self.root, MANIFEST),
-                                      json.dumps(manifest, indent=1).encode("utf-8"))
+                write_bytes_atomic(os.path.join(self.root, MANIFEST),
+                                   json.dumps(manifest, indent=1).encode("utf-8"), durable=True)
                 self.manifest = manifest
             self._dtype = np.dtype(self.manifest["dtype"])
             self._dim = int(self.manifest["extractor"]["feature_dim"])
@@ -356,12 +361,12 @@ class CacheWriter:
         new_data = not os.path.exists(os.path.join(self.root, cs.data_file_name(self._num)))
         self._data = open(os.path.join(self.root, cs.data_file_name(self._num)), "ab")
         if new_data:
-            cs.fsync_dir(os.path.join(self.root, cs.DATA_DIR))
+            fsync_dir(os.path.join(self.root, cs.DATA_DIR))
         self._pos = self._data.tell()
         new_index = not os.path.exists(os.path.join(self.root, cs.INDEX_NAME))
         self._index = open(os.path.join(self.root, cs.INDEX_NAME), "ab")
         if new_index:
-            cs.fsync_dir(self.root)
+            fsync_dir(self.root)
 
     def __contains__(self, image_id) -> bool:
         return str(image_id) in self._committed or str(image_id) in self._pending_ids
@@ -376,11 +381,12 @@ class CacheWriter:
         """Queue one entry (committed within ``commit_every`` puts/``commit_seconds``, or at close)."""
         key = str(image_id)
         if key in self:
-            raise ValueError(f"image id {key!r} is already in feature cache {self.root}")
+            raise EntryError(f"image id {key!r} is already in feature cache {self.root}")
         r = regions
         feats = np.asarray(r.features)
         if feats.ndim != 2 or feats.shape[1] != self._dim:
-            raise ValueError(f"{key}: features have shape {feats.shape}, cache expects (R, {self._dim})")
+            raise EntryError(f"{key}: the extractor gave features of shape {feats.shape}, but cache {self.root} "
+                             f"holds (R, {self._dim}); fix the extractor or write to another --out")
         n = feats.shape[0]
         arrays = [("boxes", np.asarray(r.boxes, np.float32).reshape(n, 4)),
                   ("features", feats.astype(self._dtype, copy=False)),
@@ -415,7 +421,7 @@ class CacheWriter:
         self._num += 1
         self._data = open(os.path.join(self.root, cs.data_file_name(self._num)), "ab")
         self._pos = 0
-        cs.fsync_dir(os.path.join(self.root, cs.DATA_DIR))
+        fsync_dir(os.path.join(self.root, cs.DATA_DIR))
 
     def commit(self) -> None:
         """Make every queued entry durable: fsync the data, then append + fsync their index lines."""

@@ -37,6 +37,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from glied.fileio import write_bytes_atomic
+
 try:            # the same CRC-32 as zlib's, computed with carry-less multiply: 5-20x faster on x86 and ARM
     from zlib_ng.zlib_ng import crc32
 except ImportError:             # pragma: no cover - zlib-ng is a dependency; plain zlib gives equal values
@@ -52,24 +54,6 @@ def data_file_name(num: int) -> str:
     return os.path.join(DATA_DIR, f"{num:05d}.bin")
 
 
-def fsync_dir(path: str) -> None:
-    """fsync a directory so that a rename or a new file in it survives a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``path`` so that it holds either the old or the new bytes, never a mix (tmp + fsync + rename)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 class Entry(NamedTuple):
@@ -289,7 +273,7 @@ def rewrite_index(root: str, rd: IndexReader) -> None:
         e = entries.get(r[0]) if isinstance(r, list) and r and isinstance(r[0], str) else None
         if e is not None and e[1:7] == r[1:7]:
             keep.append(line + b"\n")
-    atomic_write_bytes(path, b"".join(keep))
+    write_bytes_atomic(path, b"".join(keep), durable=True)
     fresh = IndexReader().read(path)
     rd.entries, rd.valid_bytes, rd.bad_tail_bytes = fresh.entries, fresh.valid_bytes, 0
     rd._lines, rd._ident = fresh._lines, fresh._ident

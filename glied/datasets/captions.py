@@ -16,8 +16,8 @@ import torch
 
 from glied.errors import ConfigError, InputError
 from glied.records import AttributeWords, RegionFeatures
+from glied.tokens import UNK
 
-UNK = 3
 
 
 @runtime_checkable
@@ -35,6 +35,24 @@ class FeatureSource(Protocol):
     def attributes(self, image_id: str) -> Optional[AttributeWords]: ...
 
 
+#: box-geometry columns appended to each region's features when a decoder reads box positions
+GEOMETRY_DIMS = 5
+
+
+def region_matrix(reg: RegionFeatures, box_geometry: bool = False) -> np.ndarray:
+    """The decoder's input rows for one image's regions: (R, D) float32 features, or (R, D + 5) with the
+    box geometry (x1/W, y1/H, x2/W, y2/H, box area / image area) appended, so the decoder sees where each
+    region lies (RoI-pooled features alone carry no absolute position). Always a writable copy."""
+    feats = np.array(reg.features, dtype=np.float32)  # (R, D)
+    if not box_geometry:
+        return feats
+    w, h = float(max(reg.image_w, 1)), float(max(reg.image_h, 1))
+    b = np.asarray(reg.boxes, dtype=np.float32).reshape(-1, 4)  # (R, 4) x1 y1 x2 y2 pixels
+    geo = np.stack([b[:, 0] / w, b[:, 1] / h, b[:, 2] / w, b[:, 3] / h,
+                    (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / (w * h)], axis=1)  # (R, 5)
+    return np.concatenate([feats, np.clip(geo, 0.0, 1.0).astype(np.float32)], axis=1)  # (R, D + 5)
+
+
 def attribute_vocab_map(attr_vocab: Optional[list[str]], wtoi: dict[str, int]) -> np.ndarray:
     """Cache attribute-vocabulary index -> caption-vocabulary id (out-of-vocabulary words -> <unk>)."""
     return np.array([wtoi.get(w, UNK) for w in (attr_vocab or [])], dtype=np.int64)
@@ -50,14 +68,17 @@ class CaptionDataset(torch.utils.data.Dataset):
         max_attrs: keep at most this many attribute words per image (best first); None keeps all.
         captions_per_image: if set, each access returns that many of the image's captions drawn at random
             (torch RNG, so a seeded epoch is reproducible); None returns all of them.
+        box_geometry: append each region's box geometry to its features (see :func:`region_matrix`).
         where: name of the cache for error messages.
 
     Raises InputError if any image of the split is missing from the cache (naming the ids and the cache).
     """
 
     def __init__(self, data: Any, features: FeatureSource, split: str, max_attrs: Optional[int] = None,
-                 where: str = "feature cache", captions_per_image: Optional[int] = None) -> None:
+                 where: str = "feature cache", captions_per_image: Optional[int] = None,
+                 box_geometry: bool = False) -> None:
         self.data, self.features, self.split, self.max_attrs = data, features, split, max_attrs
+        self.box_geometry = box_geometry
         self.captions_per_image = captions_per_image
         self.indices = data.split_indices(split)
         if not self.indices:
@@ -92,7 +113,7 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         image_id = self.ids[i]
         reg = self.features.regions(image_id)
-        feats = np.array(reg.features, dtype=np.float32)  # a writable copy (cache arrays may be read-only)
+        feats = region_matrix(reg, self.box_geometry)  # (R, D[+5]) a writable copy (cache arrays are read-only)
         if feats.ndim != 2 or feats.shape[0] == 0:
             raise InputError(f"feature cache: image {image_id} has no regions (features shape {feats.shape})")
         attrs = self.features.attributes(image_id)

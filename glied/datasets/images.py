@@ -1,6 +1,6 @@
 """Robust photo decoding for extraction: any common file in, BGR uint8 (H, W, 3) out, or one clear reason.
 
-Decoder choice (see ``/work/shared/FACTS.md`` section 8 for the measured facts behind it):
+Decoder choice (docs/architecture.md, "Decoding photos", has the measured facts behind it):
 
 * Pillow decodes, because it *raises* on a truncated JPEG/PNG, while ``cv2.imread`` silently fills the
   missing part with grey and only prints a warning: an OpenCV-only loader caches corrupt images.
@@ -21,6 +21,7 @@ short line and whose ``kind`` is a machine-readable tag (``empty``, ``not_image`
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from glied.errors import InputError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 DEFAULT_MAX_SIDE = 2000         # photos are decoded at most this long for the detector (which works at <= 1000)
 MIN_SIDE = 8                     # smaller images are skipped: a detector cannot see anything in them
 MAX_PIXELS = 400_000_000         # refuse to decode more than this (after JPEG draft reduction)
@@ -42,6 +43,18 @@ _MAGIC = (
     (b"GIF87a", "GIF"),
     (b"GIF89a", "GIF"),
 )
+
+
+def find_images(root: str | os.PathLike) -> list[str]:
+    """Image files (suffix in :data:`IMAGE_EXTENSIONS`, any case; hidden files skipped; a FIFO, socket or device
+    named x.jpg is never opened) under ``root``, recursively, sorted by folder then name."""
+    out = []
+    for d, dirs, files in os.walk(os.fspath(root)):
+        dirs.sort()
+        paths = (os.path.join(d, f) for f in sorted(files)
+                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        out += [p for p in paths if os.path.isfile(p)]
+    return out
 
 
 def check_max_side(max_side: int | None) -> int | None:
@@ -167,7 +180,10 @@ def decode_image(path: str | os.PathLike, max_side: int | None = None,
     _quiet_bomb_warning()
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):            # a FIFO would block open() forever
+            raise ImageLoadError(path, "not_file", "not a regular file (a folder, FIFO or device)")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(32)
     except FileNotFoundError:

@@ -1,8 +1,9 @@
 """What `glied extract` reads: enumerate INPUT into (stable id, path) pairs in a deterministic order.
 
 INPUT may be
-* a folder: searched recursively for .jpg .jpeg .png .bmp .webp .tif .tiff (any case); id = the path
-  relative to the folder, with "/" separators and Unicode NFC normalisation (``"2014/a.jpg"``);
+* a folder: searched recursively for regular files named .jpg .jpeg .png .bmp .webp .tif .tiff .gif (any
+  case); id = the path relative to the folder, with "/" separators and Unicode NFC normalisation
+  (``"2014/a.jpg"``; bytes of a file name that are not UTF-8 appear as ``\\xNN``);
 * a text file listing one path per line (blank lines and lines starting with ``#`` ignored); relative paths
   resolve against ``images_root`` (default: the list's folder); id = the path relative to that root;
 * a Karpathy captions json (``images[].filename`` [+ ``filepath``]): id = ``str(cocoid)`` when present,
@@ -22,7 +23,8 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple
 
-from glied.datasets.images import IMAGE_EXTENSIONS
+from glied.datasets.images import IMAGE_EXTENSIONS, find_images
+from glied.datasets.karpathy import image_id as karpathy_image_id
 from glied.errors import InputError
 
 
@@ -34,6 +36,8 @@ class InputImage(NamedTuple):
 
 
 def _norm_rel(rel: str) -> str:
+    if not rel.isascii():   # bytes that are not UTF-8 (surrogate escapes) become a visible \xNN in the id
+        rel = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     rel = unicodedata.normalize("NFC", rel.replace(os.sep, "/"))
     parts = [p for p in rel.split("/") if p not in ("", ".")]
     return "/".join(parts)
@@ -51,13 +55,7 @@ def _check_unique(items: list[InputImage], src: str) -> list[InputImage]:
 
 def from_folder(root: str | os.PathLike) -> list[InputImage]:
     root = os.path.abspath(os.fspath(root))
-    items = []
-    for d, dirs, files in os.walk(root):
-        dirs.sort()
-        for f in files:
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                p = os.path.join(d, f)
-                items.append(InputImage(_norm_rel(os.path.relpath(p, root)), p))
+    items = [InputImage(_norm_rel(os.path.relpath(p, root)), p) for p in find_images(root)]
     if not items:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} recursively)")
     return _check_unique(items, root)
@@ -68,13 +66,13 @@ def from_list(path: str, images_root: str | None) -> list[InputImage]:
     prefix = os.path.join(root, "")
     nfc = unicodedata.normalize
     items = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:   # file names need not be UTF-8
         for line in f:
             s = line.strip()
             if not s or s.startswith("#"):
                 continue
             if s[0] != "/" and "/." not in "/" + s and "//" not in s and s[-1] != "/" and "\\" not in s:
-                items.append(InputImage(nfc("NFC", s), prefix + s))   # fast path: a clean relative path
+                items.append(InputImage(nfc("NFC", s) if s.isascii() else _norm_rel(s), prefix + s))  # clean
                 continue
             p = os.path.normpath(os.path.join(root, s))
             rel = os.path.relpath(p, root)
@@ -115,8 +113,7 @@ def from_json(path: str, images_root: str | None) -> list[InputImage]:
             if "filename" not in im:
                 raise InputError(f"{src}: images[{k}] lacks 'filename'")
             rel = os.path.join(im.get("filepath", ""), im["filename"])
-            iid = str(im["cocoid"]) if "cocoid" in im else Path(im["filename"]).stem
-            items.append(InputImage(iid, str(root / rel)))
+            items.append(InputImage(karpathy_image_id(im), str(root / rel)))
     elif "file_name" in images[0]:                                # COCO instances / captions
         root = _pick_root(src, images[0]["file_name"], images_root)
         for k, im in enumerate(images):

@@ -25,11 +25,10 @@ import numpy as np
 from glied.datasets.karpathy import read_karpathy
 from glied.errors import ConfigError, InputError
 from glied.fileio import sha256_file, write_atomic, write_json_atomic
+from glied.tokens import SPECIALS, UNK, ids_to_text
 
 FORMAT = "glied-prepared"
 VERSION = 1
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ def prepare(captions_json: str | os.PathLike, out_dir: str | os.PathLike, cfg: P
     """
     cfg.validate()
     src = Path(captions_json)
-    dataset, images = read_karpathy(src)
+    dataset, images, skipped = read_karpathy(src)
     train = [im for im in images if im.split == "train"]
     if not train:
         raise InputError(f"{src}: no image is in the train (or restval) split")
@@ -107,6 +106,7 @@ def prepare(captions_json: str | os.PathLike, out_dir: str | os.PathLike, cfg: P
         "source_sha256": sha256_file(src), "images_root": str(root.resolve()), "config": asdict(cfg),
         "counts": {"images": {s: sum(im.split == s for im in images) for s in ("train", "val", "test")},
                    "sentences": n_sent, "vocab": len(itow), "truncated_sentences": int(truncated),
+                   "empty_sentences_skipped": skipped["captions"], "images_without_captions": skipped["images"],
                    "train_tokens_unk": int(sum(c for w, c in counts.items() if w not in wtoi))},
     }
     write_json_atomic(out / "manifest.json", manifest)
@@ -170,15 +170,8 @@ class PreparedData:
         return [self.wtoi.get(w, UNK) for w in tokens]
 
     def decode(self, ids) -> str:
-        """Word ids to text, stopping at <eos> or <pad>, skipping <bos>."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i in (EOS, PAD):
-                break
-            if i != BOS:
-                out.append(self.vocab[i])
-        return " ".join(out)
+        """Word ids to text, stopping at <eos> or <pad>, skipping <bos> (:func:`glied.tokens.ids_to_text`)."""
+        return ids_to_text(ids, self.vocab)
 
     @property
     def refs_path(self) -> dict[str, Path]:

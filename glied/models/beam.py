@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from glied.models.glied import BOS, EOS, PAD, GliedDecoder, Memory
+from glied.tokens import ids_to_text
 
 
 @torch.no_grad()
@@ -163,15 +164,5 @@ def _trim(seqs: torch.Tensor, *per_step: torch.Tensor) -> tuple[torch.Tensor, ..
 
 
 def decode_text(seqs: torch.Tensor, itow: list[str]) -> list[str]:
-    """Word-id rows -> space-joined words up to the first <eos> (specials dropped)."""
-    out = []
-    for row in seqs.tolist():
-        words = []
-        for i in row:
-            if i == EOS or i == PAD:
-                break
-            if i == BOS:
-                continue
-            words.append(itow[i])
-        out.append(" ".join(words))
-    return out
+    """Word-id rows -> space-joined words up to the first <eos> (:func:`glied.tokens.ids_to_text`)."""
+    return [ids_to_text(row, itow) for row in seqs.tolist()]

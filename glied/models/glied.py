@@ -1,6 +1,7 @@
 """The GLIED decoder and its cross-modal fully-attentive base model (Liu et al., IJCAI 2019).
 
-Equations follow the paper's slides (FACTS.md §1.2); G(y; z) = LayerNorm(z + Dropout(y)) with no FFN.
+Equations follow the paper's slides (docs/architecture.md, "The GLIED decoder");
+G(y; z) = LayerNorm(z + Dropout(y)) with no FFN.
 
     I  = ReLU(W_r r) regions (2048 -> 512);  A = W_e E[a] + W_p p  attribute words + MIL probabilities
     x  = W_e E[w] + PE(t)                    input word (E is ONE 256-d table shared by words and attributes)
@@ -14,7 +15,7 @@ Equations follow the paper's slides (FACTS.md §1.2); G(y; z) = LayerNorm(z + Dr
     y ~ softmax(W^c c̃)
 
 Each of the three distilling parts has its own switch in :class:`GliedConfig`, so base, single additions and
-full GLIED are the same code. Choices the paper leaves open (FACTS §1.6), made here:
+full GLIED are the same code. Choices the paper leaves open (docs/architecture.md), made here:
   * one shared 256->512 projection W_e for words and attributes (the table is shared, so is its projection);
   * regions: Linear 2048->512 + ReLU + dropout, no normalisation;
   * fixed sinusoidal positional encoding added to input words (no parameters);
@@ -33,18 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glied.errors import ConfigError
 from glied.models.attention import MultiHeadAttention, Residual, derived, fused_linear, sinusoid_table, split_heads
-
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
-
-#: named ablations: (global_visual, global_attribute, local_distilling)
-MODEL_PRESETS: dict[str, tuple[bool, bool, bool]] = {
-    "glied": (True, True, True),
-    "base": (False, False, False),
-    "base+gvd": (True, False, False),  # + global visual distilling
-    "base+gad": (False, True, False),  # + global attribute distilling
-    "base+gld": (False, False, True),  # + global aspect vector and local cross-modal distilling
-}
+from glied.models.presets import MODEL_PRESETS  # noqa: F401 - the named ablations, re-exported here
+from glied.tokens import BOS, EOS, PAD, UNK  # noqa: F401 - the special token ids, re-exported here
 
 
 @dataclass(frozen=True)
@@ -63,25 +56,49 @@ class GliedConfig:
     local_distilling: bool = True
     attr_probs: bool = True
     label_smoothing: float = 0.0
+    box_geometry: bool = False  # region rows end with 5 box-geometry columns (glied.datasets.captions)
+
+    def __post_init__(self) -> None:
+        """ConfigError (one line for the CLI) on sizes the model cannot be built with."""
+        for k in ("vocab_size", "d_model", "d_embed", "n_heads", "feature_dim", "max_positions"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"model config: {k} must be a positive integer, not {v!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model config: {self.n_heads} heads do not divide d_model {self.d_model} "
+                              f"(choose --heads among the divisors of --d-model, e.g. 8 for 512)")
+        for k in ("dropout", "label_smoothing"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise ConfigError(f"model config: {k} must be in [0, 1), not {v!r}")
 
     @classmethod
     def preset(cls, name: str, **kw: Any) -> "GliedConfig":
         """A config for one of :data:`MODEL_PRESETS` (``glied``, ``base``, ``base+gvd``, ...)."""
         if name not in MODEL_PRESETS:
-            raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+            raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODEL_PRESETS)}")
         gv, ga, gl = MODEL_PRESETS[name]
-        return cls(global_visual=gv, global_attribute=ga, local_distilling=gl, **kw)
+        try:
+            return cls(global_visual=gv, global_attribute=ga, local_distilling=gl, **kw)
+        except TypeError as e:
+            raise ConfigError(f"model config: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GliedConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config: expected a mapping, not {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown GliedConfig fields {sorted(unknown)}")
-        return cls(**d)
+            raise ConfigError(f"unknown GliedConfig fields {sorted(unknown)} (a checkpoint of another glied "
+                              f"version?)")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"model config: {e}") from None
 
     def replace(self, **kw: Any) -> "GliedConfig":
         return replace(self, **kw)
@@ -437,14 +454,6 @@ class GliedDecoder(nn.Module):
         if (PAD, BOS) == (0, 1):  # the two words never generated lead the vocabulary: skip them
             return logits[:, 2:].max(-1).indices + 2  # max: the first maximum, as argmax, but faster on CPU
         return logits.index_fill(1, torch.tensor([PAD, BOS], device=logits.device), float("-inf")).max(-1).indices
-
-    def sequence_logprobs(self, mem: Memory, seqs: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities of given sequences (for SCST). seqs (N, T) generated words (ending in <eos> then
-        <pad>); mem for N rows. Returns (N, T) log p(seqs[:, t] | prefix), 0 after the first <eos>."""
-        inputs = torch.cat([torch.full_like(seqs[:, :1], BOS), seqs[:, :-1]], 1)  # (N, T)
-        logp = self.word_logprobs(self.decode(mem, inputs)).gather(2, seqs.unsqueeze(2)).squeeze(2)  # (N, T)
-        logp = logp.masked_fill(seqs == PAD, 0.0)
-        return logp * token_mask(seqs)
 
     @torch.no_grad()
     def generate(self, regions: torch.Tensor, region_mask: torch.Tensor, attr_ids: torch.Tensor,

@@ -20,6 +20,7 @@ import torch
 
 from glied.models.beam import decode_text
 from glied.models.cider import CiderD
+from glied.tokens import PAD
 
 
 class CiderReward:
@@ -58,6 +59,13 @@ def self_critical_advantage(sample_reward: np.ndarray, n_samples: int, baseline:
     else:
         raise ValueError(f"unknown SCST baseline {baseline!r} (greedy or mean)")
     return adv.reshape(-1)
+
+
+def target_logprobs(word_logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p of each target word: word_logprobs (N, T, V), targets (N, T) -> (N, T), 0 where the target is
+    <pad>. The one log-probability gathering of self-critical training (and of the tests that re-score beams)."""
+    logp = word_logprobs.gather(2, targets.unsqueeze(2)).squeeze(2)  # (N, T)
+    return logp.masked_fill(targets == PAD, 0.0)
 
 
 def scst_loss(logprobs: torch.Tensor, mask: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:

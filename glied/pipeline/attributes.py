@@ -15,10 +15,11 @@ import numpy as np
 
 from glied.datasets.prepared import PreparedData
 from glied.errors import ConfigError, InputError
+from glied.fileio import write_json_atomic
 
 # Per-preset training defaults: (epochs, batch size, learning rate).
 TRAIN_DEFAULTS = {"small": (8, 8, 1e-3), "resnet18": (10, 16, 1e-4), "resnet50": (10, 8, 1e-4),
-                  "resnet101": (10, 8, 1e-4)}
+                  "resnet101": (10, 8, 1e-4), "bottomup": (8, 8, 1e-3)}
 
 
 def _images_root(prep: PreparedData, images: str | Path | None) -> Path:
@@ -40,30 +41,69 @@ def _split_labels(prep: PreparedData, split: str, vocab: list[str], root: Path, 
 
 
 def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | None = None,
-                     config: str = "small", epochs: int | None = None, batch_size: int | None = None,
-                     lr: float | None = None, vocab_size: int = 1000, input_size: int | None = None,
-                     stopwords: bool = False, empty_policy: str = "keep", resume: bool = False, seed: int = 0,
-                     backbone_weights: str | None = None, device: str = "cpu",
+                     config: str | None = None, epochs: int | None = None, batch_size: int | None = None,
+                     lr: float | None = None, vocab_size: int | None = None, input_size: int | None = None,
+                     stopwords: bool | None = None, empty_policy: str | None = None, resume: bool = False,
+                     seed: int | None = None, backbone_weights: str | None = None,
+                     init_from: str | Path | None = None, freeze_stages: int | None = None,
+                     trunk_lr_mult: float | None = None, device: str = "cpu",
                      log: Callable[[str], None] = print) -> dict:
-    """Train a MIL word detector on prepared data ``data`` into the run folder ``out``; returns a summary."""
+    """Train a MIL word detector on prepared data ``data`` into the run folder ``out``; returns a summary.
+
+    Settings left None take the preset's defaults (``config``: "small", or "bottomup" with ``init_from``), or
+    with ``resume`` the run's stored settings; a given one that conflicts with the stored one is refused
+    (:func:`glied.checkpoint.resume_settings`; ``epochs`` may be raised).
+    ``init_from``: a detector (the published bottom-up .pkl or a ``glied train-detector`` run) whose trunk
+    becomes the MIL trunk (config ``bottomup``, see :mod:`glied.extractors.mil.init_from`); its path and sha256
+    are kept in the checkpoint's training config. ``freeze_stages`` / ``trunk_lr_mult``: how that trunk trains.
+    """
     import torch
 
+    from glied.checkpoint import resume_settings
+    from glied.extractors.mil.checkpoint import LAST_FILE, load_checkpoint
     from glied.extractors.mil.config import MilConfig, MilTrainConfig
     from glied.extractors.mil.train import TrainSet, train_mil
     from glied.extractors.mil.vocab import build_vocab
 
     prep = PreparedData.load(data)
     root = _images_root(prep, images)
-    if config not in TRAIN_DEFAULTS:
+    if config is not None and config not in TRAIN_DEFAULTS:
         raise ConfigError(f"unknown --config {config!r}; use one of {', '.join(TRAIN_DEFAULTS)}")
+    stored = load_checkpoint(Path(out) / LAST_FILE) if resume and (Path(out) / LAST_FILE).is_file() else None
+    if stored is None:
+        config = config or ("bottomup" if init_from is not None else "small")
+        if (config == "bottomup") != (init_from is not None):
+            raise ConfigError(f"--config {config} {'needs' if init_from is None else 'cannot take'} --init-from: "
+                              "the detector-initialised trunk is --config bottomup (the default with --init-from)")
+    trunk = None
+    if init_from is not None:  # on --resume too: its config must match the run's (the weights come from last.pt)
+        from glied.extractors.mil.init_from import load_detector_trunk
+        trunk = load_detector_trunk(init_from)
     if backbone_weights is not None and not Path(backbone_weights).is_file():
         from glied.errors import WeightsError
         raise WeightsError(f"{backbone_weights}: backbone weights file not found; pass an existing torchvision "
                            "ResNet state dict, or leave --backbone-weights out to start from random weights")
-    d_epochs, d_batch, d_lr = TRAIN_DEFAULTS[config]
-    tcfg = MilTrainConfig(epochs=epochs or d_epochs, batch_size=batch_size or d_batch, lr=lr or d_lr,
-                          vocab_size=vocab_size, stopwords=stopwords, empty_label_policy=empty_policy,
-                          seed=seed, backbone_weights=str(backbone_weights) if backbone_weights else None)
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "vocab_size": vocab_size,
+             "stopwords": stopwords, "empty_label_policy": empty_policy, "seed": seed,
+             "backbone_weights": str(backbone_weights) if backbone_weights else None,
+             "freeze_stages": freeze_stages, "trunk_lr_mult": trunk_lr_mult}
+    if stored is not None:  # --resume: the run's own settings; a conflicting flag is refused
+        where = stored["path"]
+        tcfg = MilTrainConfig.from_dict(resume_settings(stored["train_config"], given, where=where,
+                                                        flags={"empty_label_policy": "--empty-labels"}))
+        scfg = stored["config"]
+        resume_settings({"config": scfg["arch"], "input_size": scfg["input_size"]},
+                        {"config": config, "input_size": input_size}, where=where)
+        if trunk is not None and json.dumps(trunk.config, sort_keys=True) != json.dumps(scfg.get("trunk"),
+                                                                                     sort_keys=True):
+            raise ConfigError(f"{where}: --init-from {init_from} is not the detector this run's trunk came from; "
+                              "drop the flag or start a new run")
+        config, input_size = scfg["arch"], scfg["input_size"]
+    else:
+        d_epochs, d_batch, d_lr = TRAIN_DEFAULTS[config]
+        tcfg = MilTrainConfig(**{**{k: v for k, v in given.items() if v is not None},
+                                 "epochs": epochs or d_epochs, "batch_size": batch_size or d_batch,
+                                 "lr": lr or d_lr, "init_from": trunk.source if trunk is not None else None})
     train_idx = prep.split_indices("train")
     if not train_idx:
         raise InputError(f"{data}: the prepared data has no training image")
@@ -81,30 +121,38 @@ def train_attributes(data: str | Path, out: str | Path, *, images: str | Path | 
     if prep.split_indices("val"):
         va, va_paths, _ = _split_labels(prep, "val", vocab, root, "keep")
         val_set = TrainSet(va_paths, va.labels, vocab)
-    cfg = MilConfig.preset(config, len(vocab), input_size=input_size)
+    cfg = (MilConfig.from_dict(stored["config"]) if stored is not None
+           else MilConfig.preset(config, len(vocab), input_size=input_size, trunk=trunk.config if trunk else None))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if trunk is not None:
+        log(f"MIL trunk from {trunk.source.get('kind')} {trunk.source.get('path')} (sha256 "
+            f"{str(trunk.source.get('sha256'))[:12]}...)")
     log(f"MIL {config}: {len(vocab)} words, {len(tr_paths)} training images, input {cfg.input_size}, "
         f"{tcfg.epochs} epochs x batch {tcfg.batch_size}, lr {tcfg.lr}, {torch.get_num_threads()} threads")
     summary = train_mil(TrainSet(tr_paths, tr.labels, vocab), out, cfg, tcfg, val=val_set, resume=resume,
-                        device=device, label_stats=stats, log=log)
-    (out / "config.json").write_text(json.dumps({"data": str(Path(data).resolve()), "images_root": str(root),
-                                                 "model": cfg.to_dict(), "train": tcfg.to_dict(),
-                                                 "label_stats": stats}, indent=1))
+                        device=device, label_stats=stats, trunk_init=trunk if not resume else None, log=log)
+    write_json_atomic(out / "config.json", {"data": str(Path(data).resolve()), "images_root": str(root),
+                                            "model": cfg.to_dict(), "train": tcfg.to_dict(),
+                                            "label_stats": stats}, indent=1)
     return summary | {"label_stats": stats, "out": str(out)}
 
 
-def concept_words(prep: PreparedData) -> list[str] | None:
-    """The visual concept words of a shapes world (its shape, colour and size names, from the
-    ``instances.json`` next to the captions file), or None for other datasets."""
+def concept_groups(prep: PreparedData) -> dict[str, list[str]] | None:
+    """The visual concept words of a shapes world, from the ``instances.json`` next to the captions file:
+    {"concepts": all of them, "shape": the shape names, and one group per attribute type ("colour", "size")},
+    or None for other datasets."""
     inst = Path(prep.manifest.get("source", "")).parent / "instances.json"
     if prep.manifest.get("dataset") != "shapes" or not inst.is_file():
         return None
     try:
         d = json.loads(inst.read_text())
-        return [c["name"] for c in d["categories"]] + [a["name"] for a in d.get("attributes", [])]
-    except (ValueError, KeyError, TypeError):
+        groups = {"shape": [c["name"] for c in d["categories"]]}
+        for a in d.get("attributes", []):
+            groups.setdefault(a.get("type") or "attribute", []).append(a["name"])
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
+    return {"concepts": [w for ws in groups.values() for w in ws]} | groups
 
 
 def _read_words(path: str | Path) -> list[str]:
@@ -131,8 +179,9 @@ def evaluate_attributes(run: str | Path, data: str | Path, *, split: str = "test
     Labels use the run's own vocabulary; images without captions are skipped, images whose captions have no
     vocabulary word count as all-negative. Besides the mAP over every vocabulary word (Fang's figure), a
     subset mAP is reported for ``words`` (a file: one word per line or a json list) and, for a shapes world,
-    for its concept words (shape, colour and size names): many shapes-world caption words ("we", "see",
-    "left", ...) are drawn at random by the caption grammar and cannot be predicted from the image.
+    for its concept words (shape, colour and size names, together and per group): many shapes-world caption
+    words ("we", "see", which pair a relation names, ...) are drawn at random by the caption grammar and cannot
+    be predicted from the image.
     """
     from glied.extractors.mil.data import read_image
     from glied.extractors.mil.evaluate import word_metrics
@@ -150,10 +199,7 @@ def evaluate_attributes(run: str | Path, data: str | Path, *, split: str = "test
         t0 = time.perf_counter()
         probs.append(ext.probs(batch))
         t_model += time.perf_counter() - t0
-    subsets = {}
-    concepts = concept_words(prep)
-    if concepts:
-        subsets["concepts"] = concepts
+    subsets = dict(concept_groups(prep) or {})
     if words is not None:
         subsets["words"] = _read_words(words)
     metrics = word_metrics(np.concatenate(probs), ls.labels, ext.vocab, top_ks, subsets)
@@ -161,7 +207,7 @@ def evaluate_attributes(run: str | Path, data: str | Path, *, split: str = "test
                "seconds_per_image": t_model / len(paths), "no_vocab_word_images": len(ls.no_vocab_word),
                "no_caption_images": len(ls.no_captions)} | metrics
     dest = Path(out) if out is not None else (Path(run) if Path(run).is_dir() else Path(run).parent) / f"metrics_{split}.json"
-    dest.write_text(json.dumps(metrics, indent=1))
+    write_json_atomic(dest, metrics, indent=1)
     metrics["written_to"] = str(dest)
     return metrics
 

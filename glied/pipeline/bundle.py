@@ -119,21 +119,48 @@ def read_bundle(path: str | os.PathLike) -> tuple[dict, dict[str, Path]]:
     if not meta_path.is_file():
         raise InputError(f"{root}: not a glied model bundle (no bundle.json); build one with `glied bundle`")
     try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
         raise InputError(f"{meta_path}: damaged bundle metadata (not JSON); rebuild with `glied bundle`") from None
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{meta_path}: not a glied model bundle (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise InputError(f"{meta_path}: not a glied model bundle (format {fmt!r})")
     if meta.get("version") != VERSION:
         raise ConfigError(f"{root}: bundle format version {meta.get('version')} (glied "
                           f"{meta.get('glied_version', '?')}) is not the version {VERSION} this glied "
                           f"{__version__} reads; rebuild it with `glied bundle`")
+
+    def bad(what: str) -> InputError:
+        return InputError(f"{meta_path}: {what}; rebuild the bundle with `glied bundle`")
+
+    parts, settings = meta.get("parts"), meta.get("settings", {})
+    if not isinstance(parts, dict):
+        raise bad("'parts' is not an object")
+    if not isinstance(settings, dict):
+        raise bad("'settings' is not an object")
+    for k in ("beam_size", "max_len", "top_k"):
+        v = settings.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise bad(f"settings.{k} is {v!r}, not a positive integer")
+    if not isinstance(settings.get("precision", ""), str):
+        raise bad("settings.precision is not a string")
+    real_root = root.resolve()
     files = {}
     for part in PARTS:
-        info = meta.get("parts", {}).get(part)
+        info = parts.get(part)
         if info is None:
             raise InputError(f"{root}: the bundle has no {part} part; rebuild it with `glied bundle`")
-        f = root / info["file"]
+        if (not isinstance(info, dict) or not isinstance(info.get("file"), str)
+                or not isinstance(info.get("sha256"), str)
+                or not isinstance(info.get("bytes", 0), int) or isinstance(info.get("bytes"), bool)):
+            raise bad(f"parts.{part} needs a file name, a sha256 and a byte count")
+        name = info["file"]
+        # a part is a plain file inside the bundle: no absolute path, no folder, no link out of it
+        if not name or name != os.path.basename(name) or name in (".", "..") or "\\" in name:
+            raise bad(f"parts.{part}.file {name!r} is not a file name inside the bundle")
+        f = root / name
+        if f.is_symlink() or (f.exists() and f.resolve().parent != real_root):
+            raise bad(f"parts.{part}.file {name!r} is a link (parts must be plain files inside the bundle)")
         if not f.is_file():
             raise InputError(f"{f}: the bundle's {part} checkpoint is missing; rebuild it with `glied bundle`")
         if f.stat().st_size != info.get("bytes", f.stat().st_size) or sha256_file(f) != info["sha256"]:

@@ -19,14 +19,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from glied.datasets import identity as idn
-from glied.datasets.images import DEFAULT_MAX_SIDE, ImageLoadError, check_max_side, decode_image
-from glied.errors import GliedError
+from glied.datasets.images import DEFAULT_MAX_SIDE, ImageLoadError, check_max_side, decode_image, find_images
+from glied.errors import InputError
 from glied.pipeline.bundle import read_bundle, write_bundle
 from glied.pipeline.extract import _rescale
 from glied.pipeline.show import Explanation, save_explanation
 from glied.records import AttributeWords, RegionFeatures
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -64,13 +62,11 @@ def _name(names, i: int):
 
 
 def expand_inputs(paths: Sequence[str]) -> list[str]:
-    """Photos and folders (recursive, image suffixes only, sorted) to a list of files, in the order given."""
+    """Photos and folders (recursive, :func:`glied.datasets.images.find_images`) to a list of files, in the
+    order given."""
     out: list[str] = []
     for p in paths:
-        if os.path.isdir(p):
-            out += sorted(str(f) for f in Path(p).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        else:
-            out.append(p)
+        out += find_images(p) if os.path.isdir(p) else [p]
     return out
 
 
@@ -78,8 +74,9 @@ class Captioner:
     """Region extractor + attribute extractor + decoder, composed.
 
     Args:
-        regions: object with ``extract(images) -> list[RegionFeatures]`` and ``identity()``.
-        attributes: object with ``predict(images) -> list[AttributeWords]``, ``vocab`` and ``identity()``.
+        regions: a region :class:`glied.extractors.Extractor` (``extract(images) -> list[RegionFeatures]``).
+        attributes: a word :class:`glied.extractors.Extractor` (``extract(images) -> list[AttributeWords]``)
+            with ``vocab``.
         decoder: a :class:`glied.models.glied.GliedDecoder` in eval mode.
         vocab: the decoder's caption vocabulary (itow).
         beam_size, max_len: decoding settings.
@@ -91,7 +88,7 @@ class Captioner:
                  top_k: Optional[int] = None, device: str = "cpu", max_side: Optional[int] = DEFAULT_MAX_SIDE):
         from glied.datasets.captions import attribute_vocab_map
 
-        self.regions, self.attributes, self.decoder = regions, attributes, decoder
+        self.region_extractor, self.word_extractor, self.decoder = regions, attributes, decoder
         self.vocab, self.beam_size, self.max_len, self.device = vocab, beam_size, max_len, device
         self.top_k = top_k
         self.max_side = check_max_side(max_side)
@@ -102,8 +99,7 @@ class Captioner:
     def from_bundle(cls, path: str | os.PathLike, *, device: str = "cpu", precision: Optional[str] = None,
                     beam_size: Optional[int] = None) -> "Captioner":
         """Load a bundle (see :mod:`glied.pipeline.bundle`) and check that its parts belong together."""
-        from glied.extractors.bottomup import load_region_extractor
-        from glied.extractors.mil import load_attribute_extractor
+        from glied.extractors import load_extractors
         from glied.models.checkpoint import build_model, load_checkpoint
 
         meta, files = read_bundle(path)
@@ -113,14 +109,19 @@ class Captioner:
         top_k = (trained_on.get("attributes") or {}).get("top_k", settings.get("top_k"))
         # extract with the precision the training features were extracted with, unless asked otherwise
         precision = precision or ((trained_on.get("extractor") or {}).get("config") or {}).get("precision", "fp32")
-        regions = load_region_extractor(files["detector"], device=device, precision=precision)
-        attributes = load_attribute_extractor(files["attributes"], device=device, **({"top_k": top_k} if top_k else {}))
+        regions, attributes = load_extractors(files["detector"], files["attributes"], device=device,
+                                              precision=precision, top_k=top_k or None)
         # decode photos with the cap the training features were extracted with (older caches did not record it)
         trained_ext = trained_on.get("extractor") or {}
         max_side = trained_ext.get("max_side", DEFAULT_MAX_SIDE)
         live = idn.build(regions, attributes, top_k=top_k, max_side=max_side)
         if "max_side" not in trained_ext:
             live["extractor"].pop("max_side")
+        # the detector's precision changes the features by rounding only: a decoder trained on fp32 features
+        # captions from bf16 ones (and back), so --precision auto may pick what this machine runs fast
+        trained_on = idn.normalise(trained_on)
+        for ident in (live, trained_on):
+            ((ident.get("extractor") or {}).get("config") or {}).pop("precision", None)
         idn.check(live, trained_on, have_name="the bundle's extractors", limit=3,
                   what=f"{path}: the bundle's decoder was trained on features unlike those its detector and "
                        f"attribute detector give", fix="Rebuild the bundle from matching runs")
@@ -143,11 +144,11 @@ class Captioner:
         from glied.models.beam import decode_text
 
         t0 = time.perf_counter()
-        regs = self.regions.extract(images)
+        regs = self.region_extractor.extract(images)
         if loaded is not None:
             regs = [_rescale(r, im) for r, im in zip(regs, loaded)]
         t1 = time.perf_counter()
-        words = self.attributes.predict(images)
+        words = self.word_extractor.extract(images)
         t2 = time.perf_counter()
         items = [self._item(i, r, w) for i, (r, w) in enumerate(zip(regs, words))]
         batch = collate(items)
@@ -174,9 +175,11 @@ class Captioner:
         import torch
 
         if len(r) == 0:
-            raise GliedError("the detector found no region in the image")
+            raise InputError("the detector found no region in the photo")
         word_ids = np.asarray(w.word_ids, np.int64)
-        return {"index": i, "regions": torch.from_numpy(np.asarray(r.features, np.float32)),
+        from glied.datasets.captions import region_matrix
+
+        return {"index": i, "regions": torch.from_numpy(region_matrix(r, self.decoder.config.box_geometry)),
                 "attr_ids": torch.from_numpy(self.attr_map[word_ids]),
                 "attr_probs": torch.from_numpy(np.asarray(w.probs, np.float32)),
                 "captions": torch.zeros(1, 1, dtype=torch.long)}
@@ -196,11 +199,21 @@ class Captioner:
         results: list[CaptionResult] = []
         pending: list[tuple[str, object]] = []
 
+        def caption(items: list) -> list[CaptionResult]:
+            """Caption a batch; when one photo is rejected (no region, an image the detector cannot take),
+            caption each alone so that only that one gets an error."""
+            loaded = [im for _, im in items]
+            try:
+                return self.caption_images([im.image for im in loaded], with_attention, loaded=loaded)
+            except (InputError, ValueError) as e:
+                if len(items) == 1:
+                    return [CaptionResult(path=items[0][0], error=str(e).splitlines()[0])]
+            return [r for it in items for r in caption([it])]
+
         def flush():
             if not pending:
                 return
-            loaded = [im for _, im in pending]
-            res = self.caption_images([im.image for im in loaded], with_attention, loaded=loaded)
+            res = caption(pending)
             for (p, im), r in zip(pending, res):
                 r.path, r.image_scale = p, (im.scale_x, im.scale_y)
                 results.append(r)
@@ -242,6 +255,7 @@ def save_picture(result: CaptionResult, captioner: Captioner, path: str | os.Pat
         r = RegionFeatures(r.boxes * np.array([sx, sy, sx, sy], np.float32), r.features, r.obj_ids, r.obj_scores,
                            r.attr_ids, r.attr_scores, r.image_w, r.image_h)
     ex = Explanation(image=result.image, regions=r, caption=result.tokens, words=result.words,
-                     word_vocab=captioner.attributes.vocab, attention=result.attention,
-                     object_names=captioner.regions.classes, attribute_names=captioner.regions.attributes)
+                     word_vocab=captioner.word_extractor.vocab, attention=result.attention,
+                     object_names=captioner.region_extractor.classes,
+                     attribute_names=captioner.region_extractor.box_attributes)
     save_explanation(ex, str(path))

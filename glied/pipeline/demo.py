@@ -13,21 +13,28 @@ Stages, each in its own folder under ``out`` and skipped on a re-run when its se
     bundle       detector + attribute detector + GLIED (SCST) in one model bundle
     captions     the bundle captions a few held-out photos, with pictures; and a fresh, unseen-seed world, scored
                  on naming every object's shape and colour
+
+Every path a stage records (``stage.json``) is relative to the demo folder, so a demo folder can be moved or
+read from anywhere. The decoders are trained with ``decoder_seeds`` seeds each and the table gives mean +- std
+over them (``benchmarks/demo_seeds.py`` runs three).
 """
 from __future__ import annotations
 
 import json
+import os
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from glied.fileio import write_text_atomic
 from glied.pipeline.data import make_shapes_world, prepare_captions
 from glied.pipeline.stages import StageRunner
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and budgets of the demo; the defaults fit 20 minutes on 2 CPU cores."""
+    """Sizes and budgets of the demo; the defaults aim at 20 minutes on 2 CPU cores."""
 
     images: int = 3000
     seed: int = 0
@@ -35,10 +42,16 @@ class DemoConfig:
     max_length: int = 24
     count_threshold: int = 5
     detector_epochs: int = 8
+    # the small detector's input side (the photos are 128 px); 192 px for 6 epochs trains in ~0.4x the time
+    # but reached box mAP@0.5 0.80 on the test split (256 px, 8 epochs: 0.92)
+    detector_input: int = 256
     attribute_epochs: int = 8
     top_k: int = 15
     xe_epochs: int = 8
     scst_epochs: int = 2
+    captions_per_image: int = 1  # XE: references drawn per image and epoch
+    box_geometry: bool = True  # the decoder reads each region's box position and size
+    decoder_seeds: tuple[int, ...] = (0,)
     batch_size: int = 50
     beam_size: int = 3
     unseen_images: int = 200
@@ -47,23 +60,42 @@ class DemoConfig:
     threads: int | None = None
 
 
+def _rel(path: str | Path, root: Path) -> str:
+    """``path`` relative to the demo folder ``root`` (what stage records store)."""
+    return os.path.relpath(Path(path).resolve(), root.resolve())
+
+
 def _detector_stage(world: Path, cfg: DemoConfig, log) -> Callable[[Path], dict]:
     def run(d: Path) -> dict:
         from glied.pipeline.detector import train_detector
 
         s = train_detector(str(world / "instances.json"), str(world / "images"), str(d), preset="small",
-                           epochs=cfg.detector_epochs, seed=cfg.seed, split="train", log=log,
+                           epochs=cfg.detector_epochs, input_size=cfg.detector_input, seed=cfg.seed,
+                           split="train", log=log,
                            resume=(d / "checkpoint.pt").exists())  # an interrupted demo continues its run
-        return {"run": str(d), "seconds": s.get("seconds")}
+        return {"run": d.name, "seconds": s.get("seconds")}
     return run
+
+
+def _portable(obj, root: Path):
+    """``obj`` with every string that names a path inside the demo folder made relative to it."""
+    if isinstance(obj, dict):
+        return {k: _portable(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_portable(v, root) for v in obj]
+    if isinstance(obj, str) and os.sep in obj:
+        rel = _rel(obj, root)
+        if not rel.startswith(os.pardir) and (root / rel).exists():
+            return rel
+    return obj
 
 
 def _detector_eval_stage(world: Path, det_run: str, log) -> Callable[[Path], dict]:
     def run(d: Path) -> dict:
         from glied.pipeline.detector import evaluate_detector_run
 
-        return evaluate_detector_run(det_run, str(world / "instances.json"), str(world / "images"), split="test",
-                                     log=log)
+        return _portable(evaluate_detector_run(det_run, str(world / "instances.json"), str(world / "images"),
+                                               split="test", log=log), d.parent)
     return run
 
 
@@ -73,7 +105,7 @@ def _attributes_stage(prep: Path, cfg: DemoConfig, log) -> Callable[[Path], dict
 
         train_attributes(prep, d, config="small", epochs=cfg.attribute_epochs, seed=cfg.seed, log=log,
                          resume=(d / "last.pt").exists())
-        return {"run": str(d)}
+        return {"run": d.name}
     return run
 
 
@@ -81,21 +113,22 @@ def _attributes_eval_stage(prep: Path, mil_run: str, cfg: DemoConfig, log) -> Ca
     def run(d: Path) -> dict:
         from glied.pipeline.attributes import evaluate_attributes
 
-        return evaluate_attributes(mil_run, prep, split="test", top_ks=(5, cfg.top_k), out=d / "metrics.json",
-                                   log=log)
+        return _portable(evaluate_attributes(mil_run, prep, split="test", top_ks=(5, cfg.top_k),
+                                             out=d / "metrics.json", log=log), d.parent)
     return run
 
 
 def _features_stage(world: Path, det_run: str, mil_run: str, cfg: DemoConfig, log) -> Callable[[Path], dict]:
     def run(d: Path) -> dict:
-        from glied.pipeline.extract import build_attribute_extractor, build_region_extractor, extract
+        from glied.extractors import load_extractors
+        from glied.pipeline.extract import extract
 
-        regions = build_region_extractor(det_run, None, "cpu", "fp32")
-        words = build_attribute_extractor(mil_run, "cpu", cfg.top_k)
+        regions, words = load_extractors(det_run, mil_run, device="cpu", precision="fp32", top_k=cfg.top_k)
         s = extract(str(world / "captions.json"), str(d / "cache"), region_extractor=regions,
                     attribute_extractor=words, top_k=cfg.top_k, images_root=str(world), dtype="float16",
                     batch_size=16, progress=False, log=log)
-        return {"cache": str(d / "cache"), "summary": {k: v for k, v in vars(s).items() if _jsonable(v)}}
+        return {"cache": f"{d.name}/cache",
+                "summary": _portable({k: v for k, v in vars(s).items() if _jsonable(v)}, d.parent)}
     return run
 
 
@@ -107,54 +140,71 @@ def _jsonable(v) -> bool:
         return False
 
 
-def _decoder_stage(prep: Path, cache: str, model: str, stage: str, epochs: int, cfg: DemoConfig, log,
-                   init: str | None = None) -> Callable[[Path], dict]:
-    def run(d: Path) -> dict:
-        from glied.pipeline.train import TrainConfig, train
+def decoder_recipe(model: str, stage: str, seed: int, cfg: DemoConfig):
+    """The demo's decoder settings (DecoderTrainConfig) for one stage ("xe" or "scst"): a 256-wide model, ``captions_per_image``
+    references per image and XE epoch, box geometry with the region features, 2 SCST samples per image with
+    the greedy baseline."""
+    from glied.pipeline.train import DecoderTrainConfig
 
-        # the shapes-world recipe (benchmarks/shapes_recipe.py): a 256-wide model, one caption per image and
-        # epoch, 2 SCST samples per image with the greedy baseline
-        tc = TrainConfig(model=model, stage=stage, epochs=epochs if stage == "xe" else 0,
-                         scst_epochs=epochs if stage == "scst" else 0, batch_size=cfg.batch_size, seed=cfg.seed,
-                         d_model=256, d_embed=128, lr=1e-3, warmup_steps=100, captions_per_image=1,
-                         scst_samples=2)
-        s = train(prep, cache, d, tc, init=init, log=log, resume=(d / "last.pt").exists())
-        return {"run": str(d), "best_val_cider": s.get("best_val_cider")}
+    return DecoderTrainConfig(model=model, stage=stage, epochs=cfg.xe_epochs if stage == "xe" else 0,
+                              scst_epochs=cfg.scst_epochs if stage == "scst" else 0, batch_size=cfg.batch_size,
+                              seed=seed, d_model=256, d_embed=128, lr=1e-3, warmup_steps=100,
+                              captions_per_image=cfg.captions_per_image, scst_samples=2,
+                              box_geometry=cfg.box_geometry)
+
+
+def _decoder_stage(prep: Path, cache: Path, model: str, stage: str, seed: int, cfg: DemoConfig,
+                   log, init: Path | None = None) -> Callable[[Path], dict]:
+    def run(d: Path) -> dict:
+        from glied.pipeline.train import train
+
+        tc = decoder_recipe(model, stage, seed, cfg)
+        s = train(prep, cache, d, tc, init=str(init) if init else None, log=log, resume=(d / "last.pt").exists())
+        return {"run": d.name, "best_val_cider": s.get("best_val_cider")}
     return run
 
 
-def _eval_stage(prep: Path, cache: str, runs: dict[str, str], cfg: DemoConfig, log) -> Callable[[Path], dict]:
+def _eval_stage(prep: Path, cache: Path, runs: dict[str, list[Path]], cfg: DemoConfig, log
+                ) -> Callable[[Path], dict]:
     def run(d: Path) -> dict:
         from glied.pipeline.evaluate import evaluate
 
         table = {}
-        for name, r in runs.items():
-            res = evaluate(r, cache, prep, split="test", beam_size=cfg.beam_size, out=d / name, log=log)
-            table[name] = res["metrics"]
+        for name, seed_runs in runs.items():
+            per_seed = []
+            for r in seed_runs:
+                res = evaluate(r, cache, prep, split="test", beam_size=cfg.beam_size,
+                               out=d / f"{name.replace(' ', '_')}_{r.name}", log=log)
+                per_seed.append(res["metrics"])
+            table[name] = per_seed
         return table
     return run
 
 
-def _captions_stage(bundle: str, world: Path, cfg: DemoConfig, log) -> Callable[[Path], dict]:
+def _captions_stage(bundle: Path, world: Path, cfg: DemoConfig, log) -> Callable[[Path], dict]:
     def run(d: Path) -> dict:
         from glied.pipeline.caption import Captioner, save_picture
-        from glied.pipeline.naming import naming_accuracy
+        from glied.pipeline.naming import naming_accuracy, scene_objects
 
         captioner = Captioner.from_bundle(bundle)
         tests = [im for im in json.loads((world / "captions.json").read_text())["images"] if im["split"] == "test"]
+        objects = scene_objects(world)
+        root = d.parent
         shown = []
         for im in tests[: cfg.pictures]:
-            path = str(world / im["filepath"] / im["filename"])
-            r = captioner.caption_files([path], with_attention=True)[0]
+            path = world / im["filepath"] / im["filename"]
+            r = captioner.caption_files([str(path)], with_attention=True)[0]
             pic = d / f"{Path(im['filename']).stem}.png"
             save_picture(r, captioner, pic)
-            shown.append({"photo": path, "caption": r.caption, "picture": str(pic),
+            shown.append({"photo": _rel(path, root), "caption": r.caption, "picture": _rel(pic, root),
+                          "objects": [f"{c} {s}" for s, c in objects[im["cocoid"]]],
                           "references": [s["raw"] for s in im["sentences"][:2]]})
             log(f"  {im['filename']}: {r.caption}")
         unseen = d / "unseen_world"
         make_shapes_world(unseen, cfg.unseen_images, seed=cfg.unseen_seed, size=cfg.size)
-        naming = naming_accuracy(captioner, unseen)
-        return {"pictures": shown, "unseen": naming}
+        naming = naming_accuracy(captioner, unseen, out=d / "unseen_captions.json")
+        return {"pictures": shown, "unseen": naming, "unseen_world": _rel(unseen, root),
+                "unseen_captions": _rel(d / "unseen_captions.json", root)}
     return run
 
 
@@ -166,39 +216,49 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
     out = Path(out)
     runner = StageRunner(out, log)
     quiet = lambda s: None  # noqa: E731  (stage internals log to their own files; the demo prints summaries)
-    world = Path(runner.run("world", {"images": cfg.images, "seed": cfg.seed, "size": cfg.size},
-                            lambda d: make_shapes_world(d, cfg.images, seed=cfg.seed, size=cfg.size))["out"])
+    from glied.datasets.shapes.world import FORMAT_VERSION
+    world = out / runner.run("world", {"images": cfg.images, "seed": cfg.seed, "size": cfg.size,
+                                       "format": FORMAT_VERSION},
+                             lambda d: {**make_shapes_world(d, cfg.images, seed=cfg.seed, size=cfg.size),
+                                        "out": d.name})["out"]
     prep = out / "prep"
     runner.run("prep", {"max_length": cfg.max_length, "count_threshold": cfg.count_threshold},
                lambda d: prepare_captions(world / "captions.json", d, cfg.count_threshold, cfg.max_length)["counts"],
                after=("world",))
-    det = runner.run("detector", {"epochs": cfg.detector_epochs}, _detector_stage(world, cfg, quiet),
-                     after=("world",))["run"]
-    det_eval = runner.run("detector_eval", {}, _detector_eval_stage(world, det, quiet), after=("detector",))
-    mil = runner.run("attributes", {"epochs": cfg.attribute_epochs}, _attributes_stage(prep, cfg, quiet),
-                     after=("prep",))["run"]
-    mil_eval = runner.run("attributes_eval", {"top_k": cfg.top_k}, _attributes_eval_stage(prep, mil, cfg, quiet),
-                          after=("attributes",))
-    cache = runner.run("features", {"top_k": cfg.top_k}, _features_stage(world, det, mil, cfg, quiet),
-                       after=("detector", "attributes"))["cache"]
-    runs = {}
+    det = out / runner.run("detector", {"epochs": cfg.detector_epochs, "input": cfg.detector_input},
+                           _detector_stage(world, cfg, quiet), after=("world",))["run"]
+    det_eval = runner.run("detector_eval", {}, _detector_eval_stage(world, str(det), quiet), after=("detector",))
+    mil = out / runner.run("attributes", {"epochs": cfg.attribute_epochs}, _attributes_stage(prep, cfg, quiet),
+                           after=("prep",))["run"]
+    mil_eval = runner.run("attributes_eval", {"top_k": cfg.top_k},
+                          _attributes_eval_stage(prep, str(mil), cfg, quiet), after=("attributes",))
+    cache = out / runner.run("features", {"top_k": cfg.top_k}, _features_stage(world, str(det), str(mil), cfg, quiet),
+                             after=("detector", "attributes"))["cache"]
+    recipe = {"batch": cfg.batch_size, "captions_per_image": cfg.captions_per_image,
+              "box_geometry": cfg.box_geometry}
+    runs: dict[str, list[Path]] = {}
     for model in ("base", "glied"):
-        xe = runner.run(f"{model}_xe", {"epochs": cfg.xe_epochs, "batch": cfg.batch_size},
-                        _decoder_stage(prep, cache, model, "xe", cfg.xe_epochs, cfg, quiet),
-                        after=("prep", "features"))["run"]
-        scst = runner.run(f"{model}_scst", {"epochs": cfg.scst_epochs, "batch": cfg.batch_size},
-                          _decoder_stage(prep, cache, model, "scst", cfg.scst_epochs, cfg, quiet, init=xe),
-                          after=(f"{model}_xe",))["run"]
-        runs[f"{model} XE"], runs[f"{model} SCST"] = xe, scst
-    table = runner.run("eval", {"beam": cfg.beam_size}, _eval_stage(prep, cache, runs, cfg, quiet),
-                       after=("base_scst", "glied_scst"))
+        for seed in cfg.decoder_seeds:
+            tag = "" if seed == cfg.decoder_seeds[0] else f"_seed{seed}"
+            xe = out / runner.run(f"{model}_xe{tag}", {"epochs": cfg.xe_epochs, "seed": seed, **recipe},
+                                  _decoder_stage(prep, cache, model, "xe", seed, cfg, quiet),
+                                  after=("prep", "features"))["run"]
+            scst = out / runner.run(f"{model}_scst{tag}", {"epochs": cfg.scst_epochs, "seed": seed, **recipe},
+                                    _decoder_stage(prep, cache, model, "scst", seed, cfg, quiet,
+                                                   init=xe),
+                                    after=(f"{model}_xe{tag}",))["run"]
+            runs.setdefault(f"{model} XE", []).append(xe)
+            runs.setdefault(f"{model} SCST", []).append(scst)
+    decoders = tuple(r.name for rs in runs.values() for r in rs)
+    table = runner.run("eval", {"beam": cfg.beam_size, "runs": decoders},
+                       _eval_stage(prep, cache, runs, cfg, quiet), after=decoders)
 
     def bundle_stage(d: Path) -> dict:
         from glied.pipeline.caption import build_bundle
-        return {"bundle": str(build_bundle(d / "model", detector=str(Path(det) / "checkpoint.pt"), attributes=mil,
-                                           decoder=runs["glied SCST"],
-                                           beam_size=cfg.beam_size))}
-    bundle = runner.run("bundle", {}, bundle_stage, after=("glied_scst",))["bundle"]
+        b = build_bundle(d / "model", detector=str(det / "checkpoint.pt"), attributes=str(mil),
+                         decoder=str(runs["glied SCST"][0]), beam_size=cfg.beam_size)
+        return {"bundle": _rel(b, out)}
+    bundle = out / runner.run("bundle", {}, bundle_stage, after=(runs["glied SCST"][0].name, "attributes"))["bundle"]
     caps = runner.run("captions", {"pictures": cfg.pictures, "unseen": [cfg.unseen_images, cfg.unseen_seed]},
                       _captions_stage(bundle, world, cfg, log), after=("bundle",))
 
@@ -211,9 +271,22 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
         total += 0 if cached else sec
         log(f"  {name:<16} {sec:8.1f}{'  (cached; time of the run that made it)' if cached else ''}")
     log(f"  {'this run':<16} {total:8.1f}")
-    log(f"bundle: {bundle}   pictures: {out / 'captions'}")
-    (out / "report.txt").write_text(report)
+    log("")
+    log(f"bundle:   {bundle}   (glied caption PHOTO --model {bundle})")
+    log(f"pictures: {out / 'captions'}/*.png   unseen-seed captions: {out / caps['unseen_captions']}")
+    if caps.get("pictures"):
+        ex = caps["pictures"][0]
+        log(f"example:  {out / ex['photo']}")
+        log(f"  caption:      {ex['caption']}")
+        log(f"  ground truth: {', '.join(ex.get('objects', []))}")
+        log(f"  reference:    {ex['references'][0]}")
+    write_text_atomic(out / "report.txt", report)
     return {name: r.result for name, r in runner.results.items()} | {"config": asdict(cfg)}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def format_report(det_eval: dict, mil_eval: dict, table: dict, caps: dict, cfg: DemoConfig) -> str:
@@ -226,20 +299,34 @@ def format_report(det_eval: dict, mil_eval: dict, table: dict, caps: dict, cfg: 
     lines.append(f"MIL words     mAP {mil_eval.get('mAP', float('nan')):.3f}")
     lines.append("")
     cols = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"]
-    lines.append(f"{'decoder':<12}" + "".join(f"{c:>9}" for c in cols))
-    for name, m in table.items():
+    n_seeds = max((len(v) for v in table.values()), default=1)
+    width = 15 if n_seeds > 1 else 9
+    lines.append(f"{'decoder':<12}" + "".join(f"{c:>{width}}" for c in cols)
+                 + (f"   (mean +- std over {n_seeds} seeds)" if n_seeds > 1 else ""))
+    spice = None
+    for name, per_seed in table.items():
+        per_seed = per_seed if isinstance(per_seed, list) else [per_seed]
         cells = []
         for c in cols:
-            v = m.get(c)
-            cells.append(f"{v:9.3f}" if isinstance(v, (int, float)) else f"{'n/a':>9}")
+            vals = [m.get(c) for m in per_seed]
+            if all(isinstance(v, (int, float)) for v in vals):
+                mu, sd = mean_std(vals)
+                cells.append(f"{mu:.3f} +- {sd:.3f}".rjust(width) if n_seeds > 1 else f"{mu:{width}.3f}")
+            else:
+                spice = spice or next((v for v in vals if isinstance(v, str)), None)
+                cells.append(f"{'n/a':>{width}}")
         lines.append(f"{name:<12}" + "".join(cells))
-    spice = next((m.get("SPICE") for m in table.values() if not isinstance(m.get("SPICE"), (int, float))), None)
     if spice:
         lines.append(str(spice))
     u = caps.get("unseen", {})
     if u:
         lines.append("")
         lines.append(f"unseen seed {cfg.unseen_seed}, {u.get('images')} photos through the bundle: every object's "
-                     f"shape and colour named in {100 * u.get('all_named', 0):.1f}% of photos "
+                     f"shape and colour named exactly once in {100 * u.get('all_named', 0):.1f}% of photos "
                      f"(objects named: {100 * u.get('objects_named', 0):.1f}%)")
+        err = u.get("errors", {})
+        by_n = u.get("by_objects", {})
+        lines.append("  by objects per photo: " + ", ".join(f"{n}: {c}/{t}" for n, (c, t) in by_n.items())
+                     + f"; errors: {err.get('missed', 0)} missed, {err.get('doubled', 0)} named twice, "
+                     f"{err.get('invented', 0)} invented")
     return "\n".join(lines) + "\n"

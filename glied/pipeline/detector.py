@@ -17,9 +17,9 @@ from glied.fileio import write_json_atomic
 
 CHECKPOINT = "checkpoint.pt"
 PRESETS = ("small",)
-# Settings on top of BottomUpConfig.small for training from scratch on the shapes world (measured; see the
-# issue-3 note): input 256 so that a small shape spans 2-3 res4 cells, a deeper but narrow backbone with the
-# stride in the 3x3 conv (the caffe stride-in-1x1 skips 3/4 of the pixels with no spatial mixing, which hurts
+# Settings on top of BottomUpConfig.small for training from scratch on the shapes world (measured; see
+# docs/architecture.md, "Detector on the shapes world"): input 256 so that a small shape spans 2-3 res4
+# cells, a deeper but narrow backbone with the stride in the 3x3 conv (the caffe stride-in-1x1 skips 3/4 of the pixels with no spatial mixing, which hurts
 # when nothing is pretrained), and base width 8 so that the per-RoI res5 stays cheap on a CPU.
 SHAPES_SMALL = {"base_width": 8, "min_size": 256, "max_size": 256, "stride_in_1x1": False,
                 "stage_blocks": (2, 2, 2, 1), "caffe_maxpool": False}
@@ -40,7 +40,7 @@ def model_config_for(preset: str, num_classes: int, num_attributes: int, input_s
 
 def train_detector(annotations: str, images: str, out: str, *, preset: str = "small",
                    epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
-                   resume: bool = False, seed: int = 0,
+                   resume: bool = False, seed: int | None = None,
                    split: str | None = "train", split_file: str | None = None, input_size: int | None = None,
                    max_images: int | None = None, threads: int | None = None,
                    overrides: dict | None = None, model_overrides: dict | None = None,
@@ -48,11 +48,13 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
     """Train a detector into the run directory ``out``; returns a summary dict (epochs, iterations, seconds).
 
     ``split`` selects the training images (their ``split`` field or the Karpathy ``split_file``); None trains
-    on every image. ``overrides`` sets other TrainConfig fields (e.g. roi_batch_per_image);
+    on every image. ``overrides`` sets other DetectorTrainConfig fields (e.g. roi_batch_per_image);
     ``model_overrides`` BottomUpConfig fields on top of the preset. ``threads`` sets torch's intra-op threads
     (on a CPU shared with other jobs, 1 thread can be several times faster than 2).
     ``model`` injects a ready module (tests); otherwise it is built from the preset (or, with ``resume``, from
-    the checkpoint).
+    the checkpoint). ``epochs``, ``batch_size``, ``lr``, ``seed``, ``input_size`` and ``overrides``: None or
+    absent = the defaults, or with ``resume`` the run's stored settings; a given value that conflicts with
+    the stored one is refused (:func:`glied.checkpoint.resume_settings`).
     """
     import numpy as np
     import torch
@@ -61,7 +63,7 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
         torch.set_num_threads(threads)
 
     from glied.extractors.bottomup.data import DetectionDataset, make_batch
-    from glied.extractors.bottomup.training import TrainConfig, detector_losses, lr_at
+    from glied.extractors.bottomup.training import DetectorTrainConfig, lr_at
     from glied.extractors.bottomup.weights import (checkpoint_vocab, load_checkpoint, model_from_checkpoint,
                                                    save_checkpoint)
 
@@ -89,21 +91,25 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
     vocab = {"class_names": data.class_names, "category_ids": data.category_ids,
              "attribute_names": data.attribute_names, "attribute_types": data.attribute_types}
 
-    changes = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
+    given = {**(overrides or {}), "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
     state = None
     if resume:
+        from glied.checkpoint import resume_settings
+
         state = load_checkpoint(ckpt_path)
         if "optimizer" not in state:
             raise ConfigError(f"{ckpt_path} holds no training state (optimizer); start a new run instead")
         old = checkpoint_vocab(state)
         if old["class_names"] != vocab["class_names"] or old["attribute_names"] != vocab["attribute_names"]:
             raise ConfigError(f"{ckpt_path} was trained on other classes or attributes than {annotations}")
-        tcfg = TrainConfig.from_dict(state["extra"]["train_config"])
-        tcfg = TrainConfig.from_dict({**tcfg.to_dict(), **(overrides or {}), **changes})
+        tcfg = DetectorTrainConfig.from_dict(resume_settings(state["extra"]["train_config"], given,
+                                                             where=str(ckpt_path)))
+        resume_settings({"input_size": state["config"]["min_size"]}, {"input_size": input_size},
+                        where=str(ckpt_path))
         model_cfg = state["config"]
         model = model if model is not None else model_from_checkpoint(state).train()
     else:
-        tcfg = TrainConfig.from_dict({**(overrides or {}), "seed": seed, **changes})
+        tcfg = DetectorTrainConfig.from_dict({k: v for k, v in given.items() if v is not None})
         if model is None:
             model_cfg = model_config_for(preset, data.num_classes, data.num_attributes, input_size,
                                          model_overrides)
@@ -145,7 +151,7 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
                                                   [bool(flips[i]) for i in idx])
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(it, total, tcfg)
-                losses = detector_losses(model, imgs, sizes, targets, tcfg, gen)
+                losses = model.losses(imgs, sizes, targets, tcfg, gen)
                 loss = sum(losses.values())
                 losses = {k: v.detach() for k, v in losses.items()}
                 if not torch.isfinite(loss):

@@ -18,6 +18,7 @@ import torch
 from glied.datasets import identity as idn
 from glied.datasets.captions import CaptionDataset, FeatureSource, collate, model_inputs
 from glied.errors import ConfigError, InputError
+from glied.fileio import write_json_atomic
 from glied.models.beam import beam_search, greedy
 from glied.models.glied import GliedDecoder
 
@@ -113,13 +114,14 @@ def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | Featur
         raise InputError(f"{refs_file}: no references for split {split!r} (prepared data has val and test)")
     model = build_model(ckpt).to(device)
     max_attrs = (ckpt.get("train_config") or {}).get("max_attrs")
-    ds = CaptionDataset(prep, source, split, max_attrs, where=source_name)
+    ds = CaptionDataset(prep, source, split, max_attrs, where=source_name,
+                        box_geometry=model.config.box_geometry)
     seqs = predict_split(model, ds, beam_size, batch_size, device, int(prep.labels.shape[1]))
     preds = {image_id: prep.decode(s) for image_id, s in zip(ds.ids, seqs)}
     out_dir = Path(out) if out is not None else Path(ckpt["path"]).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = out_dir / f"predictions_{split}.json"
-    pred_path.write_text(json.dumps([{"image_id": k, "caption": v} for k, v in preds.items()]))
+    write_json_atomic(pred_path, [{"image_id": k, "caption": v} for k, v in preds.items()])
     gt = json.loads(refs_file.read_text())
     refs: dict[str, list[str]] = {str(im["id"]): [] for im in gt["images"]}
     for a in gt["annotations"]:
@@ -131,7 +133,7 @@ def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | Featur
     metrics = coco_metrics(refs, {k: preds[k] for k in refs})
     result = {"checkpoint": ckpt["path"], "split": split, "beam_size": beam_size, "n_images": len(refs),
               "metrics": metrics, "predictions": str(pred_path)}
-    (out_dir / f"metrics_{split}.json").write_text(json.dumps(result, indent=1))
+    write_json_atomic(out_dir / f"metrics_{split}.json", result, indent=1)
     for k, v in metrics.items():
         log(f"{k:8s} {v if isinstance(v, str) else f'{v:.4f}'}")
     return result

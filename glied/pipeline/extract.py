@@ -5,24 +5,24 @@ Data flow::
     enumerate_inputs(INPUT) -> shard -> skip ids already in the cache
       -> decode in worker threads (Pillow/cv2 release the GIL), a few batches ahead of the model
       -> region_extractor.extract(batch)  [or .extract_given_boxes(batch, boxes)]
-      -> attribute_extractor.predict(batch)          (optional)
+      -> attribute_extractor.extract(batch)          (optional)
       -> boxes mapped back to original pixels -> CacheWriter.put (fsync'ed in groups)
 
 Bad images never stop the run: each gets one line on stderr and a record {id, path, kind, reason} in
-``CACHE/failures.jsonl`` (rewritten by each run; failed images are tried again on the next run).
-Extractors follow the contracts in COMMON.md; ``extractor_module`` ("pkg.mod:factory" or
+``CACHE/failures.jsonl`` (replaced, atomically, at the end of each run; failed images are tried again on the
+next run).
+Extractors implement :class:`glied.extractors.Extractor` and are built by
+:func:`glied.extractors.load_extractors`; its ``extractor_module`` ("pkg.mod:factory" or
 "path/to/file.py:factory") loads any factory ``factory(weights=..., device=..., precision=...)`` that returns
-such an object (``extract(images) -> list[RegionFeatures]``; for ``--boxes`` also
-``extract_given_boxes(image, boxes (N, 4)) -> RegionFeatures``), which is how users plug their own
-extractor and how the tests drive a real subprocess.
+a region extractor (for ``--boxes`` also ``extract_given_boxes(image, boxes (N, 4)) -> RegionFeatures``),
+which is how users plug their own extractor and how the tests drive a real subprocess.
 """
 from __future__ import annotations
 
 import collections
-import importlib
-import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +35,7 @@ from glied.datasets import inputs as inp
 from glied.datasets.cache import FAILURES, CacheWriter, make_manifest
 from glied.datasets.images import DEFAULT_MAX_SIDE, ImageLoadError, LoadedImage, check_max_side, decode_image
 from glied.errors import ConfigError, InputError
+from glied.fileio import atomic_open
 from glied.records import AttributeWords, RegionFeatures
 
 
@@ -52,31 +53,6 @@ class ExtractSummary:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
 
 
-def load_factory(spec: str):
-    """'pkg.module:factory' or 'path/to/file.py:factory' -> the callable (ConfigError if not found)."""
-    mod_name, sep, attr = spec.rpartition(":")
-    if not sep or not mod_name or not attr:
-        raise ConfigError(f"--extractor-module {spec!r}: expected 'package.module:factory' or "
-                          f"'file.py:factory'")
-    try:
-        if mod_name.endswith(".py"):
-            if not os.path.isfile(mod_name):
-                raise ConfigError(f"--extractor-module: {mod_name} does not exist")
-            name = "glied_user_extractor_" + os.path.splitext(os.path.basename(mod_name))[0]
-            s = importlib.util.spec_from_file_location(name, mod_name)
-            module = importlib.util.module_from_spec(s)
-            sys.modules[name] = module
-            s.loader.exec_module(module)
-        else:
-            module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ConfigError(f"--extractor-module {spec!r}: cannot import {mod_name} ({e})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"--extractor-module {spec!r}: {mod_name} has no callable {attr!r}")
-    return fn
-
-
 def resolve_device(device: str) -> str:
     """'cpu' | 'cuda' | 'cuda:N' | 'auto' -> a concrete torch device string (ConfigError if unavailable)."""
     if device == "cpu":
@@ -92,26 +68,22 @@ def resolve_device(device: str) -> str:
     raise ConfigError(f"--device {device!r}: expected cpu, cuda or auto")
 
 
-def build_region_extractor(detector: str | None, extractor_module: str | None, device: str, precision: str):
-    """The region extractor for `glied extract` (bottom-up weights/run, or a user factory)."""
-    if extractor_module:
-        return load_factory(extractor_module)(weights=detector, device=device, precision=precision)
-    if not detector:
-        raise ConfigError("glied extract needs --detector WEIGHTS_OR_RUN (bottom-up weights or a "
-                          "train-detector run folder), or --extractor-module pkg.mod:factory")
-    from glied.extractors.bottomup import load_region_extractor
+def choose_precision(requested: str, device: str):
+    """Resolve ``--precision`` ("auto" | "fp32" | "bf16" | "fp16") for ``device`` -> a PrecisionChoice (see
+    :mod:`glied.extractors.precision`); :func:`say_precision` tells the user once the model has loaded."""
+    from glied.extractors.precision import resolve_precision
 
-    return load_region_extractor(detector, device=device, precision=precision)
+    return resolve_precision(requested, device)
 
 
-def build_attribute_extractor(run: str | None, device: str, top_k: int | None):
-    """The MIL attribute-word extractor of ``run`` (None when no run is given); top_k None: the run's own."""
-    if not run:
-        return None
-    from glied.extractors.mil import load_attribute_extractor
-
-    kw = {} if top_k is None else {"top_k": top_k}
-    return load_attribute_extractor(run, device=device, **kw)
+def say_precision(choice, log=None, quiet: bool = False) -> None:
+    """One line with the precision used and why (not when ``quiet``), plus a warning line when a forced
+    precision is slow here (always)."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if not quiet:
+        log(choice.describe())
+    if choice.warning:
+        log(f"warning: {choice.warning}")
 
 
 def load_boxes(path: str) -> dict[str, np.ndarray]:
@@ -125,20 +97,61 @@ def load_boxes(path: str) -> dict[str, np.ndarray]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"--boxes {path}: not valid JSON ({e})") from None
     out: dict[str, list] = collections.defaultdict(list)
+    bad: dict[str, str] = {}
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-        for a in data["annotations"]:
-            x, y, w, h = a["bbox"]
-            out[str(a["image_id"])].append([x, y, x + w, y + h])
+        for k, a in enumerate(data["annotations"]):
+            if not isinstance(a, dict) or "image_id" not in a:
+                raise InputError(f"--boxes {path}: annotations[{k}] is not an object with an image_id")
+            try:
+                x, y, w, h = (float(v) for v in a["bbox"])
+                out[str(a["image_id"])].append([x, y, x + w, y + h])
+            except (KeyError, TypeError, ValueError):
+                bad[str(a["image_id"])] = f"annotations[{k}].bbox {a.get('bbox')!r} is not [x, y, w, h]"
     elif isinstance(data, dict):
         for k, v in data.items():
-            out[str(k)] = list(v)
+            out[str(k)] = v
     else:
         raise InputError(f"--boxes {path}: expected COCO annotations or {{image_id: [[x1,y1,x2,y2], ...]}}")
-    res = {}
+    res: dict[str, np.ndarray | str] = {}
     for k, v in out.items():
-        a = np.asarray(v, dtype=np.float32).reshape(-1, 4) if len(v) else np.zeros((0, 4), np.float32)
-        res[k] = a
+        try:
+            a = np.asarray(v, dtype=np.float32)
+            res[k] = a.reshape(-1, 4) if a.size or a.ndim != 1 else np.zeros((0, 4), np.float32)
+        except (ValueError, TypeError):
+            res[k] = f"boxes {str(v)[:60]} are not a list of [x1, y1, x2, y2]"
+    res.update(bad)
     return res
+
+
+def box_problem(boxes) -> str | None:
+    """Why given boxes (N, 4) x1,y1,x2,y2 cannot be used (None: fine). A string is load_boxes' reason."""
+    if isinstance(boxes, str):
+        return boxes
+    if not np.isfinite(boxes).all():
+        return "a given box has a NaN or infinite coordinate"
+    if (boxes < 0).any():
+        return "a given box has a negative coordinate"
+    if len(boxes) and ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+        return "a given box has zero area (need x2 > x1 and y2 > y1)"
+    return None
+
+
+_IMAGE_PREFIX = re.compile(r"^image \d+: ")
+
+
+def _extract_isolated(run, batch: list, fail) -> list:
+    """``run(batch)`` -> per-item results; when the batch fails on an input the extractor rejects, each item
+    is run alone so that only the bad one is recorded by ``fail(item, kind, reason)`` (and skipped: None)."""
+    try:
+        return run(batch)
+    except (InputError, ValueError) as e:
+        if len(batch) == 1:
+            fail(batch[0][0], "extractor", _IMAGE_PREFIX.sub("", str(e).splitlines()[0]))
+            return [None]
+    out = []
+    for item in batch:
+        out += _extract_isolated(run, [item], fail)
+    return out
 
 
 def _rescale(r: RegionFeatures, im: LoadedImage) -> RegionFeatures:
@@ -161,11 +174,14 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
     """Extract every image of ``input_path`` (shard ``shard``) not yet in cache ``out``; see module docstring.
 
     ``max_side``: photos are decoded at most this long (None or 0: no cap); recorded in the cache identity,
-    so resuming with another value is refused. Attribute word maps (V, h, w) are large (often more than the regions) and are dropped unless
-    ``keep_word_maps``. Returns an :class:`ExtractSummary`. Raises ConfigError when ``out`` holds features
-    of another extractor identity (the message says what differs); committed entries are never rewritten.
+    so resuming with another value is refused. Attribute word maps (V, h, w) are large (often more than the
+    regions) and are dropped unless ``keep_word_maps``. Returns an :class:`ExtractSummary`. Raises
+    ConfigError when ``out`` holds features of another extractor identity (the message says what differs);
+    committed entries are never rewritten.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if batch_size < 1 or workers < 0:
+        raise ConfigError(f"extract: batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
     t0 = time.perf_counter()
     max_side = check_max_side(max_side)
     items = inp.shard(inp.enumerate_inputs(input_path, images_root), *shard)
@@ -186,7 +202,7 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 + ("; ..." if len(writer.dropped) > 5 else ""))
         todo = [it for it in items if it.id not in writer]
         already = len(items) - len(todo)
-        with open(fail_path, "w", encoding="utf-8") as ff:
+        with atomic_open(fail_path, "w", encoding="utf-8") as ff:       # replaced when the run ends
             def fail(it: inp.InputImage, kind: str, reason: str) -> None:
                 nonlocal n_fail
                 n_fail += 1
@@ -201,28 +217,34 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1)
             batch: list[tuple[inp.InputImage, LoadedImage]] = []
 
-            def flush() -> None:
-                nonlocal n_done
-                if not batch:
-                    return
-                ims = [b[1].image for b in batch]
+            def run(items: list) -> list:
+                ims = [b[1].image for b in items]
                 if given is not None:
                     bx = [given[it.id] * np.array([li.scale_x, li.scale_y] * 2, np.float32)  # (N, 4)
-                          for it, li in batch]
+                          for it, li in items]
                     # per image, as glied.extractors.bottomup's RegionExtractor.extract_given_boxes(image, boxes)
                     regs = [region_extractor.extract_given_boxes(im, b) for im, b in zip(ims, bx)]
                 else:
                     regs = region_extractor.extract(ims)
                 words = ([None] * len(ims) if attribute_extractor is None
-                         else attribute_extractor.predict(ims))
+                         else attribute_extractor.extract(ims))
                 if len(regs) != len(ims) or len(words) != len(ims):
-                    raise RuntimeError(f"extractor returned {len(regs)} region sets and {len(words)} word "
-                                       f"lists for a batch of {len(ims)} images")
-                for (it, li), r, w in zip(batch, regs, words):
+                    raise ConfigError(f"the extractor returned {len(regs)} region sets and {len(words)} word "
+                                      f"lists for a batch of {len(ims)} images; fix the extractor")
+                return list(zip(regs, words))
+
+            def flush() -> None:
+                nonlocal n_done
+                if not batch:
+                    return
+                for (it, li), res in zip(batch, _extract_isolated(run, batch, fail)):
+                    if res is None:             # rejected by the extractor: recorded in failures.jsonl
+                        continue
+                    r, w = res
                     if w is not None and w.word_map is not None and not keep_word_maps:
                         w = AttributeWords(word_ids=w.word_ids, probs=w.probs)
                     writer.put(it.id, _rescale(r, li), w)
-                n_done += len(batch)
+                    n_done += 1
                 if bar is not None:
                     bar.update(len(batch))
                 batch.clear()
@@ -240,8 +262,12 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                         it = next(queue, None)
                         if it is None:
                             break
-                        if given is not None and it.id not in given:
-                            fail(it, "no_boxes", "no boxes given for this image id in --boxes")
+                        why = None
+                        if given is not None:
+                            why = (box_problem(given[it.id]) if it.id in given
+                                   else "no boxes given for this image id in --boxes")
+                        if why is not None:
+                            fail(it, "no_boxes" if it.id not in given else "bad_boxes", why)
                             if bar is not None:
                                 bar.update(1)
                             continue

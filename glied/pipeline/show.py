@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
+from glied.errors import InputError
+from glied.fileio import write_bytes_atomic
 from glied.records import AttributeWords, RegionFeatures
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -151,7 +153,9 @@ def render_explanation(ex: Explanation, side: int = 512, max_regions: int = 12, 
 
 
 def save_explanation(ex: Explanation, path: str) -> None:
-    """Render and write a PNG; raises OSError naming the path if it cannot be written."""
+    """Render and write a PNG atomically; InputError naming the path if it cannot be written."""
     canvas = render_explanation(ex)
-    if not cv2.imwrite(str(path), canvas):
-        raise OSError(f"could not write picture to {path}")
+    ok, png = cv2.imencode(".png", canvas)
+    if not ok:
+        raise InputError(f"{path}: could not encode the picture as PNG")
+    write_bytes_atomic(path, png.tobytes())

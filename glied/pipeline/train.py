@@ -1,6 +1,7 @@
 """`glied train`: cross-entropy with teacher forcing, then self-critical training with a CIDEr-D reward.
 
-Recipe (defaults of :class:`TrainConfig`; FACTS §1.6 leaves optimiser and schedule open):
+Recipe (defaults of :class:`DecoderTrainConfig`; the paper leaves optimiser and schedule open, see
+docs/architecture.md):
   * XE: Adam(0.9, 0.98), lr 5e-4 with linear warm-up over ``warmup_steps`` iterations, x``lr_decay`` every
     ``lr_decay_every`` epochs; gradient norm clipped at 2.0; all captions of an image in one batch row
     (or ``captions_per_image`` drawn at random per epoch).
@@ -13,8 +14,9 @@ Recipe (defaults of :class:`TrainConfig`; FACTS §1.6 leaves optimiser and sched
     metrics.csv, TensorBoard events (if installed), last.pt, and best.pt when val CIDEr-D improves;
     xe.pt keeps the model at the end of the cross-entropy stage (for XE-vs-SCST comparisons).
 
-Exact resume: the checkpoint holds model, optimiser, progress (epochs done per stage, iteration), best
-score and history; shuffling (DistributedSampler seeded with seed + epoch) and the torch RNG (re-seeded
+Exact resume: the checkpoint holds the training settings (restored by ``--resume``; a conflicting flag is
+refused, see :func:`glied.checkpoint.resume_settings`), model, optimiser, progress (epochs done per stage,
+iteration), best score and history; shuffling (DistributedSampler seeded with seed + epoch) and the torch RNG (re-seeded
 from seed, epoch and rank at each epoch start) are functions of the epoch, so a resumed run repeats the
 uninterrupted one. Distributed: under ``torchrun`` (WORLD_SIZE > 1) it uses DistributedDataParallel
 (gloo on CPU, nccl on GPU); ``batch_size`` is per process; rank 0 validates and writes.
@@ -22,7 +24,7 @@ uninterrupted one. Distributed: under ``torchrun`` (WORLD_SIZE > 1) it uses Dist
 from __future__ import annotations
 
 import csv
-import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -37,15 +39,15 @@ import torch.nn.functional as F
 from glied.datasets import identity as idn
 from glied.datasets.captions import CaptionDataset, FeatureSource, collate, model_inputs
 from glied.errors import ConfigError, InputError
-from glied.fileio import write_atomic
+from glied.fileio import write_atomic, write_json_atomic
 from glied.models.beam import greedy, sample
 from glied.models.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
-from glied.models.glied import EOS, PAD, GliedConfig, GliedDecoder, MODEL_PRESETS, token_mask
-from glied.models.scst import CiderReward, scst_loss, self_critical_advantage
+from glied.models.glied import EOS, PAD, GliedConfig, GliedDecoder, MODEL_PRESETS, count_parameters, token_mask
+from glied.models.scst import CiderReward, scst_loss, self_critical_advantage, target_logprobs
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class DecoderTrainConfig:
     model: str = "glied"
     stage: str = "both"  # xe | scst | both
     epochs: int = 15  # XE epochs
@@ -66,6 +68,7 @@ class TrainConfig:
     dropout: float = 0.1
     label_smoothing: float = 0.0
     max_attrs: Optional[int] = None
+    box_geometry: bool = False  # give the decoder each region's box position and size (new models only)
     val_beam: int = 1
     seed: int = 0
 
@@ -79,18 +82,34 @@ class TrainConfig:
             raise ConfigError(f"unknown SCST baseline {self.scst_baseline!r}: use greedy or mean")
         if self.batch_size < 1 or self.epochs < 0 or self.scst_epochs < 0:
             raise ConfigError("batch size must be >= 1 and epoch counts >= 0")
+        if (self.epochs if self.stage != "scst" else 0) + (self.scst_epochs if self.stage != "xe" else 0) == 0:
+            raise ConfigError(f"nothing to train: stage {self.stage} with {self.epochs} cross-entropy and "
+                              f"{self.scst_epochs} self-critical epochs; give --epochs/--scst-epochs >= 1")
+        for k in ("lr", "scst_lr", "grad_clip"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{k} must be a positive finite number, not {v!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"{self.n_heads} attention heads do not divide d_model {self.d_model}; choose "
+                              f"--heads among the divisors of --d-model (e.g. 8 for 512)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+    def from_dict(cls, d: dict[str, Any]) -> "DecoderTrainConfig":
+        """Settings from a dict (a checkpoint's ``train_config`` or the flags given); ConfigError on a key
+        that is not a setting."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown decoder training settings {unknown}")
+        return cls(**d)
 
 
 def _open_features(features: str | os.PathLike | FeatureSource) -> tuple[FeatureSource, str]:
     if isinstance(features, (str, os.PathLike)):
-        from glied.datasets.cache import FeatureCache  # issue 5; imported lazily
+        from glied.datasets.cache import FeatureCache  # imported lazily
         return FeatureCache.open(features), str(features)
     return features, getattr(features, "path", type(features).__name__)
 
@@ -104,7 +123,7 @@ def _dist_setup(device: str) -> tuple[int, int]:
     return 0, 1
 
 
-def _lr_at(cfg: TrainConfig, phase: str, epoch_in_phase: int, step: int) -> float:
+def _lr_at(cfg: DecoderTrainConfig, phase: str, epoch_in_phase: int, step: int) -> float:
     """The learning-rate schedule: a pure function of (phase, epoch, iteration)."""
     if phase == "scst":
         return cfg.scst_lr
@@ -155,7 +174,7 @@ def _xe_step(ddp_model, batch: dict, device: str) -> tuple[torch.Tensor, dict]:
     return loss, {"loss": float(loss.detach())}
 
 
-def _scst_step(ddp_model, module: GliedDecoder, batch: dict, device: str, cfg: TrainConfig,
+def _scst_step(ddp_model, module: GliedDecoder, batch: dict, device: str, cfg: DecoderTrainConfig,
                reward: CiderReward, itow: list[str], max_len: int) -> tuple[torch.Tensor, dict]:
     inputs = model_inputs(batch, device)
     n = cfg.scst_samples
@@ -173,37 +192,31 @@ def _scst_step(ddp_model, module: GliedDecoder, batch: dict, device: str, cfg: T
     caps = seqs.masked_fill(seqs == EOS, PAD).view(b, n, t)  # words only, as teacher-forcing captions
     logits, _ = ddp_model(*inputs, caps)  # (B*n, T+1, V), one pass with gradients
     targets = F.pad(seqs, (0, 1), value=PAD)  # (B*n, T+1)
-    logp = module.word_logprobs(logits).gather(2, targets.unsqueeze(2)).squeeze(2)  # (B*n, T+1)
-    logp = logp.masked_fill(targets == PAD, 0.0)
+    logp = target_logprobs(module.word_logprobs(logits), targets)  # (B*n, T+1)
     loss = scst_loss(logp, token_mask(targets), adv)
     return loss, {"loss": float(loss.detach()), "reward": float(r.mean()),
                   "baseline": float(greedy_r.mean()) if greedy_r is not None else float(r.mean())}
 
 
 def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, out: str | os.PathLike,
-          cfg: TrainConfig = TrainConfig(), *, resume: bool = False, init: Optional[str] = None,
+          cfg: DecoderTrainConfig | dict | None = None, *, resume: bool = False, init: Optional[str] = None,
           device: str = "cpu", log: Callable[[str], None] = print) -> dict:
     """Train a decoder into ``out`` (last.pt, best.pt, xe.pt, metrics.csv, train_config.json).
 
     Returns a summary dict: out, best_val_cider, progress, model (preset name), rank, world_size and
     ``decoder`` (the trained module of this process).
 
+    ``cfg``: the settings: a :class:`DecoderTrainConfig` (every field counts as given), a dict of only the
+    settings the user gave (the CLI; the rest are defaults), or None. With ``resume`` the run's stored
+    settings are restored and the given ones checked against them (:func:`glied.checkpoint.resume_settings`:
+    a conflicting setting is refused, the epoch counts may be raised).
     ``init``: a checkpoint whose weights start the run (e.g. an XE model for ``stage="scst"``).
     """
+    from glied.checkpoint import resume_settings
     from glied.datasets.prepared import PreparedData
     from glied.pipeline.evaluate import predict_split
 
-    cfg.validate()
-    rank, world = _dist_setup(device)
     out = Path(out)
-    prep = PreparedData.load(data)
-    source, source_name = _open_features(features)
-    identity = idn.for_decoder(source.manifest)
-    train_ds = CaptionDataset(prep, source, "train", cfg.max_attrs, where=source_name,
-                              captions_per_image=cfg.captions_per_image)
-    val_ds = CaptionDataset(prep, source, "val", cfg.max_attrs, where=source_name)
-    max_len = int(prep.labels.shape[1])
-
     ckpt = None
     if resume:
         if not (out / "last.pt").is_file():
@@ -212,7 +225,25 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
     elif (out / "last.pt").is_file():
         raise InputError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose "
                          "a new --out")
+    given = cfg.to_dict() if isinstance(cfg, DecoderTrainConfig) else dict(cfg or {})
+    if ckpt is not None:
+        defaults = DecoderTrainConfig().to_dict()
+        stored = {**defaults, **{k: v for k, v in ckpt.get("train_config", {}).items() if k in defaults}}
+        given = resume_settings(stored, given, where=ckpt["path"], flags={"n_heads": "--heads"})
+    cfg = DecoderTrainConfig.from_dict(given)
+    cfg.validate()
+    rank, world = _dist_setup(device)
+    prep = PreparedData.load(data)
+    source, source_name = _open_features(features)
+    identity = idn.for_decoder(source.manifest)
+    max_len = int(prep.labels.shape[1])
+
     start = ckpt if ckpt is not None else (load_checkpoint(init) if init else None)
+    # a continued model reads its features the way it was trained; a new one as cfg says
+    geometry = bool(start["config"].get("box_geometry", False)) if start is not None else cfg.box_geometry
+    train_ds = CaptionDataset(prep, source, "train", cfg.max_attrs, where=source_name,
+                              captions_per_image=cfg.captions_per_image, box_geometry=geometry)
+    val_ds = CaptionDataset(prep, source, "val", cfg.max_attrs, where=source_name, box_geometry=geometry)
     if start is not None:
         idn.check_trained_on(source.manifest, start["feature_identity"], where=source_name, model=str(start["path"]))
         if list(start["vocab"]) != list(prep.vocab):
@@ -225,7 +256,7 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
         mcfg = GliedConfig.preset(cfg.model, vocab_size=len(prep.vocab), feature_dim=feature_dim,
                                   d_model=cfg.d_model, d_embed=cfg.d_embed, n_heads=cfg.n_heads,
                                   dropout=cfg.dropout, label_smoothing=cfg.label_smoothing,
-                                  max_positions=max(64, max_len + 2))
+                                  max_positions=max(64, max_len + 2), box_geometry=geometry)
     torch.manual_seed(cfg.seed)  # initial weights are a function of the seed
     model = GliedDecoder(mcfg).to(device)
     progress = {"xe_done": 0, "scst_done": 0, "step": 0}
@@ -250,8 +281,8 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": mcfg.to_dict(),
-                                                            "world_size": world}, indent=1))
+        write_json_atomic(out / "train_config.json", {"train": cfg.to_dict(), "model": mcfg.to_dict(),
+                                                      "world_size": world}, indent=1)
         logger = _Logger(out, history)
     reward = None
     itow = list(prep.vocab)
@@ -259,7 +290,7 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
     from glied.models.cider import CiderD
     val_scorer = CiderD(refs_val)
     if rank == 0:
-        log(f"train: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
+        log(f"train: {cfg.model} ({count_parameters(model) / 1e6:.2f}M parameters), "
             f"{len(train_ds)} train / {len(val_ds)} val images, world {world}, "
             f"XE {xe_epochs} + SCST {scst_epochs} "
             f"epochs, starting at XE {progress['xe_done']} / SCST {progress['scst_done']}")
@@ -314,7 +345,7 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
                 f"({row['seconds']:.1f} s) e.g. \"{texts[0]}\"")
             state = {"format": FORMAT, "version": VERSION, "config": mcfg.to_dict(), "vocab": itow,
                      "feature_identity": identity, "model": model.state_dict(), "train_config": cfg.to_dict(),
-                     "optimizer": opt.state_dict(), "optimizer_phase": phase, "rng": torch.get_rng_state(),
+                     "optimizer": opt.state_dict(), "optimizer_phase": phase,
                      "progress": dict(progress), "best_cider": max(best, val_cider), "history": logger.rows,
                      "val_cider": val_cider}
             save_checkpoint(state, out / "last.pt")

@@ -104,7 +104,7 @@ def test_exif_orientation_honoured(tmp_path, orientation):
     p = tmp_path / f"o{orientation}.jpg"
     p.write_bytes(_jpeg_bytes(raw, exif=exif.tobytes()))
     li = decode_image(p)
-    ref = cv2.imread(str(p))                              # OpenCV applies EXIF orientation (FACTS s.8)
+    ref = cv2.imread(str(p))                              # OpenCV applies EXIF orientation (docs/architecture.md)
     assert li.image.shape == ref.shape
     assert (li.orig_w, li.orig_h) == (ref.shape[1], ref.shape[0])
     assert np.abs(li.image.astype(int) - ref.astype(int)).mean() < 3

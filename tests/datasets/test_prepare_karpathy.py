@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from glied.datasets.prepared import EOS, UNK, PrepareConfig, PreparedData, prepare
+from glied.datasets.prepared import PrepareConfig, PreparedData, prepare
+from glied.tokens import EOS, UNK
 from glied.errors import InputError
 
 
@@ -100,3 +101,26 @@ def test_bad_input_is_one_clear_line(tmp_path, content, needle):
 def test_load_rejects_unprepared_dir(tmp_path):
     with pytest.raises(InputError, match="glied prepare"):
         PreparedData.load(tmp_path)
+
+
+def test_unicode_words_kept_and_empty_captions_skipped(tmp_path):
+    """Flickr30k and user captions are not ASCII: words are Unicode letters/digits; a caption with none (COCO's
+    Karpathy file has one that is only ".", and emoji-only ones happen) is skipped and counted."""
+    caps = [["Un café noir.", "A naïve cat sits.", "."],          # "." alone: skipped
+            ["日本 の 猫", "A cafe\u0301 near the sea", "😀😀"],       # decomposed é normalised; emoji-only skipped
+            ["Ein Straße.", "ÉCOLE at night"]]
+    imgs = [{"filename": f"{k}.jpg", "imgid": k, "split": "train" if k < 2 else "test",
+             "sentences": [{"raw": c, "imgid": k, "sentid": 3 * k + j} for j, c in enumerate(cs)]}
+            for k, cs in enumerate(caps)]
+    imgs.append({"filename": "9.jpg", "imgid": 9, "split": "train", "sentences": [{"raw": "?!", "tokens": ["?!"]}]})
+    src = tmp_path / "caps.json"
+    src.write_text(json.dumps({"dataset": "mixed", "images": imgs}))
+    m = prepare(src, tmp_path / "prep", PrepareConfig(count_threshold=0, max_length=8))
+    d = PreparedData.load(tmp_path / "prep")
+    assert {"café", "naïve", "日本", "の", "猫"} <= set(d.vocab) and "caf" not in d.vocab and "na" not in d.vocab
+    assert m["counts"]["empty_sentences_skipped"] == 3 and m["counts"]["images_without_captions"] == 1
+    assert [im["id"] for im in d.images] == ["0", "1", "2"] and m["counts"]["sentences"] == 6
+    assert d.images[1]["sentences"][1] == ["a", "café", "near", "the", "sea"]
+    assert d.images[2]["sentences"] == [["ein", "straße"], ["école", "at", "night"]]
+    refs = json.loads((tmp_path / "prep" / "refs_test.json").read_text())
+    assert [a["caption"] for a in refs["annotations"]] == ["Ein Straße.", "ÉCOLE at night"]

@@ -85,9 +85,20 @@ class MemoryFeatures:
 
 
 def tiny_config(**kw):
-    from glied.pipeline.train import TrainConfig
+    from glied.pipeline.train import DecoderTrainConfig
 
     base = dict(model="glied", epochs=1, scst_epochs=0, stage="both", batch_size=8, lr=2e-3, warmup_steps=0,
                 d_model=32, d_embed=16, n_heads=4, scst_samples=2, scst_lr=1e-3)
     base.update(kw)
-    return TrainConfig(**base)
+    return DecoderTrainConfig(**base)
+
+
+def write_cache(path, feats):
+    """Write an in-memory feature source (e.g. :class:`MemoryFeatures`) into a real feature cache at ``path``."""
+    from glied.datasets.cache import CacheWriter, make_manifest
+
+    m = make_manifest(feats.manifest["extractor"], "float16", feats.manifest["attributes"])
+    with CacheWriter(path, m) as w:
+        for i in feats.ids():
+            w.put(i, feats.regions(i), feats.attributes(i))
+    return path

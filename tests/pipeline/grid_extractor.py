@@ -2,7 +2,7 @@
 
 A seeded two-layer torch conv net over the image resized to a short side of 64, RoIAlign over a fixed grid
 of boxes (plus the whole image), mean-pooled to ``dim`` features. It follows the region-extractor contract
-of COMMON.md (``identity()``, ``extract()``, ``extract_given_boxes()``), boxes in original pixels.
+of :class:`glied.extractors.Extractor` (``identity()``, ``extract()``, ``extract_given_boxes()``), boxes in original pixels.
 
 Loaded by ``glied extract --extractor-module path/to/grid_extractor.py:make_extractor``; the environment
 variable ``GRID_EXTRACTOR_DELAY`` (seconds per image) slows it down so a test can kill it mid-run.
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torchvision
 
+from glied.errors import InputError
 from glied.records import RegionFeatures
 
 
@@ -24,6 +25,7 @@ class GridRegionExtractor:
     def __init__(self, dim: int = 32, grid: int = 3, delay: float = 0.0, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.dim, self.grid, self.delay = dim, grid, delay
+        self.max_aspect = 50.0
         self.w1 = torch.randn(16, 3, 3, 3, generator=g) * 0.2
         self.w2 = torch.randn(dim, 16, 3, 3, generator=g) * 0.2
         self.calls = 0
@@ -61,6 +63,10 @@ class GridRegionExtractor:
                               attr_scores=(1 - score).astype(np.float32), image_w=w, image_h=h)
 
     def extract(self, images: list[np.ndarray]) -> list[RegionFeatures]:
+        for k, im in enumerate(images):              # like the bottom-up detector: refuse a sliver of an image
+            h, w = im.shape[:2]
+            if max(h, w) > self.max_aspect * min(h, w):
+                raise InputError(f"image {k}: {w}x{h} is too elongated (crop or pad the image)")
         return [self._one(im, self._grid_boxes(im.shape[1], im.shape[0])) for im in images]
 
     def extract_given_boxes(self, image: np.ndarray, boxes) -> RegionFeatures:
@@ -79,7 +85,7 @@ class WordExtractor:
     def identity(self) -> dict:
         return {"name": "test-words", "config": {"rule": "mean-colour"}, "weights_fingerprint": "none"}
 
-    def predict(self, images):
+    def extract(self, images):
         from glied.records import AttributeWords
 
         out = []

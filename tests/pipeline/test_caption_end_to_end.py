@@ -16,35 +16,9 @@ from glied.errors import ConfigError, InputError
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    import torch
-
-    from glied.pipeline.attributes import train_attributes
-    from glied.pipeline.caption import build_bundle
-    from glied.pipeline.data import make_shapes_world, prepare_captions
-    from glied.pipeline.detector import train_detector
-    from glied.pipeline.extract import build_attribute_extractor, build_region_extractor, extract
-    from glied.pipeline.train import TrainConfig, train
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("e2e")
-    world = root / "world"
-    make_shapes_world(world, 40, seed=5)
-    prepare_captions(world / "captions.json", root / "prep", count_threshold=0, max_length=24)
-    quiet = lambda s: None  # noqa: E731
-    train_detector(str(world / "instances.json"), str(world / "images"), str(root / "det"), epochs=1,
-                   max_images=8, log=quiet)
-    train_attributes(root / "prep", root / "mil", epochs=1, log=quiet)
-    regions = build_region_extractor(str(root / "det"), None, "cpu", "fp32")
-    words = build_attribute_extractor(str(root / "mil"), "cpu", 8)
-    extract(str(world / "captions.json"), str(root / "cache"), region_extractor=regions, attribute_extractor=words,
-            top_k=8, images_root=str(world), progress=False, log=quiet)
-    tc = TrainConfig(model="glied", stage="xe", epochs=1, scst_epochs=0, batch_size=16, d_model=64, d_embed=32,
-                     n_heads=4)
-    train(root / "prep", root / "cache", root / "dec", tc, log=quiet)
-    path = build_bundle(root / "bundle", detector=str(root / "det" / "checkpoint.pt"), attributes=str(root / "mil"),
-                        decoder=str(root / "dec"))
-    return {"bundle": path, "world": world, "root": root}
+def bundle(tiny_bundle):
+    """The tiny really-trained bundle (tests/pipeline/conftest.py), shared with the serve tests."""
+    return tiny_bundle
 
 
 def run(*args):
@@ -79,6 +53,37 @@ def test_bad_photo_among_good_ones(bundle, tmp_path):
     errs = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert any("broken.jpg" in e for e in errs) and any("missing.jpg" in e for e in errs)
     assert "Traceback" not in r.stderr
+
+
+def test_photo_without_regions_or_too_elongated_among_good_ones(bundle, tmp_path):
+    """One photo the detector cannot take and one where it finds no region: each gets its own error, the
+    rest of the batch is captioned."""
+    import numpy as np
+
+    from glied.pipeline.caption import Captioner
+    from glied.records import RegionFeatures
+
+    c = Captioner.from_bundle(bundle["bundle"])
+    real = c.region_extractor.extract
+
+    def extract(images):                          # no region in a photo 99 pixels wide
+        regs = real(images)
+        return [RegionFeatures(r.boxes[:0], r.features[:0], r.obj_ids[:0], r.obj_scores[:0], r.attr_ids[:0],
+                               r.attr_scores[:0], r.image_w, r.image_h) if im.shape[1] == 99 else r
+                for r, im in zip(regs, images)]
+
+    c.region_extractor.extract = extract
+    empty, sliver = tmp_path / "empty.png", tmp_path / "sliver.png"
+    cv2.imwrite(str(empty), cv2.resize(cv2.imread(str(bundle["world"] / "images" / "000004.jpg")), (99, 80)))
+    cv2.imwrite(str(sliver), np.full((20, 4000, 3), 128, np.uint8))
+    good = [str(bundle["world"] / "images" / f"00000{k}.jpg") for k in (5, 6)]
+    res = c.caption_files([good[0], str(empty), str(sliver), good[1]], batch_size=4)
+    assert [r.path for r in res] == [good[0], str(empty), str(sliver), good[1]]
+    assert res[0].caption and res[3].caption and not res[0].error and not res[3].error
+    assert res[1].error == "the detector found no region in the photo"
+    assert "too elongated" in res[2].error
+    alone = c.caption_files(good, batch_size=2)
+    assert [r.caption for r in alone] == [res[0].caption, res[3].caption]
 
 
 def test_damaged_or_incomplete_bundle_is_refused(bundle, tmp_path):

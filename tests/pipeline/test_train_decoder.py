@@ -72,7 +72,7 @@ def test_cli_errors_are_one_line(world, tmp_path, monkeypatch, capsys):
 
     root, prep = world
     train(prep, fx.MemoryFeatures(root), tmp_path / "run", fx.tiny_config(), log=lambda *_: None)
-    args = ["evaluate", "--checkpoint", str(tmp_path / "run"), "--features", "CACHE", "--data", str(prep)]
+    args = ["evaluate", "--run", str(tmp_path / "run"), "--features", "CACHE", "--data", str(prep)]
     monkeypatch.setattr(tr, "_open_features", lambda f: (fx.MemoryFeatures(root, name="other"), "CACHE"))
     with pytest.raises(SystemExit) as e:
         main(args)
@@ -84,7 +84,7 @@ def test_cli_errors_are_one_line(world, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert "33" in err and "missing" in err and "\n" not in err
     with pytest.raises(SystemExit):
-        main(["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--features", "C", "--data", str(prep)])
+        main(["evaluate", "--run", str(tmp_path / "nothing"), "--features", "C", "--data", str(prep)])
     assert "checkpoint not found" in capsys.readouterr().err
 
 
@@ -120,14 +120,7 @@ def test_scst_stage_from_an_xe_checkpoint(world, tmp_path):
     assert [p for p, _, _ in _losses(tmp_path / "rl")] == ["scst"]
 
 
-def _write_cache(path, feats):
-    from glied.datasets.cache import CacheWriter, make_manifest
-
-    m = make_manifest(feats.manifest["extractor"], "float16", feats.manifest["attributes"])
-    with CacheWriter(path, m) as w:
-        for i in feats.ids():
-            w.put(i, feats.regions(i), feats.attributes(i))
-    return path
+_write_cache = fx.write_cache
 
 
 def test_cli_train_and_evaluate_on_a_real_cache(world, tmp_path, capsys):
@@ -141,7 +134,7 @@ def test_cli_train_and_evaluate_on_a_real_cache(world, tmp_path, capsys):
           "--epochs", "1", "--batch-size", "8", "--d-model", "32", "--d-embed", "16", "--heads", "4"])
     assert (run / "best.pt").is_file() and (run / "metrics.csv").is_file()
     with pytest.raises(SystemExit) as e:
-        main(["evaluate", "--checkpoint", str(run), "--features", str(other), "--data", str(prep)])
+        main(["evaluate", "--run", str(run), "--features", str(other), "--data", str(prep)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.count("\n") == 0
     assert str(other) in err and 'extractor.name: cache has "other", expected "memory"' in err

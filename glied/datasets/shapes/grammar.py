@@ -3,7 +3,11 @@
 Captions mention objects with their attributes ("a small red circle"), counts over identical objects
 ("two red circles"), and spatial relations ("a blue star to the left of a small square"). Every pattern
 names every object's shape and colour, so a captioner can be scored on naming them all; size words and the
-choice of pattern, relation and ordering vary between the five references of an image.
+choice of pattern and relation vary between the five references of an image.
+
+Objects are always mentioned in reading order, left to right by their centres (a group of identical objects
+at its leftmost member): an order the captioner can see in the region boxes, so that naming every object
+exactly once is a matter of walking along the picture rather than of guessing the order a writer chose.
 """
 from __future__ import annotations
 
@@ -27,11 +31,16 @@ def _np(o: SceneObject, rng: np.random.Generator, size_p: float = 0.5) -> str:
     return " ".join([art] + words)
 
 
+def reading_order(objects: list[SceneObject]) -> list[SceneObject]:
+    """Objects left to right by their centres (ties: top to bottom)."""
+    return sorted(objects, key=lambda o: (o.cx, o.cy))
+
+
 def _groups(objects: list[SceneObject]) -> list[tuple[int, str, str]]:
-    """Identical (colour, shape) objects grouped with counts, in first-appearance order."""
+    """Identical (colour, shape) objects grouped with counts, in reading order of each group's leftmost one."""
     counts = Counter((o.colour, o.shape) for o in objects)
     seen, out = set(), []
-    for o in objects:
+    for o in reading_order(objects):
         key = (o.colour, o.shape)
         if key not in seen:
             seen.add(key)
@@ -56,8 +65,7 @@ def _listing(objects: list[SceneObject], rng: np.random.Generator) -> str:
     groups = _groups(objects)
     if len(groups) < len(objects) or rng.random() < 0.4:
         return _join([_group_phrase(*g) for g in groups])
-    order = rng.permutation(len(objects))
-    return _join([_np(objects[i], rng, 0.35) for i in order])
+    return _join([_np(o, rng, 0.35) for o in reading_order(objects)])
 
 
 def relation(a: SceneObject, b: SceneObject) -> str:
@@ -71,13 +79,12 @@ def relation(a: SceneObject, b: SceneObject) -> str:
 
 
 def _relational(objects: list[SceneObject], rng: np.random.Generator) -> str:
-    i, j = rng.choice(len(objects), size=2, replace=False)
-    a, b = objects[int(i)], objects[int(j)]
+    """'<first> <relation> <second> and <the others>', objects in reading order."""
+    a, b, *rest = reading_order(objects)
     rel = relation(a, b)
     if rel == "next to" and rng.random() < 0.5:
         rel = "near"
     head = f"{_np(a, rng)} {rel} {_np(b, rng)}"
-    rest = [o for k, o in enumerate(objects) if k not in (int(i), int(j))]
     if rest:
         head += " and " + _join([_np(o, rng, 0.3) for o in rest])
     return head

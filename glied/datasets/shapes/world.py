@@ -19,7 +19,7 @@ from glied.datasets.shapes.render import COLOURS, SHAPES, SIZES, render_scene, s
 from glied.errors import ConfigError
 from glied.fileio import write_atomic, write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: captions mention objects in reading order
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class ShapesConfig:
 
     def validate(self) -> None:
         if self.n_images < 1:
-            raise ConfigError(f"--images must be at least 1 (got {self.n_images})")
+            raise ConfigError(f"--count must be at least 1 (got {self.n_images})")
         if not 64 <= self.size <= 1024:
             raise ConfigError(f"--size must be between 64 and 1024 pixels (got {self.size})")
         if not 1 <= self.max_objects <= 4:

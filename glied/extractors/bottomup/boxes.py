@@ -13,11 +13,13 @@ DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
 
 def encode(src: torch.Tensor, dst: torch.Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
-    """Regression targets (N, 4) [dx, dy, dw, dh] that turn boxes ``src`` (N, 4) into ``dst`` (N, 4)."""
+    """Regression targets (N, 4) [dx, dy, dw, dh] that turn boxes ``src`` (N, 4) into ``dst`` (N, 4): the
+    inverse of :func:`decode`, scaled by ``weights``. Degenerate widths are clamped to 1e-3, so a bad box
+    cannot make a NaN training target."""
     wx, wy, ww, wh = weights
-    sw, sh = src[:, 2] - src[:, 0], src[:, 3] - src[:, 1]
+    sw, sh = (src[:, 2] - src[:, 0]).clamp(min=1e-3), (src[:, 3] - src[:, 1]).clamp(min=1e-3)
     sx, sy = src[:, 0] + 0.5 * sw, src[:, 1] + 0.5 * sh
-    dw, dh = dst[:, 2] - dst[:, 0], dst[:, 3] - dst[:, 1]
+    dw, dh = (dst[:, 2] - dst[:, 0]).clamp(min=1e-3), (dst[:, 3] - dst[:, 1]).clamp(min=1e-3)
     dx, dy = dst[:, 0] + 0.5 * dw, dst[:, 1] + 0.5 * dh
     return torch.stack((wx * (dx - sx) / sw, wy * (dy - sy) / sh,
                         ww * torch.log(dw / sw), wh * torch.log(dh / sh)), dim=1)

@@ -163,13 +163,11 @@ def detect(model, images: list[np.ndarray], *, score_thresh: float = 0.05, nms_t
         batch = xs[0].new_zeros((len(xs), 3, hp, wp))  # (B, 3, Hp, Wp)
         for k, x in enumerate(xs):
             batch[k, :, : x.shape[1], : x.shape[2]] = x
-        res4 = model.backbone(batch)  # (B, C4, Hf, Wf)
-        objectness, deltas = model.rpn.head(res4)
-        proposals = [p for p, _ in model.rpn.propose(objectness, deltas, sizes)]  # list of (P, 4)
+        res4, objectness, deltas, _ = model.rpn_outputs(batch)  # (B, C4, Hf, Wf), (B, A, Hf, Wf), (B, 4A, Hf, Wf)
+        proposals = model.propose(objectness, deltas, sizes)  # list of (P, 4)
         rois = torch.cat([torch.cat([torch.full((len(p), 1), float(i)), p], 1)
                           for i, p in enumerate(proposals)])  # (K, 5) batch index, x1, y1, x2, y2
-        feats = model.roi_heads.features(res4, rois)  # (K, D)
-        cls_logits, box_deltas = model.roi_heads.box_predictor(feats)  # (K, C+1), (K, 4C)
+        feats, cls_logits, box_deltas = model.region_outputs(res4, rois)  # (K, D), (K, C+1), (K, 4C)
         probs = torch.softmax(cls_logits, dim=1)
         num_classes = probs.shape[1] - 1
         out, start = [], 0
@@ -188,7 +186,7 @@ def detect(model, images: list[np.ndarray], *, score_thresh: float = 0.05, nms_t
             prop_idx, cls, b, s = prop_idx[ok], cls[ok], b[ok], s[ok]
             keep = batched_nms(b, s, cls, nms_thresh)[:max_dets]
             prop_idx, cls, b, s = prop_idx[keep], cls[keep], b[keep], s[keep]
-            attr_logits = model.roi_heads.attr_head(feats[sl][prop_idx], cls)  # (D, A+1), D may be 0
+            attr_logits = model.attribute_logits(feats[sl][prop_idx], cls)  # (D, A+1), D may be 0
             attr_probs = torch.softmax(attr_logits[:, :-1], dim=1)
             sx, sy = scales[i]
             b = b / b.new_tensor([sx, sy, sx, sy])

@@ -10,7 +10,6 @@ checkpoint (``save_checkpoint``; config and vocabularies inside).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +21,13 @@ from glied.errors import ConfigError, InputError, WeightsError
 from glied.extractors.bottomup import selection as sel
 from glied.extractors.bottomup.config import BottomUpConfig
 from glied.extractors.bottomup.model import BottomUpDetector, RawOutputs
-from glied.extractors.bottomup.weights import (DETECTOR, load_checkpoint, load_detectron2_state, missing_weights_message,
-                                               model_from_checkpoint,
+from glied.extractors.bottomup.weights import (DETECTOR, load_checkpoint, load_detectron2_state,
+                                               missing_weights_message, model_from_checkpoint,
                                                read_detectron2_pickle, read_vocab, weights_fingerprint)
 from glied.records import RegionFeatures
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+RES5_GEMM_DEFAULT = False    # fp32: res5 as GEMMs (GemmRes5) unless the caller says otherwise
 
 
 @dataclass
@@ -49,15 +49,15 @@ class RegionExtractor:
 
     def __init__(self, model: BottomUpDetector, *, precision: str = "fp32", fingerprint: str = "",
                  classes=None, attributes=None, name: str = "bottomup", channels_last: bool | None = None,
-                 fuse_frozen_bn: bool | None = None):
+                 fuse_frozen_bn: bool | None = None, res5_gemm: bool | None = None):
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model = model.eval()
         self.cfg = model.cfg
         self.precision = precision
         self.fingerprint = fingerprint
-        self.classes = classes
-        self.attributes = attributes
+        self.classes = classes                 # Visual Genome object class names (None: ids only)
+        self.box_attributes = attributes       # Visual Genome box attribute names (None: ids only)
         self.name = name
         self.device = next(model.parameters()).device
         if channels_last is None:
@@ -69,9 +69,13 @@ class RegionExtractor:
             # fp32 keeps FrozenBN as separate ops: the port's exact rounding (bit-identical outputs on the
             # parity images); folding shifts ~1e-7 and can flip the IoU of sliver proposals at the border.
             fuse_frozen_bn = precision != "fp32"
+        if res5_gemm is None:
+            res5_gemm = RES5_GEMM_DEFAULT and precision == "fp32" and self.cfg.norm != "gn"
+        self.res5_gemm = res5_gemm
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         # the extractor owns the model: BN folding and the dtype/memory-format changes happen in place
-        self.model.optimise_for_inference(dtype=dtype, channels_last=channels_last, fuse_frozen_bn=fuse_frozen_bn)
+        self.model.optimise_for_inference(dtype=dtype, channels_last=channels_last, fuse_frozen_bn=fuse_frozen_bn,
+                                          res5_gemm=res5_gemm)
 
     # ---- identity --------------------------------------------------------------------------------------------
     def identity(self) -> dict:
@@ -81,15 +85,18 @@ class RegionExtractor:
                 "weights_fingerprint": self.fingerprint, "feature_dim": self.cfg.feature_dim}
 
     # ---- running ---------------------------------------------------------------------------------------------
-    def _autocast(self):
-        """Reduced precision is done by casting the conv stacks (see optimise_for_inference), not by autocast,
-        so weights are not re-cast on every call; kept as a hook for callers that run pieces by hand."""
-        return contextlib.nullcontext()
-
     def raw(self, image: np.ndarray, name: str = "image") -> RawOutputs:
         """All detector outputs for one BGR uint8 image (see :class:`RawOutputs`)."""
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             return self.model.run_image(image, name)
+
+    def raw_batch(self, images: list, names: list | None = None) -> list:
+        """:meth:`raw` of several images in one forward (backbone and RPN per image, the RoI head over the RoIs of
+        all of them; see ``BottomUpDetector.run_batch``)."""
+        names = names or [f"image {i}" for i in range(len(images))]
+        with torch.inference_mode():
+            xs, infos = zip(*(self.model.transform(im, nm) for im, nm in zip(images, names))) if images else ((), ())
+            return self.model.run_batch(list(xs), list(infos))
 
     def select(self, out: RawOutputs, procedure: str | None = None) -> sel.Selection:
         """Apply a region-selection procedure ("butd" | "fixed36" | "adapt"; default from the config)."""
@@ -119,11 +126,9 @@ class RegionExtractor:
             image_w=int(w), image_h=int(h))
 
     def extract(self, images: list, names: list | None = None, procedure: str | None = None) -> list:
-        """BGR uint8 images (H, W, 3) at their original sizes -> list[RegionFeatures] (boxes in original pixels).
-        ``names`` (optional) label the images in error messages."""
-        names = names or [f"image {i}" for i in range(len(images))]
-        return [self.regions(out, self.select(out, procedure))
-                for out in (self.raw(im, nm) for im, nm in zip(images, names))]
+        """BGR uint8 images (H, W, 3) at their original sizes -> list[RegionFeatures] (boxes in original pixels),
+        all in one batched forward (:meth:`raw_batch`). ``names`` (optional) label the images in error messages."""
+        return [self.regions(out, self.select(out, procedure)) for out in self.raw_batch(images, names)]
 
     def predict_given_boxes(self, image: np.ndarray, boxes, name: str = "image") -> GivenBoxOutputs:
         """Features, class and attribute probabilities for exactly the given boxes (K, 4) x1, y1, x2, y2 in original
@@ -142,7 +147,7 @@ class RegionExtractor:
             if x2 <= x1 or y2 <= y1:
                 raise InputError(f"{name}: box {k} [{x1:g}, {y1:g}, {x2:g}, {y2:g}] has zero area (need x2 > x1, "
                                  f"y2 > y1)")
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             x, info = self.model.transform(image, name)
             h, w = info.input_hw
             sx, sy = np.float32(w / w0), np.float32(h / h0)
@@ -174,7 +179,8 @@ def load_region_extractor(weights, *, device: str = "cpu", precision: str = "fp3
             ``BottomUpConfig.r101_vg()`` unless ``config`` is given) or a glied detector checkpoint (.pt, or
             the `glied train-detector` run folder holding it).
         device: "cpu" or a torch device string ("cuda", "cuda:1").
-        precision: "fp32" | "bf16" | "fp16" (autocast; bf16 is fast on CPUs with avx512_bf16).
+        precision: "fp32" | "bf16" | "fp16" (res5 cast to that dtype; backbone and RPN stay fp32) | "auto"
+            (:func:`glied.extractors.precision.resolve_precision`: bf16 where the hardware has it natively).
         procedure: region selection "butd" (original Caffe rule, 10..100, default) | "fixed36" | "adapt".
         resizer: "pil" (the port) | "cv2" (original Caffe); default from the config ("pil").
         classes_file / attributes_file: vocabularies (one name per line); default ``objects_vocab.txt`` /
@@ -187,8 +193,11 @@ def load_region_extractor(weights, *, device: str = "cpu", precision: str = "fp3
         path = ck.resolve(path, DETECTOR)
     if not path.is_file():
         raise WeightsError(missing_weights_message(path))
+    if precision == "auto":
+        from glied.extractors.precision import resolve_precision
+        precision = resolve_precision("auto", device).precision
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"--precision must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}")
     changes = dict(overrides, procedure=procedure)
     if resizer is not None:
         changes["resizer"] = resizer

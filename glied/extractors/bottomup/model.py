@@ -131,9 +131,8 @@ class BottomUpDetector(nn.Module):
         self.backbone = ResNetC4(cfg)
         self.rpn = RPN(cfg)
         self.roi_heads = RoIHeads(cfg)
-
-    compute_dtype = torch.float32
-    channels_last = False
+        self.compute_dtype = torch.float32      # input dtype and memory format (optimise_for_inference)
+        self.channels_last = False
 
     def replace_cfg(self, **changes) -> "BottomUpDetector":
         """Change settings that do not touch the architecture (thresholds, selection, res5_chunk, resizer)."""
@@ -148,12 +147,18 @@ class BottomUpDetector(nn.Module):
         return self
 
     def optimise_for_inference(self, *, dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                               fuse_frozen_bn: bool = True) -> "BottomUpDetector":
+                               fuse_frozen_bn: bool = True, res5_gemm: bool = False) -> "BottomUpDetector":
         """In place, for inference only: fold every FrozenBN into its conv (weight * s, bias b - mean * s with
         s = w / sqrt(var + eps), computed in float64), cast res5 to ``dtype`` (backbone and RPN stay float32)
         (the box predictor and attribute head stay float32 on float32 features), and use channels-last memory.
-        The state dict no longer has the detectron2 layout afterwards."""
+        ``res5_gemm`` (float32 only): run res5 as :class:`~glied.extractors.bottomup.res5_gemm.GemmRes5` (1x1
+        convolutions as one GEMM over all RoIs of a chunk, FrozenBN folded there even when ``fuse_frozen_bn``
+        is off). The state dict no longer has the detectron2 layout afterwards."""
         from glied.extractors.bottomup.backbone import ConvNorm, FrozenBatchNorm2d
+        from glied.extractors.bottomup.res5_gemm import GemmRes5
+
+        if res5_gemm and dtype != torch.float32:
+            raise ValueError("res5_gemm is the float32 path; reduced precision casts the convolutions instead")
         if fuse_frozen_bn:
             with torch.no_grad():
                 for mod in self.modules():
@@ -170,6 +175,7 @@ class BottomUpDetector(nn.Module):
         for part in (self.backbone, self.rpn.head):
             part.to(dtype=torch.float32, memory_format=fmt)
         self.roi_heads.res5.to(dtype=dtype, memory_format=fmt)
+        self.roi_heads.res5_gemm = GemmRes5(self.roi_heads.res5) if res5_gemm else None
         self.compute_dtype = torch.float32
         self.channels_last = channels_last
         self.roi_heads.compute_dtype = dtype
@@ -190,19 +196,75 @@ class BottomUpDetector(nn.Module):
 
     def box_outputs(self, res4: torch.Tensor, boxes: torch.Tensor):
         """Features and head outputs for boxes (K, 4) in input pixels of one image (batch index 0)."""
-        rois = torch.cat([boxes.new_zeros((boxes.shape[0], 1)), boxes], dim=1)   # (K, 5)
-        feats = self.roi_heads.features(res4, rois)
-        cls_logits, deltas, attr_logits = self.roi_heads.predict(feats)
-        return feats.float(), cls_logits, deltas, attr_logits
+        return self.box_outputs_many([res4], [boxes])[0]
+
+    def box_outputs_many(self, res4s: list, boxes: list) -> list:
+        """:meth:`box_outputs` of several images, their RoIs through the RoI head together:
+        res4s[i] (1, C4, Hf_i, Wf_i), boxes[i] (K_i, 4) -> [(features, cls_logits, deltas, attr_logits)]."""
+        rois = [torch.cat([b.new_zeros((b.shape[0], 1)), b], dim=1) for b in boxes]   # (K_i, 5)
+        feats = self.roi_heads.features_many(res4s, rois)
+        if not feats:
+            return []
+        if len(feats) == 1:
+            heads = [self.roi_heads.predict(feats[0])]
+        else:       # the small heads once over all RoIs, split back per image
+            sizes = [int(f.shape[0]) for f in feats]
+            heads = list(zip(*(t.split(sizes) for t in self.roi_heads.predict(torch.cat(feats, dim=0)))))
+        return [(f.float(), *h) for f, h in zip(feats, heads)]
 
     def run_resized(self, x: torch.Tensor, info: ImageInfo) -> RawOutputs:
         """All intermediate outputs for one already-transformed image x (1, 3, h, w)."""
-        res4, props, logits = self.proposals_for(x, info.input_hw)
-        feats, cls_logits, deltas, attr_logits = self.box_outputs(res4, props.to(res4.device))
-        return RawOutputs(info, props.cpu(), logits.cpu(), feats.cpu(), cls_logits.cpu(), deltas.cpu(),
-                          attr_logits.cpu())
+        return self.run_batch([x], [info])[0]
+
+    def run_batch(self, xs: list, infos: list) -> list:
+        """All intermediate outputs for several transformed images xs[i] (1, 3, h_i, w_i). Backbone and RPN run
+        per image (the sizes differ, and padding to a common size would change the outputs at the borders);
+        the RoI head runs over the proposals of all images at once. Equal to :meth:`run_resized` per image up
+        to float rounding."""
+        res4s, props, logits = [], [], []
+        for x, info in zip(xs, infos):
+            r, p, lg = self.proposals_for(x, info.input_hw)
+            res4s.append(r), props.append(p), logits.append(lg)
+        heads = self.box_outputs_many(res4s, [p.to(r.device) for p, r in zip(props, res4s)])
+        return [RawOutputs(info, p.cpu(), lg.cpu(), f.cpu(), c.cpu(), d.cpu(), a.cpu())
+                for info, p, lg, (f, c, d, a) in zip(infos, props, logits, heads)]
 
     def run_image(self, image: np.ndarray, name: str = "image") -> RawOutputs:
         """One BGR uint8 image at its original size -> :class:`RawOutputs`."""
         x, info = self.transform(image, name)
         return self.run_resized(x, info)
+
+    # ---- training interface (used by training.detector_losses; nothing outside reaches into submodules) ----
+    def losses(self, images: torch.Tensor, image_sizes: list, targets: list, train_cfg,
+               generator: torch.Generator | None = None) -> dict:
+        """The training losses of a batch (train mode): {"rpn_cls", "rpn_box", "roi_cls", "roi_box", "attr"},
+        scalar tensors whose sum is the loss. ``images`` (B, 3, H, W) transformed and zero-padded,
+        ``image_sizes`` (h, w) of each image inside the batch, ``targets`` per image {"boxes" (G, 4) in input
+        pixels, "classes" (G,), "attributes" (G, L)}, ``train_cfg`` a ``training.DetectorTrainConfig``.
+        See :func:`glied.extractors.bottomup.training.detector_losses` for the recipe."""
+        from glied.extractors.bottomup.training import detector_losses
+
+        return detector_losses(self, images, image_sizes, targets, train_cfg, generator)
+
+    def rpn_outputs(self, images: torch.Tensor):
+        """(B, 3, H, W) -> res4 (B, C4, Hf, Wf), objectness (B, A, Hf, Wf), deltas (B, 4A, Hf, Wf), anchors
+        (Hf*Wf*A, 4) in (y, x, a) order."""
+        res4 = self.backbone(images)
+        objectness, deltas = self.rpn.head(res4)
+        anchors = self.rpn.anchors(*objectness.shape[-2:]).to(images.dtype)
+        return res4, objectness, deltas, anchors
+
+    def propose(self, objectness: torch.Tensor, deltas: torch.Tensor, image_sizes: list) -> list:
+        """Per image, proposal boxes (P, 4) in input pixels (the RPN's post-NMS top-N)."""
+        return [p[0] if isinstance(p, tuple) else p for p in self.rpn.propose(objectness, deltas, image_sizes)]
+
+    def region_outputs(self, res4: torch.Tensor, rois: torch.Tensor):
+        """rois (K, 5) [batch index, x1, y1, x2, y2] -> features (K, D), class logits (K, C+1), box deltas
+        (K, 4C): RoI pool -> res5 -> mean -> box predictor, as at test time."""
+        feats = self.roi_heads.features(res4, rois)
+        cls_logits, box_deltas = self.roi_heads.box_predictor(feats)
+        return feats, cls_logits, box_deltas
+
+    def attribute_logits(self, feats: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(K, D) features and the class index each is conditioned on (K,) -> attribute logits (K, A+1)."""
+        return self.roi_heads.attr_head(feats, classes)

@@ -1,7 +1,7 @@
 """Training losses of the bottom-up Faster R-CNN (Ren et al. 2015; Anderson et al. 2018) on torchvision ops.
 
-Everything here reads the model through the module contract (CONTRACT_DETECTOR.md): ``backbone``,
-``rpn.head``/``rpn.anchors``/``rpn.propose`` and ``roi_heads.pool``/``res5``/``box_predictor``/``attr_head``.
+Everything here reads the model through its training interface (``BottomUpDetector.rpn_outputs``,
+``propose``, ``region_outputs``, ``attribute_logits``); ``BottomUpDetector.losses`` is the entry point.
 
 RPN: anchors with IoU >= 0.7 to a ground-truth box (and, for every box, the anchors of highest IoU with it)
 are positive, IoU < 0.3 negative, the rest ignored; 256 anchors per image are sampled, at most half positive.
@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from glied.errors import ConfigError
+from glied.extractors.bottomup import boxes as box_ops
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class DetectorTrainConfig:
     """Optimisation and target-assignment settings of ``glied train-detector``."""
 
     epochs: int = 5
@@ -60,7 +61,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> "DetectorTrainConfig":
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -73,27 +74,6 @@ class TrainConfig:
                               f"(got {self.epochs}, {self.batch_size})")
         if not 0 <= self.hflip_prob <= 1:
             raise ConfigError(f"hflip_prob must be in [0, 1] (got {self.hflip_prob})")
-
-
-# ------------------------------------------------------------------------------------------------ box coding
-
-def encode_boxes(reference: torch.Tensor, target: torch.Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
-    """Deltas (N, 4) (dx, dy, dw, dh) turning ``reference`` boxes (N, 4) into ``target`` boxes (N, 4).
-
-    Continuous convention (width = x2 - x1, centre = x1 + w / 2), the inverse of the model's ``boxes.decode``;
-    scaled by ``weights``; degenerate widths are clamped to 1e-3 so that a bad box cannot make a NaN target.
-    """
-    wx, wy, ww, wh = weights
-    rw = (reference[:, 2] - reference[:, 0]).clamp(min=1e-3)
-    rh = (reference[:, 3] - reference[:, 1]).clamp(min=1e-3)
-    rx = reference[:, 0] + 0.5 * rw
-    ry = reference[:, 1] + 0.5 * rh
-    tw = (target[:, 2] - target[:, 0]).clamp(min=1e-3)
-    th = (target[:, 3] - target[:, 1]).clamp(min=1e-3)
-    tx = target[:, 0] + 0.5 * tw
-    ty = target[:, 1] + 0.5 * th
-    return torch.stack([wx * (tx - rx) / rw, wy * (ty - ry) / rh,
-                        ww * torch.log(tw / rw), wh * torch.log(th / rh)], 1)
 
 
 # --------------------------------------------------------------------------------------- target assignment
@@ -135,7 +115,7 @@ def sample_labels(labels: torch.Tensor, batch: int, positive_fraction: float,
 
 
 def sample_rois(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
-                gt_attributes: torch.Tensor, num_classes: int, cfg: TrainConfig,
+                gt_attributes: torch.Tensor, num_classes: int, cfg: DetectorTrainConfig,
                 generator: torch.Generator | None = None,
                 weights=(10.0, 10.0, 5.0, 5.0)) -> dict[str, torch.Tensor]:
     """Sample the RoIs of one image and their targets.
@@ -165,7 +145,7 @@ def sample_rois(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: tor
     if fg.numel():
         m = matched[fg]
         classes[: fg.numel()] = gt_classes[m]
-        deltas[: fg.numel()] = encode_boxes(proposals[fg], gt_boxes[m], weights)
+        deltas[: fg.numel()] = box_ops.encode(proposals[fg], gt_boxes[m], weights)
         attributes[: fg.numel()] = gt_attributes[m]
     return {"rois": rois, "classes": classes, "deltas": deltas, "attributes": attributes,
             "num_fg": torch.tensor(fg.numel())}
@@ -192,7 +172,7 @@ def attribute_loss(attr_logits: torch.Tensor, attributes: torch.Tensor) -> torch
 
 
 def detector_losses(model: torch.nn.Module, images: torch.Tensor, image_sizes: list[tuple[int, int]],
-                    targets: list[dict[str, torch.Tensor]], cfg: TrainConfig,
+                    targets: list[dict[str, torch.Tensor]], cfg: DetectorTrainConfig,
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The five training losses of a batch.
 
@@ -204,10 +184,9 @@ def detector_losses(model: torch.nn.Module, images: torch.Tensor, image_sizes: l
     Returns:
         {"rpn_cls", "rpn_box", "roi_cls", "roi_box", "attr"}: scalar tensors (their sum is the loss).
     """
-    res4 = model.backbone(images)  # (B, C4, Hf, Wf)
-    objectness, rpn_deltas = model.rpn.head(res4)  # (B, A, Hf, Wf), (B, 4A, Hf, Wf)
+    # res4 (B, C4, Hf, Wf), objectness (B, A, Hf, Wf), deltas (B, 4A, Hf, Wf), anchors (Hf*Wf*A, 4) (y, x, a) order
+    res4, objectness, rpn_deltas, anchors = model.rpn_outputs(images)
     b, a, hf, wf = objectness.shape
-    anchors = model.rpn.anchors(hf, wf).to(images.dtype)  # (Hf*Wf*A, 4) in (y, x, a) order
     obj_flat = objectness.permute(0, 2, 3, 1).reshape(b, -1)  # (B, Hf*Wf*A)
     del_flat = rpn_deltas.view(b, a, 4, hf, wf).permute(0, 3, 4, 1, 2).reshape(b, -1, 4)  # (B, Hf*Wf*A, 4)
 
@@ -221,7 +200,7 @@ def detector_losses(model: torch.nn.Module, images: torch.Tensor, image_sizes: l
         cls_terms.append(F.binary_cross_entropy_with_logits(
             obj_flat[i, idx], labels[idx].to(obj_flat.dtype), reduction="sum"))
         if pos.numel():
-            reg = encode_boxes(anchors[pos], t["boxes"][matched[pos]], model.cfg.rpn_bbox_weights)
+            reg = box_ops.encode(anchors[pos], t["boxes"][matched[pos]], model.cfg.rpn_bbox_weights)
             box_terms.append(F.smooth_l1_loss(del_flat[i, pos], reg, beta=cfg.rpn_smooth_l1_beta,
                                               reduction="sum"))
     norm = max(n_sampled, 1)
@@ -230,8 +209,7 @@ def detector_losses(model: torch.nn.Module, images: torch.Tensor, image_sizes: l
 
     # RoI head
     with torch.no_grad():
-        proposals = [p[0] if isinstance(p, tuple) else p  # (boxes (P, 4), logits (P,)) per image
-                     for p in model.rpn.propose(objectness.detach(), rpn_deltas.detach(), image_sizes)]
+        proposals = model.propose(objectness.detach(), rpn_deltas.detach(), image_sizes)  # (P, 4) per image
     num_classes = model.cfg.num_classes
     samples = [sample_rois(p, t["boxes"], t["classes"], t["attributes"], num_classes, cfg, generator,
                            model.cfg.roi_bbox_weights) for p, t in zip(proposals, targets)]
@@ -242,15 +220,14 @@ def detector_losses(model: torch.nn.Module, images: torch.Tensor, image_sizes: l
     width = max(s["attributes"].shape[1] for s in samples)
     attributes = torch.cat([F.pad(s["attributes"], (0, width - s["attributes"].shape[1]), value=-1)
                             for s in samples])  # (K, L)
-    feats = model.roi_heads.features(res4, rois)  # (K, D): RoI pool -> res5 -> mean, as at test time
-    cls_logits, box_deltas = model.roi_heads.box_predictor(feats)  # (K, C+1), (K, 4C)
+    feats, cls_logits, box_deltas = model.region_outputs(res4, rois)  # (K, D), (K, C+1), (K, 4C)
     roi_cls = F.cross_entropy(cls_logits, classes)
     fg = torch.nonzero(classes < num_classes).flatten()
     if fg.numel():
         pred = box_deltas.view(-1, num_classes, 4)[fg, classes[fg]]  # (F, 4)
         roi_box = F.smooth_l1_loss(pred, reg_targets[fg], beta=cfg.roi_smooth_l1_beta,
                                    reduction="sum") / classes.numel()
-        attr_logits = model.roi_heads.attr_head(feats[fg], classes[fg])  # (F, A+1), ground-truth class
+        attr_logits = model.attribute_logits(feats[fg], classes[fg])  # (F, A+1), ground-truth class
         attr = attribute_loss(attr_logits, attributes[fg])
     else:
         roi_box = box_deltas.sum() * 0.0
@@ -259,7 +236,7 @@ def detector_losses(model: torch.nn.Module, images: torch.Tensor, image_sizes: l
             "attr": cfg.attr_loss_weight * attr}
 
 
-def lr_at(it: int, total: int, cfg: TrainConfig) -> float:
+def lr_at(it: int, total: int, cfg: DetectorTrainConfig) -> float:
     """Linear warm-up over ``warmup_iters`` then cosine decay to 5% of ``lr`` at ``total`` iterations."""
     if it < cfg.warmup_iters:
         return cfg.lr * (0.1 + 0.9 * it / max(cfg.warmup_iters, 1))

@@ -5,19 +5,24 @@ Presets (``MilConfig.preset(name, vocab_size)``):
 - ``small``: a 3-stage residual trunk (torchvision ``BasicBlock``; widths 32/64/128, output stride 16) on
   a plain 64x64 resize, giving a 4x4 word map. Made for the shapes world (128x128 images): trains in a few
   minutes on 2 CPU cores. At 64 px it reached a higher val mAP per CPU-minute than at 96 or 128 px in our
-  runs (shape words were not learned at any of these sizes within ~6000 steps; see the issue-4 notes).
+  runs (shape words were not learned at any of these sizes within ~6000 steps).
 - ``resnet18`` / ``resnet50`` / ``resnet101``: torchvision ResNet up to ``layer4`` (no global pool, output
   stride 32) on Fang's input: the longer side scaled to 565 and zero-padded at the top-left to 565x565,
   giving an 18x18 word map. ``weights=None``: initial backbone weights come only from a local file
   (``--backbone-weights``), nothing is downloaded.
+- ``bottomup``: the bottom-up detector's own trunk (stem + res2..res4 of
+  :class:`glied.extractors.bottomup.backbone.ResNetC4`, output stride 16), built from the detector's
+  ``BottomUpConfig`` (stored in ``trunk``) and fed as the detector is fed (BGR, minus the detector's pixel mean,
+  no std division). Made by ``--init-from DETECTOR`` (:mod:`glied.extractors.mil.init_from`): the published
+  ResNet-101 .pkl or a glied detector run, so one set of weights serves both extractors.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from glied.errors import ConfigError
 
-ARCHS = ("small", "resnet18", "resnet50", "resnet101")
+ARCHS = ("small", "resnet18", "resnet50", "resnet101", "bottomup")
 RESIZE_MODES = ("pad", "stretch")
 EMPTY_LABEL_POLICIES = ("keep", "drop")
 # Fang et al.'s fc8 bias (prior ~0.0014 per cell); used when head_bias == "fang".
@@ -43,7 +48,10 @@ class MilConfig:
         head_init_std: std of the 1x1 head's weights (Fang: 0.001).
         dropout: dropout before the head.
         mean_rgb, std_rgb: input normalisation in [0, 1] RGB units (ImageNet statistics by default, so that
-            torchvision ImageNet weights can be used as they are).
+            torchvision ImageNet weights can be used as they are). Not used by ``bottomup``, which normalises
+            as its detector does (``trunk``'s ``pixel_mean``, BGR).
+        trunk: for ``bottomup`` only (required there): the detector's ``BottomUpConfig.to_dict()``, from which
+            the trunk is rebuilt.
     """
 
     arch: str = "small"
@@ -57,6 +65,7 @@ class MilConfig:
     dropout: float = 0.0
     mean_rgb: tuple[float, float, float] = IMAGENET_MEAN_RGB
     std_rgb: tuple[float, float, float] = IMAGENET_STD_RGB
+    trunk: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -74,6 +83,12 @@ class MilConfig:
         if len(self.small_blocks) != len(self.small_widths) or any(b < 1 for b in self.small_blocks):
             raise ConfigError(f"small_blocks {self.small_blocks} must give >= 1 block for each of the "
                               f"{len(self.small_widths)} stages")
+        if (self.arch == "bottomup") != (self.trunk is not None):
+            raise ConfigError("a detector trunk config is needed by, and only by, arch 'bottomup' "
+                              "(train it with --init-from DETECTOR)")
+        if self.trunk is not None:
+            from glied.extractors.bottomup.config import BottomUpConfig
+            BottomUpConfig.from_dict(self.trunk)  # raises ConfigError naming unknown or bad fields
 
     @classmethod
     def preset(cls, name: str, vocab_size: int, **overrides) -> "MilConfig":
@@ -82,13 +97,20 @@ class MilConfig:
             raise ConfigError(f"unknown MIL config {name!r}; use one of {', '.join(ARCHS)}")
         if name == "small":
             base = cls(arch="small", vocab_size=vocab_size, input_size=64, resize_mode="stretch")
+        elif name == "bottomup":
+            trunk = overrides.get("trunk")
+            if trunk is None:
+                raise ConfigError("the bottomup MIL config needs the detector's config (use --init-from DETECTOR)")
+            # the detector's own input side by default: the scale its trunk was trained at
+            base = cls(arch="bottomup", vocab_size=vocab_size, input_size=int(trunk["min_size"]),
+                       resize_mode="pad", trunk=trunk)
         else:
             base = cls(arch=name, vocab_size=vocab_size, input_size=565, resize_mode="pad", dropout=0.5)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # trunk: already JSON-able
 
     @classmethod
     def from_dict(cls, d: dict) -> "MilConfig":
@@ -118,6 +140,11 @@ class MilTrainConfig:
         pos_weight: weight of positive terms in the BCE (1 = plain).
         seed: torch / numpy seed.
         backbone_weights: path of a local state dict used to initialise the trunk (ResNet presets), or None.
+        init_from: what the ``bottomup`` trunk was initialised from (``--init-from``): {"kind": "detectron2-pkl"
+            or "glied-detector", "path": absolute path, "sha256": of the file, ...}; None: random weights.
+        freeze_stages: number of the ``bottomup`` trunk's stages (stem, res2, res3, res4, in order) kept fixed,
+            their norms in eval mode; 0 fine-tunes the whole trunk.
+        trunk_lr_mult: learning rate of the trainable trunk stages relative to ``lr`` (the head gets ``lr``).
     """
 
     epochs: int = 8
@@ -133,8 +160,15 @@ class MilTrainConfig:
     pos_weight: float = 1.0
     seed: int = 0
     backbone_weights: str | None = None
+    init_from: dict | None = field(default=None, hash=False)
+    freeze_stages: int = 0
+    trunk_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.freeze_stages <= 4:
+            raise ConfigError(f"freeze_stages must be 0..4 (stem, res2, res3, res4) (got {self.freeze_stages})")
+        if self.trunk_lr_mult < 0:
+            raise ConfigError(f"trunk_lr_mult must be >= 0 (got {self.trunk_lr_mult})")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"epochs and batch size must be >= 1 (got {self.epochs}, {self.batch_size})")
         if self.lr <= 0:

@@ -74,7 +74,7 @@ class AttributeExtractor:
         """(B, V) float32 probabilities of every vocabulary word."""
         return self._run(images)[0].numpy()
 
-    def predict(self, images: Sequence[np.ndarray], *, word_map: bool = False) -> list[AttributeWords]:
+    def extract(self, images: Sequence[np.ndarray], *, word_map: bool = False) -> list[AttributeWords]:
         """Top-k words per image, best first; with ``word_map=True`` each record also carries the per-cell
         probability map (V, h, w) (cells covering padding cropped away)."""
         probs, logits, valid = self._run(images)

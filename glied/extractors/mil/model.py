@@ -20,7 +20,8 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock
 
-from glied.errors import InputError, WeightsError
+from glied import checkpoint as ck
+from glied.errors import ConfigError, InputError, WeightsError
 from glied.extractors.mil.config import FANG_BIAS, MilConfig
 from glied.extractors.mil.noisy_or import noisy_or_bce, noisy_or_log
 
@@ -92,6 +93,19 @@ def _small_trunk(widths: tuple[int, ...], blocks: tuple[int, ...]) -> tuple[nn.M
     return nn.Sequential(*layers), c_in, stride_total
 
 
+def _bottomup_trunk(trunk: dict) -> tuple[nn.Module, int, int]:
+    """The bottom-up detector's stem + res2..res4 (:class:`ResNetC4`) for its config dict: output stride 16."""
+    from glied.extractors.bottomup.backbone import ResNetC4
+    from glied.extractors.bottomup.config import BottomUpConfig
+
+    bcfg = BottomUpConfig.from_dict(trunk)
+    return ResNetC4(bcfg), bcfg.res4_channels, 16
+
+
+# the bottomup trunk's stages, in order, as ``--freeze-stages`` counts them
+BOTTOMUP_STAGES = ("stem", "res2", "res3", "res4")
+
+
 def _resnet_trunk(arch: str) -> tuple[nn.Module, int, int]:
     """torchvision ResNet (weights=None) up to layer4, without the global pool and fc: output stride 32."""
     net = getattr(torchvision.models, arch)(weights=None)
@@ -114,14 +128,39 @@ class MilNet(nn.Module):
         self.cfg = cfg
         if cfg.arch == "small":
             self.trunk, channels, self.stride = _small_trunk(tuple(cfg.small_widths), tuple(cfg.small_blocks))
+        elif cfg.arch == "bottomup":
+            self.trunk, channels, self.stride = _bottomup_trunk(cfg.trunk)
         else:
             self.trunk, channels, self.stride = _resnet_trunk(cfg.arch)
         self.dropout = nn.Dropout2d(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.head = nn.Conv2d(channels, cfg.vocab_size, kernel_size=1)
         nn.init.normal_(self.head.weight, std=cfg.head_init_std)
         nn.init.constant_(self.head.bias, FANG_BIAS)
-        self.register_buffer("mean", torch.tensor(cfg.mean_rgb).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std_rgb).view(1, 3, 1, 1) * 255.0, persistent=False)
+        # the bottomup trunk is fed as its detector: BGR minus the detector's pixel mean (given in BGR), no std
+        self.bgr = cfg.arch == "bottomup"
+        mean = torch.tensor(cfg.trunk["pixel_mean"]) if self.bgr else torch.tensor(cfg.mean_rgb) * 255.0
+        std = torch.ones(3) if self.bgr else torch.tensor(cfg.std_rgb) * 255.0
+        self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
+        self._frozen: list[nn.Module] = []
+
+    def freeze_trunk_stages(self, n: int) -> list[str]:
+        """Fix the first ``n`` stages of a ``bottomup`` trunk (stem, res2, res3, res4): no gradients, norms in
+        eval mode for good (``train()`` keeps them there). Returns the frozen stage names."""
+        if n and self.cfg.arch != "bottomup":
+            raise ConfigError(f"freezing trunk stages needs the bottomup trunk (--init-from), not {self.cfg.arch!r}")
+        names = list(BOTTOMUP_STAGES[:n])
+        self._frozen = [getattr(self.trunk, k) for k in names]
+        for m in self._frozen:
+            m.requires_grad_(False)
+        self.train(self.training)
+        return names
+
+    def train(self, mode: bool = True) -> "MilNet":
+        super().train(mode)
+        for m in self._frozen:
+            m.eval()
+        return self
 
     def map_size(self) -> tuple[int, int]:
         """(h, w) of the word map for this config's input size."""
@@ -148,8 +187,11 @@ class MilNet(nn.Module):
             self.head.bias.copy_(torch.as_tensor(b, dtype=self.head.bias.dtype))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) uint8/float 0..255 RGB -> normalised float (mean/std of the config)."""
-        return (x.float() - self.mean) / self.std
+        """(B, 3, S, S) uint8/float 0..255 RGB -> normalised float (mean/std of the config; bottomup: BGR)."""
+        x = x.float()
+        if self.bgr:
+            x = x.flip(1)  # RGB -> BGR
+        return (x - self.mean) / self.std
 
     def cell_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) 0..255 RGB -> (B, V, h, w) per-cell word logits."""
@@ -186,7 +228,7 @@ def load_backbone_weights(model: MilNet, path: str | Path) -> int:
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise WeightsError(f"{p}: cannot be read as a plain state dict ({type(e).__name__}: {e})") from None
+        raise WeightsError(f"{p}: cannot be read as a plain state dict ({ck.load_failure(e)})") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

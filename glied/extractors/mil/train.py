@@ -13,7 +13,6 @@ accept a local ``--backbone-weights`` file for that.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,10 +23,12 @@ import numpy as np
 import torch
 
 from glied.errors import ConfigError
+from glied.fileio import write_json_atomic
 from glied.extractors.mil.checkpoint import LAST_FILE, MODEL_FILE, load_checkpoint, save_checkpoint
 from glied.extractors.mil.config import MilConfig, MilTrainConfig
 from glied.extractors.mil.data import ImageBank
 from glied.extractors.mil.evaluate import word_metrics
+from glied.extractors.mil.init_from import copy_trunk
 from glied.extractors.mil.model import MilNet, MilTransform, load_backbone_weights
 
 
@@ -76,7 +77,7 @@ def _check_resume(ckpt: dict, cfg: MilConfig, tcfg: MilTrainConfig, vocab: list[
         raise ConfigError(f"{path}: --resume with a different model config ({ckpt['config']} vs {cfg.to_dict()}); "
                           "use a new --out folder or the original --config/--input-size")
     old = MilTrainConfig.from_dict(ckpt.get("train_config", {}))
-    for key in ("batch_size", "lr", "seed", "flip", "pos_weight", "weight_decay"):
+    for key in ("batch_size", "lr", "seed", "flip", "pos_weight", "weight_decay", "freeze_stages", "trunk_lr_mult"):
         if getattr(old, key) != getattr(tcfg, key):
             raise ConfigError(f"{path}: --resume with a different {key} ({getattr(old, key)} -> "
                               f"{getattr(tcfg, key)}); use the original value or a new --out folder")
@@ -84,7 +85,8 @@ def _check_resume(ckpt: dict, cfg: MilConfig, tcfg: MilTrainConfig, vocab: list[
 
 def train_mil(train: TrainSet, out_dir: str | Path, cfg: MilConfig, tcfg: MilTrainConfig, *,
               val: TrainSet | None = None, resume: bool = False, device: str = "cpu",
-              label_stats: dict | None = None, log: Callable[[str], None] = print) -> dict:
+              label_stats: dict | None = None, trunk_init: "DetectorTrunk | None" = None,  # noqa: F821
+              log: Callable[[str], None] = print) -> dict:
     """Train a MIL detector on ``train``; write ``out_dir/last.pt`` each epoch and ``out_dir/model.pt`` at the end.
 
     Args:
@@ -94,6 +96,8 @@ def train_mil(train: TrainSet, out_dir: str | Path, cfg: MilConfig, tcfg: MilTra
         val: optional held-out set; its mAP is logged after every epoch.
         resume: continue from ``out_dir/last.pt`` (settings must match) up to ``tcfg.epochs``.
         label_stats: counts to store in the checkpoint (e.g. images without vocabulary words).
+        trunk_init: a detector's trunk (:func:`glied.extractors.mil.init_from.load_detector_trunk`) copied into
+            the ``bottomup`` trunk before training (not on resume: the weights then come from ``last.pt``).
 
     Returns:
         summary dict: epochs, seconds, final train loss, per-epoch history, val mAP if any.
@@ -111,7 +115,21 @@ def train_mil(train: TrainSet, out_dir: str | Path, cfg: MilConfig, tcfg: MilTra
     if tcfg.backbone_weights:
         n = load_backbone_weights(model, tcfg.backbone_weights)
         log(f"initialised the trunk from {tcfg.backbone_weights} ({n} tensors)")
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    if trunk_init is not None and not resume:
+        n = copy_trunk(model, trunk_init)
+        log(f"initialised the trunk from {trunk_init.source['path']} ({n} tensors)")
+    frozen = model.freeze_trunk_stages(tcfg.freeze_stages)
+    if frozen:
+        log(f"trunk stages kept fixed: {', '.join(frozen)}")
+    head = [p for n_, p in model.named_parameters() if not n_.startswith("trunk.")]
+    trunk = [p for n_, p in model.named_parameters() if n_.startswith("trunk.") and p.requires_grad]
+    groups = [{"params": head, "lr_mult": 1.0}]
+    if trunk and tcfg.trunk_lr_mult > 0:
+        groups.append({"params": trunk, "lr_mult": tcfg.trunk_lr_mult})
+    else:
+        for p_ in trunk:
+            p_.requires_grad_(False)
+    opt = torch.optim.Adam(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     n = len(train.paths)
     steps_per_epoch = math.ceil(n / tcfg.batch_size)
     total_steps = steps_per_epoch * tcfg.epochs
@@ -139,8 +157,9 @@ def train_mil(train: TrainSet, out_dir: str | Path, cfg: MilConfig, tcfg: MilTra
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
         for b in range(steps_per_epoch):
             step = epoch * steps_per_epoch + b
-            for group in opt.param_groups:  # cosine decay to 5% of lr over the whole run
-                group["lr"] = tcfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+            decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / total_steps))  # cosine to 5% of lr
+            for group in opt.param_groups:
+                group["lr"] = group["lr_mult"] * tcfg.lr * decay
             idx = perm[b * tcfg.batch_size:(b + 1) * tcfg.batch_size]
             x = bank.batch(idx.tolist()).to(device).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
             if tcfg.flip:
@@ -172,5 +191,5 @@ def train_mil(train: TrainSet, out_dir: str | Path, cfg: MilConfig, tcfg: MilTra
                "final_loss": history[-1]["loss"] if history else None, "history": history,
                "val_mAP": history[-1].get("val_mAP") if history else None, "n_train": n,
                "vocab_size": len(train.vocab)}
-    (out / "train_log.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(out / "train_log.json", summary, indent=1)
     return summary

@@ -26,7 +26,8 @@ def ext():
 def test_module_contract_shapes(ext):
     m, cfg = ext.model, ext.cfg
     x, info = m.transform(np.zeros((100, 150, 3), np.uint8))
-    assert x.shape == (1, 3, 128, 192) or x.shape[2:] == resized_hw(100, 150, cfg.min_size, cfg.max_size)
+    # small preset: short side 100 -> 128 makes the long side 192 > max 128, so both scale by 128/150
+    assert x.shape == (1, 3, 85, 128) and info.input_hw == (85, 128) and info.raw_hw == (100, 150)
     with torch.no_grad():
         res4 = m.backbone(x)
         assert res4.shape[:2] == (1, cfg.res4_channels)

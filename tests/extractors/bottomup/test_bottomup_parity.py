@@ -16,7 +16,7 @@ import torch
 from glied.extractors.bottomup import load_region_extractor
 from glied.extractors.bottomup.config import BottomUpConfig
 from glied.extractors.bottomup.model import BottomUpDetector, ImageTransform
-from glied.extractors.bottomup.parity.harness import (CKPT_MD5, REF_DIR, compare, glied_fields, load_reference,
+from scripts.bottomup_parity.harness import (CKPT_MD5, REF_DIR, compare, glied_fields, load_reference,
                                                       write_random_checkpoint)
 from glied.extractors.bottomup.weights import detectron2_key_map, load_detectron2_state, read_detectron2_pickle
 

@@ -11,7 +11,7 @@ from glied.errors import WeightsError
 from glied.extractors.bottomup import load_region_extractor
 from glied.extractors.bottomup.config import BottomUpConfig
 from glied.extractors.bottomup.model import BottomUpDetector
-from glied.extractors.bottomup.parity.make_random_ckpt import _Numpy1Pickler
+from scripts.bottomup_parity.make_random_ckpt import _Numpy1Pickler
 from glied.extractors.bottomup.weights import (ANCHOR_KEY, detectron2_key_map, load_detectron2_state,
                                                read_detectron2_pickle, safe_unpickle, save_checkpoint,
                                                weights_fingerprint)
@@ -136,11 +136,11 @@ def test_pkl_extractor_with_vocab_files_and_without(tmp_path):
     model = BottomUpDetector(cfg)
     write_d2_pickle(tmp_path / "w.pkl", d2_state(model))
     ext = load_region_extractor(tmp_path / "w.pkl", config=cfg)
-    assert ext.classes is None and ext.attributes is None
+    assert ext.classes is None and ext.box_attributes is None
     (tmp_path / "objects_vocab.txt").write_text("".join(f"obj{i}\n" for i in range(cfg.num_classes)))
     (tmp_path / "attributes_vocab.txt").write_text("".join(f"att{i}\n" for i in range(cfg.num_attributes)))
     ext = load_region_extractor(tmp_path / "w.pkl", config=cfg)
-    assert ext.classes[3] == "obj3" and ext.attributes[-1] == f"att{cfg.num_attributes - 1}"
+    assert ext.classes[3] == "obj3" and ext.box_attributes[-1] == f"att{cfg.num_attributes - 1}"
     (tmp_path / "attributes_vocab.txt").write_text("a\nb\n")
     with pytest.raises(WeightsError, match="attributes vocabulary has 2 names"):
         load_region_extractor(tmp_path / "w.pkl", config=cfg)
@@ -166,7 +166,7 @@ def test_glied_checkpoint_roundtrip_loads_without_code(tmp_path):
     save_checkpoint(tmp_path / "det.pt", model, classes=[f"c{i}" for i in range(cfg.num_classes)],
                     extra={"name": "shapes"})
     ext = load_region_extractor(tmp_path / "det.pt", procedure="adapt")
-    assert ext.cfg == cfg.replace(procedure="adapt") and ext.classes[0] == "c0" and ext.attributes is None
+    assert ext.cfg == cfg.replace(procedure="adapt") and ext.classes[0] == "c0" and ext.box_attributes is None
     ident = ext.identity()
     assert ident["name"] == "bottomup-shapes" and ident["feature_dim"] == cfg.feature_dim
     assert ident["weights_fingerprint"].startswith("sha256:") and ident["config"]["precision"] == "fp32"

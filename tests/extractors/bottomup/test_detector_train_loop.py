@@ -11,7 +11,7 @@ from glied.extractors.bottomup.config import BottomUpConfig
 from glied.extractors.bottomup.data import DetectionDataset, make_batch, read_image
 from glied.extractors.bottomup.evaluation import detect
 from glied.extractors.bottomup.model import BottomUpDetector
-from glied.extractors.bottomup.training import TrainConfig, detector_losses
+from glied.extractors.bottomup.training import DetectorTrainConfig
 from glied.extractors.bottomup.weights import load_checkpoint, model_from_checkpoint
 from glied.pipeline.detector import evaluate_detector_run, train_detector
 
@@ -42,7 +42,7 @@ def _batch(world, model, n=2):
 def test_one_step_gives_finite_losses_and_gradients_everywhere(world):
     model = _model().train()
     imgs, sizes, targets = _batch(world, model)
-    losses = detector_losses(model, imgs, sizes, targets, TrainConfig(), torch.Generator().manual_seed(0))
+    losses = model.losses(imgs, sizes, targets, DetectorTrainConfig(), torch.Generator().manual_seed(0))
     assert set(losses) == {"rpn_cls", "rpn_box", "roi_cls", "roi_box", "attr"}
     assert all(torch.isfinite(v) and v.item() >= 0 for v in losses.values())
     sum(losses.values()).backward()
@@ -60,7 +60,7 @@ def test_attribute_head_is_fed_the_ground_truth_class(world, monkeypatch):
     head = model.roi_heads.attr_head
     orig = head.forward
     monkeypatch.setattr(head, "forward", lambda feat, cls: (seen.append(cls.clone()), orig(feat, cls))[1])
-    detector_losses(model, imgs, sizes, targets, TrainConfig(), torch.Generator().manual_seed(0))
+    model.losses(imgs, sizes, targets, DetectorTrainConfig(), torch.Generator().manual_seed(0))
     assert len(seen) == 1
     gt_classes = set(torch.cat([t["classes"] for t in targets]).tolist())
     # the ground-truth boxes are always among the sampled foreground RoIs
@@ -70,12 +70,12 @@ def test_attribute_head_is_fed_the_ground_truth_class(world, monkeypatch):
 def test_losses_decrease_when_fitting_two_images(world):
     model = _model().train()
     imgs, sizes, targets = _batch(world, model)
-    cfg = TrainConfig(roi_batch_per_image=32)
+    cfg = DetectorTrainConfig(roi_batch_per_image=32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     totals = []
     for _ in range(30):
-        losses = detector_losses(model, imgs, sizes, targets, cfg, gen)
+        losses = model.losses(imgs, sizes, targets, cfg, gen)
         loss = sum(losses.values())
         opt.zero_grad()
         loss.backward()

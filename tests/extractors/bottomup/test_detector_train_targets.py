@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from glied.extractors.bottomup.training import (
-    TrainConfig, attribute_loss, encode_boxes, lr_at, match_anchors, sample_labels, sample_rois)
+    DetectorTrainConfig, attribute_loss, lr_at, match_anchors, sample_labels, sample_rois)
+from glied.extractors.bottomup.boxes import encode as encode_boxes
 
 
 def test_encode_is_the_inverse_of_the_model_decoder():
@@ -58,7 +59,7 @@ def test_sample_labels_caps_positives_and_fills_with_negatives():
 
 
 def test_sample_rois_adds_ground_truth_and_builds_targets():
-    cfg = TrainConfig(roi_batch_per_image=16, roi_positive_fraction=0.25)
+    cfg = DetectorTrainConfig(roi_batch_per_image=16, roi_positive_fraction=0.25)
     gt = torch.tensor([[10.0, 10.0, 40.0, 40.0], [60.0, 60.0, 100.0, 90.0]])
     classes = torch.tensor([2, 0])
     attrs = torch.tensor([[1, 8], [3, -1]])
@@ -78,7 +79,7 @@ def test_sample_rois_adds_ground_truth_and_builds_targets():
 
 
 def test_sample_rois_on_image_without_boxes_is_all_background():
-    cfg = TrainConfig(roi_batch_per_image=8)
+    cfg = DetectorTrainConfig(roi_batch_per_image=8)
     s = sample_rois(torch.tensor([[0.0, 0, 10, 10]] * 20), torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long),
                     torch.zeros((0, 1), dtype=torch.long), num_classes=3, cfg=cfg)
     assert len(s["rois"]) == 8 and (s["classes"] == 3).all() and int(s["num_fg"]) == 0
@@ -99,7 +100,7 @@ def test_attribute_loss_is_mean_ce_over_every_label_and_none_for_empty_rows():
 
 
 def test_lr_schedule_warms_up_then_decays():
-    cfg = TrainConfig(lr=1e-2, warmup_iters=10)
+    cfg = DetectorTrainConfig(lr=1e-2, warmup_iters=10)
     lrs = [lr_at(i, 100, cfg) for i in range(101)]
     assert lrs[0] == pytest.approx(1e-3)
     assert max(lrs) == pytest.approx(1e-2, rel=1e-3)
@@ -108,8 +109,8 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_train_config_round_trip_and_unknown_keys():
-    cfg = TrainConfig(epochs=3, lr=0.5)
-    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    cfg = DetectorTrainConfig(epochs=3, lr=0.5)
+    assert DetectorTrainConfig.from_dict(cfg.to_dict()) == cfg
     from glied.errors import ConfigError
     with pytest.raises(ConfigError, match="unknown"):
-        TrainConfig.from_dict({"epochs": 1, "bogus": 2})
+        DetectorTrainConfig.from_dict({"epochs": 1, "bogus": 2})

@@ -80,7 +80,7 @@ def test_extractor_outputs_and_identity(trained, tmp_path):
     assert ident["weights_fingerprint"] == load_attribute_extractor(root / "run" / "model.pt").identity()[
         "weights_fingerprint"]
     images.append(np.zeros((30, 70), np.uint8))  # grey, other size
-    out = ext.predict(images, word_map=True)
+    out = ext.extract(images, word_map=True)
     assert len(out) == 5
     full = ext.probs(images)
     for rec, p in zip(out, full):
@@ -93,7 +93,7 @@ def test_extractor_outputs_and_identity(trained, tmp_path):
     p_from_map = 1 - np.prod(1 - maps[0].astype(np.float64), axis=(1, 2))
     np.testing.assert_allclose(p_from_map, full[0], rtol=1e-4, atol=1e-6)
     assert load_attribute_extractor(root / "run", top_k=500).top_k == len(vocab)  # capped
-    assert ext.predict([]) == []
+    assert ext.extract([]) == []
 
 
 def test_checkpoint_is_plain_and_round_trips(trained):

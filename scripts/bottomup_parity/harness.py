@@ -5,7 +5,8 @@ deterministic random checkpoint in the layout of ``faster_rcnn_from_caffe_attr.p
 ``make_random_ckpt.py``, vendored from the project's parity material). :func:`glied_fields` computes the same
 named fields with glied's modules on the port's resized input; :func:`compare` measures the differences
 (normwise relative errors, max abs errors, argmax agreement, one-to-one IoU box matching).
-Used by tests/extractors/bottomup/test_bottomup_parity.py and scripts/parity_report.py.
+Used by tests/extractors/bottomup/test_bottomup_parity.py, scripts/parity_report.py and
+benchmarks/bench_bottomup.py, with the repository root on ``sys.path`` (test-support code: not installed).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torchvision.ops import box_iou
 
 from glied.extractors.bottomup.model import ImageInfo
 
-REPO_ROOT = Path(__file__).resolve().parents[4]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 REF_DIR = REPO_ROOT / "tests" / "data" / "parity" / "bottomup"
 IMAGES = ("chelsea", "astronaut", "coffee")
 CKPT_MD5 = "909fc37430f4038711215f09cc300cee"
@@ -26,12 +27,14 @@ CKPT_MD5 = "909fc37430f4038711215f09cc300cee"
 
 def write_random_checkpoint(path) -> str:
     """Write the reference random checkpoint (262 MB) to ``path``; returns its md5 (must be CKPT_MD5)."""
-    from glied.extractors.bottomup.parity import make_random_ckpt as mk
+    from scripts.bottomup_parity import make_random_ckpt as mk
+    from glied.fileio import write_atomic
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            mk._Numpy1Pickler(f, protocol=3).dump({"model": mk.build(), "__author__": "glied-random-reference"})
     path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        mk._Numpy1Pickler(f, protocol=3).dump({"model": mk.build(), "__author__": "glied-random-reference"})
-    tmp.replace(path)
+    write_atomic(path, write)
     h = hashlib.md5()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -57,7 +60,7 @@ def glied_fields(extractor, ref: dict, procedures=("butd", "fixed36", "adapt")) 
     (hh, ww), (h0, w0) = (int(v) for v in ref["input_hw"]), (int(v) for v in ref["raw_hw"])
     info = ImageInfo((h0, w0), (hh, ww), (ww / w0, hh / h0))
     out = {}
-    with torch.inference_mode(), extractor._autocast():
+    with torch.inference_mode():
         x = model.transform.from_resized(ref["input_bgr_u8"])
         res4 = model.backbone(model._prep(x))                 # compute dtype (bf16 in bf16 mode)
         obj, dlt = model.rpn.head(res4)

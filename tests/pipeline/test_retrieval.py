@@ -1,0 +1,228 @@
+"""Retrieval pipeline: metrics on hand-made score matrices, and train -> evaluate -> index -> search through
+the CLI on a tiny world whose photos are drawn and extracted into a real feature cache."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from glied.pipeline.retrieval import ndcg_at_k, protocol_folds, recall_at_k, reranked
+
+HERE = Path(__file__).parent
+_spec = importlib.util.spec_from_file_location("decoder_fixtures", HERE / "decoder_fixtures.py")
+fx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fx)
+GRID = f"{HERE / 'grid_extractor.py'}:make_extractor"
+BGR = {"red": (0, 0, 255), "blue": (255, 0, 0), "green": (0, 180, 0)}
+
+
+def test_recall_at_k_on_a_hand_made_matrix():
+    # 3 images, 2 captions each (caption c belongs to image c // 2)
+    owner = np.array([0, 0, 1, 1, 2, 2])
+    sims = np.array([[0.9, 0.1, 0.8, 0.0, 0.0, 0.0],    # image 0: own caption 0 first
+                     [0.7, 0.0, 0.6, 0.5, 0.0, 0.0],    # image 1: best own caption (0.6) ranked 2nd
+                     [0.0, 0.0, 0.0, 0.0, 0.1, 0.2]])   # image 2: own caption first
+    m = recall_at_k(sims, owner, ks=(1, 2))
+    assert m["i2t_r1"] == pytest.approx(200 / 3, abs=1e-2) and m["i2t_r2"] == 100.0
+    # t2i ranks of the true image per caption: c0 0, c1 1 (0.1 < ... image 0 col [0.1,0,0] -> rank 0)
+    # columns: c0 [.9,.7,0] -> 0; c1 [.1,0,0] -> 0; c2 [.8,.6,0] -> 1; c3 [0,.5,0] -> 0; c4 -> 0; c5 -> 0
+    assert m["t2i_r1"] == pytest.approx(500 / 6, abs=1e-2) and m["t2i_r2"] == 100.0
+    assert m["rsum"] == pytest.approx(m["i2t_r1"] + m["i2t_r2"] + m["t2i_r1"] + m["t2i_r2"], abs=1e-2)
+
+
+def test_ndcg_is_one_for_a_perfect_ranking_and_lower_otherwise():
+    rel = np.array([[1.0, 0.2], [0.5, 0.9], [0.1, 0.3]])          # (captions, images)
+    perfect = rel.T.copy()                                          # rank by relevance itself
+    m = ndcg_at_k(perfect, rel, k=2)
+    assert m["i2t_ndcg2"] == pytest.approx(1.0)
+    worse = ndcg_at_k(-perfect, rel, k=2)
+    assert worse["i2t_ndcg2"] < 1.0 and worse["t2i_ndcg2"] < 1.0
+
+
+def test_rerank_orders_each_querys_top_k_by_the_second_score():
+    import torch
+
+    from glied.models.retrieval import Embedding
+
+    # first stage: image 0 prefers caption 2 then 0 then 1; the alignment prefers caption 0
+    sims = np.array([[0.5, 0.1, 0.9], [0.2, 0.8, 0.3]], np.float32)
+    img = Embedding(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]), torch.ones(2, 1, dtype=torch.bool))
+    txt = Embedding(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.6, 0.8]]]), torch.ones(3, 1, dtype=torch.bool))
+    i2t, t2i = reranked(sims, img, txt, k=2)
+    # image 0: top 2 = captions 2 (align 0.6) and 0 (align 1.0) -> caption 0 first; caption 1 stays last
+    assert list(np.argsort(-i2t[0])) == [0, 2, 1]
+    # caption 2: both images in its top 2; the alignment (0.6 vs 0.8) puts image 1 first
+    assert list(np.argsort(-t2i[:, 2])) == [1, 0]
+    owner = np.array([0, 1, 0])
+    assert recall_at_k(i2t, owner, ks=(1,))["i2t_r1"] == 100.0
+
+
+def test_protocol_folds():
+    assert protocol_folds(5000, "1k") == [(i * 1000, (i + 1) * 1000) for i in range(5)]
+    assert protocol_folds(1000, "1k") == [(0, 1000)]
+    assert protocol_folds(300, "1k") == [(0, 300)]
+    assert protocol_folds(25000, "5k") == [(0, 5000)]
+    assert protocol_folds(300, "all") == [(0, 300)]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _draw(root: Path) -> None:
+    objects = json.loads((root / "objects.json").read_text())
+    (root / "images").mkdir(exist_ok=True)
+    for i, objs in objects.items():
+        im = np.full((64, 80, 3), 235, np.uint8)
+        for k, (colour, shape) in enumerate(objs):
+            cx, cy = 20 + 40 * k, 32
+            if shape == "circle":
+                cv2.circle(im, (cx, cy), 14, BGR[colour], -1)
+            elif shape == "square":
+                cv2.rectangle(im, (cx - 13, cy - 13), (cx + 13, cy + 13), BGR[colour], -1)
+            else:
+                cv2.fillPoly(im, [np.array([[cx, cy - 15], [cx + 14, cy + 12], [cx - 14, cy + 12]])], BGR[colour])
+        cv2.imwrite(str(root / "images" / f"{int(i):06d}.jpg"), im)
+
+
+def _glied(*args, check=True):
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "glied", *map(str, args)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(root, prep, cache, other cache, vse run) — a tiny world extracted with the grid extractor."""
+    import torch
+
+    from glied.extractors import load_extractors
+    from glied.pipeline.extract import extract
+    from glied.pipeline.retrieval import RetrievalTrainConfig, train_retrieval
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("retrieval")
+    prep = fx.make_prepared(root, n_images=36)
+    _draw(root)
+    cache = root / "cache"
+    extract(str(root / "captions.json"), str(cache), region_extractor=load_extractors(extractor_module=GRID)[0],
+            images_root=str(root), progress=False, workers=0)
+    other = fx.write_cache(root / "other", fx.MemoryFeatures(root, dim=32, name="other-extractor"))
+    cfg = RetrievalTrainConfig(model="vse", preset="small", epochs=2, batch_size=8, embed_dim=32)
+    train_retrieval(prep, cache, root / "vse", cfg, log=lambda s: None)
+    return root, prep, cache, other, root / "vse"
+
+
+def test_train_writes_a_run_and_evaluate_writes_json(tiny, capsys):
+    root, prep, cache, _, run = tiny
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,loss")
+    code, out, _ = _cli(capsys, "evaluate-retrieval", "--run", run, "--features", cache, "--data", prep,
+                        "--split", "test", "--protocol", "1k", "--ndcg")
+    assert code == 0
+    m = json.loads((run / "retrieval_test_1k.json").read_text())
+    assert m["folds"] == 1 and m["images_per_fold"] == 6 and m["captions"] == 18
+    assert 0 <= m["rsum"] <= 600 and 0 <= m["i2t_ndcg25"] <= 1
+    assert "rsum" in out
+    # a teran run re-ranks the vse top-k
+    from glied.pipeline.retrieval import RetrievalTrainConfig, evaluate_retrieval, train_retrieval
+    teran = root / "teran"
+    if not (teran / "last.pt").is_file():
+        train_retrieval(prep, cache, teran, RetrievalTrainConfig(model="teran", preset="small", epochs=1,
+                                                                 batch_size=8, embed_dim=32), log=lambda s: None)
+    r = evaluate_retrieval(run, cache, prep, "test", "all", rerank=str(teran), rerank_k=3, log=lambda s: None)
+    assert r["rerank_k"] == 3 and Path(r["written_to"]).name == "retrieval_test_all_rerank.json"
+    with pytest.raises(Exception, match="teran run"):
+        evaluate_retrieval(run, cache, prep, "test", "all", rerank=str(run), log=lambda s: None)
+
+
+def test_index_and_search_round_trip(tiny, tmp_path, capsys):
+    import torch
+
+    from glied.pipeline.retrieval import load_retrieval_checkpoint, model_from, open_cache, embed_images
+
+    root, prep, cache, _, run = tiny
+    index = tmp_path / "index"
+    _glied("index", "--run", run, "--features", cache, "--out", index, "--data", prep)
+    out = json.loads(_glied("search", "--index", index, "a red circle", "-k", "4", "--json").stdout)
+    hits = out["results"]
+    assert out["query"] == "a red circle" and len(hits) == 4
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    # the same scores as the trained model gives in this process
+    model, tok = model_from(load_retrieval_checkpoint(run))
+    c = open_cache(cache)
+    ids = [h["image_id"] for h in hits]
+    with torch.no_grad():
+        q = model.embed_texts(*tok.encode(["a red circle"]))
+        want = model.scores(embed_images(model, c, ids), q)[:, 0]
+    assert scores == pytest.approx(want.tolist(), abs=1e-4)
+    # a cached image and the same photo through the region extractor find the same captions
+    by_id = json.loads(_cli(capsys, "search", "--index", index, "--image-id", "30", "--features", cache, "--json")[1])
+    photo = root / "images" / "000030.jpg"
+    by_photo = json.loads(_glied("search", "--index", index, "--image", photo, "--extractor-module", GRID,
+                                 "--json").stdout)
+    assert [h["caption"] for h in by_id["results"]] == [h["caption"] for h in by_photo["results"]]
+    assert [h["score"] for h in by_id["results"]] == pytest.approx([h["score"] for h in by_photo["results"]],
+                                                                    abs=2e-3)  # float16 cache vs float32 live
+    # a caption file instead of the index's captions
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a blue square\na green star\n")
+    plain = _cli(capsys, "search", "--index", index, "--image-id", "30", "--features", cache, "--captions", caps)[1]
+    assert sorted(line.split("\t")[1] for line in plain.splitlines()) == ["a blue square", "a green star"]
+
+
+def _cli(capsys, *args):
+    """Run the CLI in this process; (exit status, stdout, stderr)."""
+    from glied.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bad_inputs_fail_with_one_line(tiny, tmp_path, capsys):
+    from glied.datasets.images import ImageLoadError, decode_image
+
+    root, prep, cache, other, run = tiny
+    index = tmp_path / "index"
+    assert _cli(capsys, "index", "--run", run, "--features", cache, "--out", index)[0] == 0
+    # an index or a run used with another cache names both
+    code, _, err = _cli(capsys, "index", "--run", run, "--features", other, "--out", tmp_path / "x")
+    assert code == 2 and err.count("\n") == 1 and str(other) in err and str(run) in err
+    code, _, err = _cli(capsys, "search", "--index", index, "--image-id", "3", "--features", other)
+    assert code == 2 and err.count("\n") == 1 and str(other) in err and str(cache) in err
+    code, _, err = _cli(capsys, "evaluate-retrieval", "--run", run, "--features", other, "--data", prep)
+    assert code == 2 and str(other) in err
+    # an index queried on behalf of another run
+    code, _, err = _cli(capsys, "search", "--index", index, "--run", tiny[0] / "nope-run", "a red circle")
+    assert code == 2 and "nope-run" in err
+    # empty query
+    for q in ("", "  ?! "):
+        code, _, err = _cli(capsys, "search", "--index", index, q)
+        assert code == 2 and err.startswith("error: empty query")
+    # an index without captions
+    code, _, err = _cli(capsys, "search", "--index", index, "--image-id", "3", "--features", cache)
+    assert code == 2 and "--data" in err
+    # an image that does not decode: the same line as `glied caption`
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ImageLoadError) as e:
+        decode_image(str(bad))
+    code, _, err = _cli(capsys, "search", "--index", index, "--image", bad, "--extractor-module", GRID)
+    assert code == 2 and err == f"error: {bad}: {e.value.reason}\n"
+    # no index
+    code, _, err = _cli(capsys, "search", "--index", tmp_path / "nope", "a red circle")
+    assert code == 2 and "glied index" in err
