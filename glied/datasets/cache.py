@@ -94,6 +94,10 @@ class DamagedEntryError(InputError):
         self.image_id, self.why = image_id, why
 
 
+class EntryError(ConfigError, ValueError):
+    """An entry that cannot be put (a duplicate id, features of the wrong size): one line for the CLI."""
+
+
 def _take_lock(root: str):
     """Open and flock ``root``/lock for the one writer (InputError when another process holds it)."""
     lock = open(os.path.join(root, "lock"), "a+")
@@ -377,11 +381,12 @@ class CacheWriter:
         """Queue one entry (committed within ``commit_every`` puts/``commit_seconds``, or at close)."""
         key = str(image_id)
         if key in self:
-            raise ValueError(f"image id {key!r} is already in feature cache {self.root}")
+            raise EntryError(f"image id {key!r} is already in feature cache {self.root}")
         r = regions
         feats = np.asarray(r.features)
         if feats.ndim != 2 or feats.shape[1] != self._dim:
-            raise ValueError(f"{key}: features have shape {feats.shape}, cache expects (R, {self._dim})")
+            raise EntryError(f"{key}: the extractor gave features of shape {feats.shape}, but cache {self.root} "
+                             f"holds (R, {self._dim}); fix the extractor or write to another --out")
         n = feats.shape[0]
         arrays = [("boxes", np.asarray(r.boxes, np.float32).reshape(n, 4)),
                   ("features", feats.astype(self._dtype, copy=False)),
