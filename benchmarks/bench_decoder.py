@@ -45,18 +45,13 @@ SETTINGS = ((1, 1), (1, 3), (50, 1), (50, 3))  # (batch, beam)
 
 
 class NoEos(GliedDecoder):
-    """Never ends early, so every caption decodes exactly ``WORDS`` words (fair fixed-length comparison)."""
+    """Never ends early, so every caption decodes exactly ``WORDS`` words (fair fixed-length comparison): the
+    bias of <eos> in the word layer is -inf."""
 
-    @staticmethod
-    def word_logprobs(logits):
-        lp = GliedDecoder.word_logprobs(logits)
-        lp[..., EOS] = float("-inf")
-        return lp
-
-    @staticmethod
-    def greedy_words(logits):
-        logits[..., EOS] = float("-inf")  # in place, as the peer's hook below
-        return GliedDecoder.greedy_words(logits)
+    def __init__(self, config: GliedConfig) -> None:
+        super().__init__(config)
+        with torch.no_grad():
+            self.word.bias[EOS] = float("-inf")
 
 
 def make_inputs(b: int, seed: int = 0, device: str = "cpu"):

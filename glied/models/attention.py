@@ -41,7 +41,7 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, n, self.n_heads, self.d_k).transpose(1, 2)  # (B, h, N, d_k)
 
     def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, d_model) -> keys, values each (B, h, N, d_k), contiguous (one fused projection)."""
+        """(B, N, d_model) -> keys, values each (B, h, N, d_k) (one fused projection)."""
         w, b = fused_linear(self.w_k, self.w_v)
         return split_heads(F.linear(kv, w, b), 2, self.n_heads)
 
@@ -51,7 +51,7 @@ class MultiHeadAttention(nn.Module):
 
         Args:
             q: (B, h, Tq, d_k) queries already multiplied by 1/sqrt(d_k).
-            k, v: (B, h, N, d_k) (contiguous, or a prefix N of a longer buffer).
+            k, v: (B, h, N, d_k), any strides (e.g. views of a fused projection, or a prefix of a buffer).
             bias: additive float mask broadcastable to (B, h, Tq, N) (0 = attend, -inf = masked) or None.
         Returns:
             (B, Tq, h * d_k) heads concatenated, before the output projection.
@@ -108,10 +108,10 @@ class Residual(nn.Module):
 
 
 def split_heads(x: torch.Tensor, parts: int, n_heads: int) -> tuple[torch.Tensor, ...]:
-    """(B, N, parts * D) fused projections -> ``parts`` tensors (B, h, N, D / h), each contiguous."""
+    """(B, N, parts * D) fused projections -> ``parts`` views (B, h, N, D / h) of it (not copied: the fused
+    attention kernel reads any strides)."""
     b, n, d = x.shape
-    x = x.view(b, n, parts, n_heads, d // (parts * n_heads)).permute(2, 0, 3, 1, 4).contiguous()  # (P, B, h, N, dk)
-    return tuple(x.unbind(0))
+    return tuple(x.view(b, n, parts, n_heads, d // (parts * n_heads)).permute(2, 0, 3, 1, 4).unbind(0))
 
 
 def fused_linear(*layers: nn.Linear, scales: Optional[tuple[float, ...]] = None

@@ -22,21 +22,23 @@ from glied.tokens import ids_to_text
 def greedy(model: GliedDecoder, mem: Memory, max_len: int = 16,
            keep_logits: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Argmax decoding with cached keys/values. Returns seqs (N, T) and per-step logits (N, T, V) (None when not
-    ``keep_logits``)."""
+    ``keep_logits``: then the forced final <eos> costs no step)."""
     n = mem.batch_size
     token = torch.full((n,), BOS, dtype=torch.long, device=mem.region_mask.device)
     done = torch.zeros(n, dtype=torch.bool, device=token.device)
     state, seqs, all_logits = _state(model, mem, n, max_len), [], []
     for t in range(max_len + 1):
-        logits, state = model.step(mem, token, state)  # (N, V)
-        if t == max_len:
-            nxt = torch.full_like(token, EOS)
-        else:
+        if keep_logits:
+            logits, state = model.step(mem, token, state)  # (N, V)
+            all_logits.append(logits)
+            nxt = model.greedy_words(logits) if t < max_len else torch.full_like(token, EOS)
+        elif t < max_len:
+            logits, state = model.step(mem, token, state)  # (N, V)
             nxt = model.greedy_words(logits)
+        else:
+            nxt = torch.full_like(token, EOS)
         nxt = nxt.masked_fill(done, PAD)
         seqs.append(nxt)
-        if keep_logits:
-            all_logits.append(logits)
         done = done | (nxt == EOS)
         token = nxt
         if _all_done(done, t):
@@ -79,10 +81,10 @@ def sample(model: GliedDecoder, mem: Memory, n_samples: int, max_len: int = 16,
     done = torch.zeros(n, dtype=torch.bool, device=token.device)
     state, seqs = _state(model, mem, n, max_len), []
     for t in range(max_len + 1):
-        logits, state = model.step(mem, token, state)
-        if t == max_len:
+        if t == max_len:  # forced: no step needed
             nxt = torch.full_like(token, EOS)
         else:
+            logits, state = model.step(mem, token, state)
             nxt = torch.multinomial(model.word_logprobs(logits).exp(), 1, generator=generator)[:, 0]
         nxt = nxt.masked_fill(done, PAD)
         seqs.append(nxt)

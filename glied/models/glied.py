@@ -108,8 +108,8 @@ class GliedConfig:
 class Memory:
     """Per-image encoder output, computed once and reused at every decoding step.
 
-    ``kv`` holds pre-projected (keys, values), each (B, h, N, d_k) contiguous, for every cross attention (the
-    values of an image with no real key are zero); ``region_mask`` (B, R) and ``attr_mask`` (B, K) are bool,
+    ``kv`` holds pre-projected (keys, values), each (B, h, N, d_k), for every cross attention (the values of an
+    image with no real key are zero); ``region_mask`` (B, R) and ``attr_mask`` (B, K) are bool,
     True = real entry; ``region_keys`` / ``attr_keys`` are the same masks as (B, 1, 1, N) for the fused attention
     kernel (an image with no real key attends everywhere, to zero values), or None when every entry is real.
     """
@@ -452,8 +452,8 @@ class GliedDecoder(nn.Module):
         """The most probable word of every row, (N, V) -> (N,): ``word_logprobs(logits).argmax(-1)`` without the
         softmax (log-softmax is monotonic) and without copying the logits."""
         if (PAD, BOS) == (0, 1):  # the two words never generated lead the vocabulary: skip them
-            return logits[:, 2:].argmax(-1) + 2
-        return logits.index_fill(1, torch.tensor([PAD, BOS], device=logits.device), float("-inf")).argmax(-1)
+            return logits[:, 2:].max(-1).indices + 2  # max: the first maximum, as argmax, but faster on CPU
+        return logits.index_fill(1, torch.tensor([PAD, BOS], device=logits.device), float("-inf")).max(-1).indices
 
     @torch.no_grad()
     def generate(self, regions: torch.Tensor, region_mask: torch.Tensor, attr_ids: torch.Tensor,

@@ -217,3 +217,13 @@ def test_state_is_preallocated_and_bounded():
     assert state.kv is buf and state.length == 2  # written in place, never reallocated
     with pytest.raises(ValueError):
         m.step(mem, tok, state)
+
+
+def test_greedy_without_logits_chooses_the_same_words():
+    m = tiny("glied")
+    with torch.no_grad():
+        m.word.weight.mul_(4)
+    mem = m.encode(*inputs())
+    s1, _ = greedy(m, mem, 10)
+    s2, none = greedy(m, mem, 10, keep_logits=False)
+    assert none is None and torch.equal(s1, s2)
