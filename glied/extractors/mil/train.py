@@ -9,7 +9,9 @@ learned in the first epoch (AP ~0.99 / ~0.92) but shape words stay near their la
 ~6000 steps. The same trunk learns shapes within ~150 steps on single-object crops, and within ~600 when
 colour words are trained alongside, so the easy words appear to starve the shape features while the bag
 ambiguity of multi-object images dilutes their signal. Fang start from ImageNet weights; the ResNet presets
-accept a local ``--backbone-weights`` file for that.
+accept a local ``--backbone-weights`` file for that, and ``--init-from DETECTOR`` starts from the bottom-up
+detector's trunk (:mod:`glied.extractors.mil.init_from`): on the demo's shapes world, with its own detector,
+shape-word mAP 0.87 after 2 epochs (from scratch: 0.43).
 """
 from __future__ import annotations
 

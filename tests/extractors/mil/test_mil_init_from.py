@@ -245,7 +245,7 @@ def test_initialised_model_learns_and_fixed_trunk_stays_fixed(tmp_path):
 @pytest.mark.slow
 def test_reference_r101_checkpoint_trunk_is_copied_exactly(tmp_path):
     """The parity suite's random checkpoint in the published layout (ResNet-101, 262 MB)."""
-    from glied.extractors.bottomup.parity.harness import CKPT_MD5, write_random_checkpoint
+    from scripts.bottomup_parity.harness import CKPT_MD5, write_random_checkpoint
     from glied.extractors.bottomup.weights import read_detectron2_pickle
 
     pkl = tmp_path / "faster_rcnn_random_attr.pkl"
