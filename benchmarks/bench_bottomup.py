@@ -11,6 +11,8 @@ noisy shared machine affects them alike) for:
 - ``port-style``: glied's model run the way the detectron2 port runs it (fp32, FrozenBN as separate ops, NCHW,
   res5 on all 300 RoIs in one batch) -- the same-run anchor for the port (about 13 s/image on a quiet machine here);
 - ``fp32-exact``: FrozenBN as separate ops, NCHW, res5 in chunks of 16 RoIs (bit-identical to the port);
+- ``fp32-fast`` (the fp32 default on CPU): backbone and RPN as fp32-exact; res5 with FrozenBN folded into the
+  convolutions, channels-last, chunks of 16;
 - ``fp32-gemm``: res5 as GEMMs over all RoIs of a chunk (``GemmRes5``: FrozenBN folded, 1x1 convolutions as
   one sgemm each, residual added by the GEMM), backbone and RPN as fp32-exact;
 - ``bf16``: res5 in bf16 (backbone and RPN fp32), channels-last, res5 in chunks of 16;
@@ -71,7 +73,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-r101", action="store_true")
-    ap.add_argument("--modes", default="port-style,fp32-exact,fp32-gemm,bf16")
+    ap.add_argument("--modes", default="port-style,fp32-exact,fp32-fast,fp32-gemm,bf16")
     ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--skip-small", action="store_true")
     args = ap.parse_args()
@@ -92,12 +94,12 @@ def main():
         base = BottomUpDetector(BottomUpConfig.r101_vg())
         load_detectron2_state(base, state)
         del state
-        port = RegionExtractor(copy.deepcopy(base).replace_cfg(res5_chunk=300), channels_last=False,
-                               fuse_frozen_bn=False, res5_gemm=False)
-        exact = RegionExtractor(copy.deepcopy(base), res5_gemm=False)
-        fp32 = RegionExtractor(copy.deepcopy(base), res5_gemm=True)
+        port = RegionExtractor(copy.deepcopy(base).replace_cfg(res5_chunk=300), fp32_mode="exact")
+        exact = RegionExtractor(copy.deepcopy(base), fp32_mode="exact")
+        fp32 = RegionExtractor(copy.deepcopy(base), fp32_mode="fast")
+        gemm = RegionExtractor(copy.deepcopy(base), fp32_mode="gemm")
         bf16 = RegionExtractor(copy.deepcopy(base), precision="bf16")
-        modes = {"port-style": port, "fp32-exact": exact, "fp32-gemm": fp32, "bf16": bf16}
+        modes = {"port-style": port, "fp32-exact": exact, "fp32-fast": fp32, "fp32-gemm": gemm, "bf16": bf16}
         modes = {m: e for m, e in modes.items() if m in args.modes.split(",")}
         for e in modes.values():                          # warm-up on a small input (allocations, oneDNN caches)
             e.extract([cv2.resize(a, (150, 90))])

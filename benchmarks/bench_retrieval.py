@@ -232,6 +232,7 @@ def main() -> None:
     ap.add_argument("--teran-queries", type=int, default=8, help="teran text queries per timing run.")
     ap.add_argument("--eval-repeats", type=int, default=3)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-eval", action="store_true", help="Query speed only (no 5k evaluation).")
     ap.add_argument("--shapes", nargs=2, metavar=("PREP", "CACHE"), default=None)
     ap.add_argument("--epochs", type=int, default=10)
     a = ap.parse_args()
@@ -242,7 +243,8 @@ def main() -> None:
     if not a.skip_speed:
         prep, cache = make_gallery(a.work)
         res["speed"] = speed(prep, cache, a.queries, a.teran_queries)
-        res["eval_5k_vse"] = {p: eval_5k(prep, cache, a.work, p, a.eval_repeats) for p in ("paper", "small")}
+        if not a.skip_eval:
+            res["eval_5k_vse"] = {p: eval_5k(prep, cache, a.work, p, a.eval_repeats) for p in ("paper", "small")}
     if a.shapes:
         res["shapes"] = shapes(a.shapes[0], a.shapes[1], a.work, a.epochs)
     res["load_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -223,7 +223,8 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
               help="Image folder (default: the prepared data's images_root).")
 @click.option("--config", "config", type=click.Choice(_MIL_PRESETS), default=None,
               help="Model preset (default: small, the shapes world; bottomup with --init-from).")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default per preset: small 8).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs (default per preset: small 8, bottomup 2).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step (small: 8).")
 @click.option("--lr", type=POSITIVE, default=None, help="Adam learning rate (small: 1e-3, ResNets: 1e-4).")
 @click.option("--vocab-size", type=click.IntRange(min=1), default=1000, show_default=True,
@@ -239,10 +240,16 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
 @click.option("--init-from", "init_from", type=click.Path(), default=None, metavar="DETECTOR",
               help="Use a detector's trunk (res1-res4) as the MIL trunk: the published bottom-up .pkl or a "
                    "train-detector run folder.")
-@click.option("--freeze-stages", type=click.IntRange(0, 4), default=0, show_default=True,
-              help="With --init-from: trunk stages kept fixed (1 stem, 2 +res2, 3 +res3, 4 the whole trunk).")
-@click.option("--trunk-lr-mult", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="With --init-from: the trunk's learning rate relative to the head's.")
+@click.option("--freeze-stages", type=click.IntRange(0, 5), default=None,
+              help="With --init-from: trunk stages kept fixed (1 stem, 2 +res2, 3 +res3, 4 +res4, 5 +res5; "
+                   "default 4).")
+@click.option("--res5/--no-res5", default=None,
+              help="With --init-from: the trunk also runs the detector's res5 over the whole map (default: on).")
+@click.option("--trunk-lr-mult", type=click.FloatRange(min=0), default=None,
+              help="With --init-from: the trunk's learning rate relative to the head's (default 0.1).")
+@click.option("--global-context/--no-global-context", default=None,
+              help="Each cell's word logits also see the mean feature of the whole map (scene-level words; "
+                   "default: on with --init-from).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last.pt with its stored settings (a conflicting flag is "
                    "refused; --epochs may be raised).")
@@ -251,8 +258,8 @@ def evaluate_detector_cmd(run_dir, annotations, images_dir, split, split_file, b
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's; 1 is fastest for the small model on a busy machine).")
 def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, vocab_size, input_size, stopwords,
-                         empty_policy, backbone_weights, init_from, freeze_stages, trunk_lr_mult, resume, seed,
-                         device, threads) -> None:
+                         empty_policy, backbone_weights, init_from, freeze_stages, trunk_lr_mult, res5,
+                         global_context, resume, seed, device, threads) -> None:
     """Train the MIL attribute-word detector (Fang et al. 2015) from the captions of prepared data."""
     from glied.pipeline.attributes import train_attributes
 
@@ -263,7 +270,8 @@ def train_attributes_cmd(data, out, images, config, epochs, batch_size, lr, voca
     typed = _given()   # untyped settings: the preset's defaults, or the run's own on --resume
     settings = dict(config=config, epochs=epochs, batch_size=batch_size, lr=lr, vocab_size=vocab_size,
                     input_size=input_size, stopwords=stopwords, empty_policy=empty_policy, seed=seed,
-                    freeze_stages=freeze_stages, trunk_lr_mult=trunk_lr_mult)
+                    freeze_stages=freeze_stages, trunk_lr_mult=trunk_lr_mult, res5=res5,
+                    global_context=global_context)
     s = train_attributes(data, out, images=images, resume=resume, backbone_weights=backbone_weights,
                          init_from=init_from, device=device, log=click.echo,
                          **{k: (v if k in typed else None) for k, v in settings.items()})

@@ -6,7 +6,8 @@ Data flow::
       -> decode in worker threads (Pillow/cv2 release the GIL), a few batches ahead of the model
       -> region_extractor.extract(batch)  [or .extract_given_boxes(batch, boxes)]
       -> attribute_extractor.extract(batch)          (optional)
-      -> boxes mapped back to original pixels -> CacheWriter.put (fsync'ed in groups)
+      -> boxes mapped back to original pixels -> CacheWriter.put (fsync'ed in groups) on a writer thread,
+         overlapping the next batch's compute
 
 Bad images never stop the run: each gets one line on stderr and a record {id, path, kind, reason} in
 ``CACHE/failures.jsonl`` (replaced, atomically, at the end of each run; failed images are tried again on the
@@ -237,22 +238,34 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 nonlocal n_done
                 if not batch:
                     return
+                entries = []
                 for (it, li), res in zip(batch, _extract_isolated(run, batch, fail)):
                     if res is None:             # rejected by the extractor: recorded in failures.jsonl
                         continue
                     r, w = res
                     if w is not None and w.word_map is not None and not keep_word_maps:
                         w = AttributeWords(word_ids=w.word_ids, probs=w.probs)
-                    writer.put(it.id, _rescale(r, li), w)
-                    n_done += 1
+                    entries.append((it.id, r, li, w))
+                # cache writes (and their fsyncs) run on one writer thread while the model computes the
+                # next batch; at most two batches wait, and a write error surfaces here
+                writes.append(wpool.submit(put_all, entries))
+                while len(writes) > 2:
+                    writes.popleft().result()
+                n_done += len(entries)
                 if bar is not None:
                     bar.update(len(batch))
                 batch.clear()
+
+            def put_all(entries) -> None:
+                for key, r, li, w in entries:
+                    writer.put(key, _rescale(r, li), w)
 
             def load(it: inp.InputImage) -> LoadedImage:
                 return decode_image(it.path, max_side=max_side)
 
             pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+            wpool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glied-cache-writer")
+            writes: collections.deque[Future] = collections.deque()
             ahead: collections.deque[tuple[inp.InputImage, Future | None]] = collections.deque()
             queue = iter(todo)
             depth = max(2, workers) * batch_size * 2
@@ -286,7 +299,10 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                     if len(batch) >= batch_size:
                         flush()
                 flush()
+                while writes:
+                    writes.popleft().result()
             finally:
+                wpool.shutdown(wait=True)       # every queued write finishes before the writer closes
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
                 if bar is not None:

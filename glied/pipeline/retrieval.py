@@ -206,17 +206,44 @@ def recall_at_k(sims: np.ndarray, caption_image: np.ndarray, ks: Sequence[int] =
     return out
 
 
-def rouge_relevance(captions: Sequence[Sequence[str]], caption_image: np.ndarray, n_images: int) -> np.ndarray:
-    """(Nc, Ni) ROUGE-L (pycocoevalcap) of each caption against each image's captions (TERAN's relevance)."""
-    from pycocoevalcap.rouge.rouge import Rouge
+def lcs_lengths(sentences: Sequence[Sequence[str]]) -> np.ndarray:
+    """(N, N) longest-common-subsequence lengths (in words) of every pair of sentences. One dynamic programme
+    per sentence, vectorised over all the others (padding never matches, so the last column is the LCS)."""
+    vocab: dict[str, int] = {}
+    ids = [[vocab.setdefault(w, len(vocab)) for w in s] for s in sentences]
+    n, width = len(ids), max([len(s) for s in ids] + [1])
+    table = np.full((n, width), -1, np.int64)                                  # (N, L) word ids, -1 = padding
+    for k, s in enumerate(ids):
+        table[k, : len(s)] = s
+    out = np.zeros((n, n), np.int32)
+    for k, s in enumerate(ids):
+        prev = np.zeros((n, width + 1), np.int32)                              # DP row i-1 against everyone
+        for w in s:
+            cur = np.zeros_like(prev)
+            match = table == w                                                 # (N, L)
+            for j in range(width):
+                cur[:, j + 1] = np.where(match[:, j], prev[:, j] + 1, np.maximum(prev[:, j + 1], cur[:, j]))
+            prev = cur
+        out[k] = prev[:, width]
+    return out
 
-    scorer = Rouge()
-    texts = [" ".join(c) for c in captions]
-    refs = [[t for t, o in zip(texts, caption_image) if o == j] for j in range(n_images)]
-    rel = np.zeros((len(texts), n_images), np.float32)
-    for c, t in enumerate(texts):
-        for j in range(n_images):
-            rel[c, j] = scorer.calc_score([t], refs[j])
+
+def rouge_relevance(captions: Sequence[Sequence[str]], caption_image: np.ndarray, n_images: int,
+                    beta: float = 1.2) -> np.ndarray:
+    """(Nc, Ni) ROUGE-L of each caption against each image's captions (TERAN's relevance), computed exactly as
+    pycocoevalcap's ``Rouge.calc_score`` does (max precision and max recall over the references, F with
+    beta 1.2), from one LCS table of all the captions."""
+    lcs = lcs_lengths(captions).astype(np.float64)                            # (Nc, Nc)
+    lengths = np.array([max(len(c), 1) for c in captions], np.float64)
+    prec, rec = lcs / lengths[:, None], lcs / lengths[None, :]
+    rel = np.zeros((len(captions), n_images), np.float32)
+    for j in range(n_images):
+        refs = np.nonzero(caption_image == j)[0]
+        if len(refs) == 0:
+            continue
+        p, r = prec[:, refs].max(1), rec[:, refs].max(1)                      # (Nc,)
+        ok = (p > 0) & (r > 0)
+        rel[ok, j] = ((1 + beta ** 2) * p[ok] * r[ok]) / (r[ok] + beta ** 2 * p[ok])
     return rel
 
 
@@ -391,6 +418,12 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
         f"{len(train_split.ids)} train / {len(val_split.ids)} val images, {cfg.epochs} epochs")
     rng = np.random.default_rng(cfg.seed)
     history: list[dict] = []
+
+    def state(epochs_done: int, best_rsum: Optional[float]) -> dict:
+        return {"config": mcfg.to_dict(), "vocab": list(prep.vocab), "max_words": cfg.max_words,
+                "feature_identity": identity, "model": model.state_dict(), "train_config": cfg.to_dict(),
+                "epoch": epochs_done, "history": history, "best_rsum": best_rsum}
+
     best, t_start = float("-inf"), time.perf_counter()
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
@@ -422,19 +455,12 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
         history.append(row)
         _write_metrics(out / "metrics.csv", history)
         log(f"epoch {epoch + 1}: loss {row['loss']:.4f} val rsum {val['rsum']:.1f} ({row['seconds']:.1f} s)")
-        state = {"config": mcfg.to_dict(), "vocab": list(prep.vocab),
-                 "max_words": cfg.max_words, "feature_identity": identity, "model": model.state_dict(),
-                 "train_config": cfg.to_dict(), "epoch": epoch + 1, "history": history,
-                 "best_rsum": max(best, val["rsum"])}
-        ck.save(out / "last.pt", state, RETRIEVAL)
+        ck.save(out / "last.pt", state(epoch + 1, max(best, val["rsum"])), RETRIEVAL)
         if val["rsum"] > best:
             best = val["rsum"]
-            ck.save(out / "best.pt", state, RETRIEVAL)
-    if cfg.epochs == 0:
-        ck.save(out / "last.pt", {"config": mcfg.to_dict(), "vocab": list(prep.vocab), "max_words": cfg.max_words,
-                                  "feature_identity": identity, "model": model.state_dict(),
-                                  "train_config": cfg.to_dict(), "epoch": 0, "history": [], "best_rsum": None},
-                RETRIEVAL)
+            ck.save(out / "best.pt", state(epoch + 1, best), RETRIEVAL)
+    if cfg.epochs == 0:                      # an untrained model (benchmarks of speed need only its shapes)
+        ck.save(out / "last.pt", state(0, None), RETRIEVAL)
     return {"out": str(out), "best_val_rsum": best, "epochs": cfg.epochs,
             "seconds": round(time.perf_counter() - t_start, 1), "model": model}
 

@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from glied import __version__
 from glied.datasets.images import ImageLoadError, LoadedImage, decode_image

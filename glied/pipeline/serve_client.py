@@ -95,7 +95,8 @@ class LoadReport:
     def as_dict(self) -> dict:
         return {"requests": len(self.latencies) + self.failed, "failed": self.failed,
                 "concurrency": self.concurrency, "p50_ms": round(self.percentile(50) * 1000, 1),
-                "p95_ms": round(self.percentile(95) * 1000, 1), "max_ms": round(max(self.latencies, default=0) * 1000, 1),
+                "p95_ms": round(self.percentile(95) * 1000, 1),
+                "max_ms": round(max(self.latencies, default=0) * 1000, 1),
                 "images_per_s": round(self.images_per_s, 2), "wall_s": round(self.wall_s, 2),
                 "mean_batch": self.batching.get("mean_batch"), "largest_batch": self.batching.get("largest_batch")}
 

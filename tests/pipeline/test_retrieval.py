@@ -62,6 +62,23 @@ def test_rerank_orders_each_querys_top_k_by_the_second_score():
     assert recall_at_k(i2t, owner, ks=(1,))["i2t_r1"] == 100.0
 
 
+def test_rouge_relevance_matches_pycocoevalcap():
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    from glied.pipeline.retrieval import rouge_relevance
+
+    rng = np.random.default_rng(0)
+    words = ["a", "red", "blue", "circle", "square", "above", "below", "and", "star"]
+    caps = [list(rng.choice(words, int(rng.integers(1, 9)))) for _ in range(24)]
+    owner = np.repeat(np.arange(6), 4)
+    rel = rouge_relevance(caps, owner, 6)
+    scorer = Rouge()
+    for c in range(24):
+        for j in range(6):
+            refs = [" ".join(caps[k]) for k in np.nonzero(owner == j)[0]]
+            assert rel[c, j] == pytest.approx(scorer.calc_score([" ".join(caps[c])], refs), abs=1e-6)
+
+
 def test_protocol_folds():
     assert protocol_folds(5000, "1k") == [(i * 1000, (i + 1) * 1000) for i in range(5)]
     assert protocol_folds(1000, "1k") == [(0, 1000)]
@@ -226,3 +243,12 @@ def test_bad_inputs_fail_with_one_line(tiny, tmp_path, capsys):
     # no index
     code, _, err = _cli(capsys, "search", "--index", tmp_path / "nope", "a red circle")
     assert code == 2 and "glied index" in err
+
+
+def test_demo_retrieval_stage(tiny, tmp_path):
+    from glied.pipeline.demo import _retrieval_line, _retrieval_stage
+
+    root, prep, cache, _, _ = tiny
+    m = _retrieval_stage(prep, str(cache), lambda s: None)(tmp_path)
+    assert (tmp_path / "vse" / "best.pt").is_file() and m["images_per_fold"] == 6
+    assert "rsum" in _retrieval_line(m) and "i2t R@1/5/10" in _retrieval_line(m)

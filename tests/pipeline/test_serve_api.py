@@ -105,6 +105,8 @@ def test_bad_photos_get_the_cli_line_and_4xx(client, tiny_bundle, tmp_path):
     assert r.status_code == 413 and "request too large" in r.json()["error"]
     # not multipart, no photo, bad beam: 400 with a reason
     assert client.post("/caption", content=b"{}", headers={"content-type": "application/json"}).status_code == 400
+    r = client.post("/caption", content=b"--x\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 400 and r.json()["error"]
     r = client.post("/caption", files={"beam": (None, "2")})  # multipart without a file
     assert r.status_code == 400 and "no photo" in r.json()["error"]
     r = post(client, ("good.jpg", good), beam="99")

@@ -27,7 +27,10 @@ from glied.extractors.bottomup.weights import (DETECTOR, load_checkpoint, load_d
 from glied.records import RegionFeatures
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-RES5_GEMM_DEFAULT = False    # fp32: res5 as GEMMs (GemmRes5) unless the caller says otherwise
+# fp32 on CPU: "exact" = the port's rounding everywhere (NCHW, FrozenBN as separate ops; bit-identical outputs);
+# "fast" = backbone and RPN exact, res5 with FrozenBN folded and channels-last; "gemm" = res5 as GemmRes5
+FP32_MODES = ("exact", "fast", "gemm")
+FP32_DEFAULT = "exact"      # the faster modes measured within a few % of it (docs/extraction_speed.md)
 
 
 @dataclass
@@ -49,7 +52,7 @@ class RegionExtractor:
 
     def __init__(self, model: BottomUpDetector, *, precision: str = "fp32", fingerprint: str = "",
                  classes=None, attributes=None, name: str = "bottomup", channels_last: bool | None = None,
-                 fuse_frozen_bn: bool | None = None, res5_gemm: bool | None = None):
+                 fuse_frozen_bn: bool | None = None, fp32_mode: str | None = None):
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model = model.eval()
@@ -60,22 +63,28 @@ class RegionExtractor:
         self.box_attributes = attributes       # Visual Genome box attribute names (None: ids only)
         self.name = name
         self.device = next(model.parameters()).device
+        fp32_mode = fp32_mode or (FP32_DEFAULT if self.device.type == "cpu" and self.cfg.norm != "gn" else "exact")
+        if fp32_mode not in FP32_MODES:
+            raise ConfigError(f"fp32_mode must be one of {FP32_MODES}, got {fp32_mode!r}")
+        self.fp32_mode = fp32_mode if precision == "fp32" else None
         if channels_last is None:
-            # fp32 keeps NCHW: the port's summation order, so borderline decisions (e.g. the IoU of sliver
-            # proposals clipped at the border) match the port; channels-last gains ~5% there. bf16/fp16: on.
+            # fp32 keeps NCHW in backbone and RPN: the port's summation order, so borderline decisions (e.g. the
+            # IoU of sliver proposals clipped at the border) match the port. bf16/fp16: on.
             channels_last = precision != "fp32"
         self.channels_last = channels_last
         if fuse_frozen_bn is None:
-            # fp32 keeps FrozenBN as separate ops: the port's exact rounding (bit-identical outputs on the
-            # parity images); folding shifts ~1e-7 and can flip the IoU of sliver proposals at the border.
+            # fp32 keeps FrozenBN as separate ops in backbone and RPN: the port's exact rounding (bit-identical
+            # proposals); folding shifts ~1e-7 and can flip the IoU of sliver proposals at the border.
             fuse_frozen_bn = precision != "fp32"
-        if res5_gemm is None:
-            res5_gemm = RES5_GEMM_DEFAULT and precision == "fp32" and self.cfg.norm != "gn"
-        self.res5_gemm = res5_gemm
+        # fp32 "fast" / "gemm": res5 (nine tenths of the FLOPs; per RoI, after the proposals are fixed) folded and
+        # channels-last, or as GEMMs; its outputs then differ from the port's by float32 rounding only.
+        res5_fast = self.fp32_mode in ("fast", "gemm")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         # the extractor owns the model: BN folding and the dtype/memory-format changes happen in place
         self.model.optimise_for_inference(dtype=dtype, channels_last=channels_last, fuse_frozen_bn=fuse_frozen_bn,
-                                          res5_gemm=res5_gemm)
+                                          res5_channels_last=True if res5_fast else None,
+                                          res5_fuse_frozen_bn=True if res5_fast else None,
+                                          res5_gemm=self.fp32_mode == "gemm")
 
     # ---- identity --------------------------------------------------------------------------------------------
     def identity(self) -> dict:

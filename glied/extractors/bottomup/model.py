@@ -147,39 +147,47 @@ class BottomUpDetector(nn.Module):
         return self
 
     def optimise_for_inference(self, *, dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                               fuse_frozen_bn: bool = True, res5_gemm: bool = False) -> "BottomUpDetector":
+                               fuse_frozen_bn: bool = True, res5_channels_last: bool | None = None,
+                               res5_fuse_frozen_bn: bool | None = None,
+                               res5_gemm: bool = False) -> "BottomUpDetector":
         """In place, for inference only: fold every FrozenBN into its conv (weight * s, bias b - mean * s with
         s = w / sqrt(var + eps), computed in float64), cast res5 to ``dtype`` (backbone and RPN stay float32)
         (the box predictor and attribute head stay float32 on float32 features), and use channels-last memory.
-        ``res5_gemm`` (float32 only): run res5 as :class:`~glied.extractors.bottomup.res5_gemm.GemmRes5` (1x1
-        convolutions as one GEMM over all RoIs of a chunk, FrozenBN folded there even when ``fuse_frozen_bn``
-        is off). The state dict no longer has the detectron2 layout afterwards."""
+        ``res5_channels_last`` / ``res5_fuse_frozen_bn`` set those two for res5 alone (None: as the rest), so
+        res5 (nine tenths of the FLOPs) can take the fast layout while backbone and RPN keep the port's exact
+        rounding. ``res5_gemm`` (float32 only): run res5 as
+        :class:`~glied.extractors.bottomup.res5_gemm.GemmRes5` (1x1 convolutions as one GEMM over all RoIs of a
+        chunk, FrozenBN folded there). The state dict no longer has the detectron2 layout afterwards."""
         from glied.extractors.bottomup.backbone import ConvNorm, FrozenBatchNorm2d
         from glied.extractors.bottomup.res5_gemm import GemmRes5
 
         if res5_gemm and dtype != torch.float32:
             raise ValueError("res5_gemm is the float32 path; reduced precision casts the convolutions instead")
-        if fuse_frozen_bn:
-            with torch.no_grad():
-                for mod in self.modules():
-                    if isinstance(mod, ConvNorm) and isinstance(mod.norm, FrozenBatchNorm2d):
-                        n, conv = mod.norm, mod.conv
-                        scale = n.weight.double() / torch.sqrt(n.running_var.double() + n.eps)
-                        conv.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
-                        bias = (n.bias.double() - n.running_mean.double() * scale).to(conv.weight.dtype)
-                        conv.bias = nn.Parameter(bias, requires_grad=False)
-                        mod.norm = nn.Identity()
+        res5_channels_last = channels_last if res5_channels_last is None else res5_channels_last
+        res5_fuse_frozen_bn = fuse_frozen_bn if res5_fuse_frozen_bn is None else res5_fuse_frozen_bn
+        parts = ([self.backbone, self.rpn] if fuse_frozen_bn else []) + ([self.roi_heads] if res5_fuse_frozen_bn
+                                                                        else [])
+        with torch.no_grad():
+            for mod in (m for part in parts for m in part.modules()):
+                if isinstance(mod, ConvNorm) and isinstance(mod.norm, FrozenBatchNorm2d):
+                    n, conv = mod.norm, mod.conv
+                    scale = n.weight.double() / torch.sqrt(n.running_var.double() + n.eps)
+                    conv.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+                    bias = (n.bias.double() - n.running_mean.double() * scale).to(conv.weight.dtype)
+                    conv.bias = nn.Parameter(bias, requires_grad=False)
+                    mod.norm = nn.Identity()
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         # Only res5 (9/10 of the FLOPs) runs in reduced precision; backbone and RPN stay float32, so the
         # proposals are those of fp32 (bf16 there moves borderline proposals and hence the selected boxes).
         for part in (self.backbone, self.rpn.head):
             part.to(dtype=torch.float32, memory_format=fmt)
-        self.roi_heads.res5.to(dtype=dtype, memory_format=fmt)
+        self.roi_heads.res5.to(dtype=dtype, memory_format=torch.channels_last if res5_channels_last
+                               else torch.contiguous_format)
         self.roi_heads.res5_gemm = GemmRes5(self.roi_heads.res5) if res5_gemm else None
         self.compute_dtype = torch.float32
         self.channels_last = channels_last
         self.roi_heads.compute_dtype = dtype
-        self.roi_heads.channels_last = channels_last
+        self.roi_heads.channels_last = res5_channels_last
         return self
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ The RoI head runs res5 (3 bottlenecks, 1024 -> 2048 channels, stride 1, 3x3 conv
 14x14 pooled map: nine tenths of the detector's ~1,930 GFLOP per image. Here every 1x1 convolution is one
 GEMM over the rows of all RoIs of the chunk (``(k * P * P, C_in) @ (C_in, C_out)``, channels-last rows, BLAS
 sgemm), with the FrozenBN folded into the weights and the bias; the residual is added by the same GEMM (it is
-the ``C`` of ``C + A @ B``); ReLUs run in place. Only the dilated 3x3 convolution stays a convolution (oneDNN,
-channels-last).
+the ``C`` of ``C + A @ B``); ReLUs run in place. Only the dilated 3x3 convolution stays a convolution (oneDNN;
+in NCHW by default, its fastest layout on the CPUs measured, at the cost of two copies of its input/output).
 
 Same maths as ``backbone.make_res5`` + FrozenBN, in another summation order: outputs differ from the port's by
 float32 rounding (about 1e-7 relative on the features).
@@ -45,8 +45,9 @@ class GemmRes5(nn.Module):
     channels-last conv weight.
     """
 
-    def __init__(self, res5: nn.Sequential):
+    def __init__(self, res5: nn.Sequential, nchw_3x3: bool = True):
         super().__init__()
+        self.nchw_3x3 = nchw_3x3      # the dilated 3x3 in NCHW (oneDNN's fastest for it here) or channels-last
         self.blocks = []
         for i, blk in enumerate(res5):
             if blk.conv1.conv.kernel_size != (1, 1) or blk.conv1.conv.stride != (1, 1) or \
@@ -56,7 +57,8 @@ class GemmRes5(nn.Module):
             w2, b2 = folded(blk.conv2)
             w3, b3 = folded(blk.conv3)
             names = {"w1": w1[:, :, 0, 0].t().contiguous(), "b1": b1,
-                     "w2": w2.contiguous(memory_format=torch.channels_last), "b2": b2,
+                     "w2": w2.contiguous(memory_format=torch.contiguous_format if nchw_3x3
+                                         else torch.channels_last), "b2": b2,
                      "w3": w3[:, :, 0, 0].t().contiguous(), "b3": b3}
             if blk.shortcut is not None:
                 ws, bs = folded(blk.shortcut)
@@ -73,6 +75,8 @@ class GemmRes5(nn.Module):
             y = torch.addmm(g("b1"), a, g("w1")).relu_()                     # (M, mid)
             mid = y.shape[1]
             y4 = y.view(k, h, w, mid).permute(0, 3, 1, 2)                    # (k, mid, h, w) channels-last view
+            if self.nchw_3x3:
+                y4 = y4.contiguous()                                          # (k, mid, h, w) NCHW copy
             y = F.conv2d(y4, g("w2"), g("b2"), padding=pad, dilation=dil).relu_()
             y = y.permute(0, 2, 3, 1).reshape(k * h * w, mid)                # (M, mid); no copy when channels-last
             sc = torch.addmm(g("bsc"), a, g("wsc")) if proj else a + g("b3")  # (M, D): shortcut + conv3 bias

@@ -52,6 +52,10 @@ class MilConfig:
             as its detector does (``trunk``'s ``pixel_mean``, BGR).
         trunk: for ``bottomup`` only (required there): the detector's ``BottomUpConfig.to_dict()``, from which
             the trunk is rebuilt.
+        trunk_res5: ``bottomup`` only: also run the detector's res5 (its RoI head's, the features its classifier
+            reads) over the whole res4 map, stride 1 and dilated as in the detector; the map stays at stride 16.
+        global_context: every cell's head input is its own feature and the mean feature of the whole map, so
+            that words about the whole scene (how many objects, where) can fire in any cell.
     """
 
     arch: str = "small"
@@ -66,6 +70,8 @@ class MilConfig:
     mean_rgb: tuple[float, float, float] = IMAGENET_MEAN_RGB
     std_rgb: tuple[float, float, float] = IMAGENET_STD_RGB
     trunk: dict | None = field(default=None, hash=False)
+    trunk_res5: bool = False
+    global_context: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -86,6 +92,8 @@ class MilConfig:
         if (self.arch == "bottomup") != (self.trunk is not None):
             raise ConfigError("a detector trunk config is needed by, and only by, arch 'bottomup' "
                               "(train it with --init-from DETECTOR)")
+        if self.trunk_res5 and self.arch != "bottomup":
+            raise ConfigError("trunk_res5 needs arch 'bottomup' (--init-from DETECTOR)")
         if self.trunk is not None:
             from glied.extractors.bottomup.config import BottomUpConfig
             BottomUpConfig.from_dict(self.trunk)  # raises ConfigError naming unknown or bad fields
@@ -142,7 +150,7 @@ class MilTrainConfig:
         backbone_weights: path of a local state dict used to initialise the trunk (ResNet presets), or None.
         init_from: what the ``bottomup`` trunk was initialised from (``--init-from``): {"kind": "detectron2-pkl"
             or "glied-detector", "path": absolute path, "sha256": of the file, ...}; None: random weights.
-        freeze_stages: number of the ``bottomup`` trunk's stages (stem, res2, res3, res4, in order) kept fixed,
+        freeze_stages: number of the ``bottomup`` trunk's stages (stem, res2, res3, res4, res5, in order) kept fixed,
             their norms in eval mode; 0 fine-tunes the whole trunk.
         trunk_lr_mult: learning rate of the trainable trunk stages relative to ``lr`` (the head gets ``lr``).
     """
@@ -165,8 +173,8 @@ class MilTrainConfig:
     trunk_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.freeze_stages <= 4:
-            raise ConfigError(f"freeze_stages must be 0..4 (stem, res2, res3, res4) (got {self.freeze_stages})")
+        if not 0 <= self.freeze_stages <= 5:
+            raise ConfigError(f"freeze_stages must be 0..5 (stem, res2, res3, res4, res5) (got {self.freeze_stages})")
         if self.trunk_lr_mult < 0:
             raise ConfigError(f"trunk_lr_mult must be >= 0 (got {self.trunk_lr_mult})")
         if self.epochs < 1 or self.batch_size < 1:

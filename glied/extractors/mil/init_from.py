@@ -25,12 +25,14 @@ import torch
 from glied.errors import ConfigError, WeightsError
 
 TRUNK_PREFIX = "backbone."
+RES5_PREFIX = "roi_heads.res5."
 
 
 @dataclass
 class DetectorTrunk:
     """``config``: the detector's ``BottomUpConfig.to_dict()``; ``state_dict``: the trunk's tensors, named as in
-    :class:`glied.extractors.bottomup.backbone.ResNetC4`; ``source``: where they came from (JSON-able)."""
+    :class:`glied.extractors.bottomup.backbone.ResNetC4` (plus ``res5.*``, the RoI head's res5, used with
+    ``trunk_res5``); ``source``: where they came from (JSON-able)."""
 
     config: dict
     state_dict: dict[str, torch.Tensor]
@@ -68,8 +70,13 @@ def _config_from_detectron2_state(state: dict) -> "BottomUpConfig":  # noqa: F82
 
 
 def _trunk_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k[len(TRUNK_PREFIX):]: v.detach().clone() for k, v in model.state_dict().items()
-            if k.startswith(TRUNK_PREFIX)}
+    """The detector's stem + res2..res4 and its RoI head's res5, named as in the MIL trunk."""
+    out = {}
+    for k, v in model.state_dict().items():
+        for prefix in (TRUNK_PREFIX, RES5_PREFIX):
+            if k.startswith(prefix):
+                out[k[len(prefix):] if prefix == TRUNK_PREFIX else "res5." + k[len(prefix):]] = v.detach().clone()
+    return out
 
 
 def _from_pickle(path: Path) -> DetectorTrunk:
@@ -117,12 +124,13 @@ def load_detector_trunk(detector: str | Path) -> DetectorTrunk:
 
 
 def copy_trunk(model: torch.nn.Module, trunk: DetectorTrunk) -> int:
-    """Copy ``trunk`` into a ``bottomup`` MilNet's trunk (strict: same names and shapes); returns the tensor count."""
+    """Copy ``trunk`` into a ``bottomup`` MilNet's trunk (strict: every trunk tensor filled, same shapes);
+    returns the tensor count."""
     own = model.trunk.state_dict()
     missing = sorted(set(own) - set(trunk.state_dict))
     bad = sorted(k for k in own if k in trunk.state_dict and trunk.state_dict[k].shape != own[k].shape)
-    if missing or bad or len(own) != len(trunk.state_dict):
+    if missing or bad:
         raise WeightsError(f"{trunk.source.get('path')}: the detector's trunk does not fit the MIL trunk "
                            f"({len(missing)} missing, e.g. {missing[:3]}; {len(bad)} mis-shaped, e.g. {bad[:3]})")
-    model.trunk.load_state_dict(trunk.state_dict, strict=True)
+    model.trunk.load_state_dict({k: trunk.state_dict[k] for k in own}, strict=True)
     return len(own)

@@ -93,17 +93,28 @@ def _small_trunk(widths: tuple[int, ...], blocks: tuple[int, ...]) -> tuple[nn.M
     return nn.Sequential(*layers), c_in, stride_total
 
 
-def _bottomup_trunk(trunk: dict) -> tuple[nn.Module, int, int]:
-    """The bottom-up detector's stem + res2..res4 (:class:`ResNetC4`) for its config dict: output stride 16."""
-    from glied.extractors.bottomup.backbone import ResNetC4
+def _bottomup_trunk(trunk: dict, res5: bool) -> tuple[nn.Module, int, int]:
+    """The bottom-up detector's stem + res2..res4 (:class:`ResNetC4`) for its config dict, and with ``res5`` its
+    RoI head's res5 run over the whole map (stride 1, dilated, as the detector runs it per region): stride 16."""
+    from glied.extractors.bottomup.backbone import ResNetC4, make_res5
     from glied.extractors.bottomup.config import BottomUpConfig
 
+    class DetectorTrunk(ResNetC4):
+        def __init__(self, cfg: BottomUpConfig):
+            super().__init__(cfg)
+            if res5:
+                self.res5 = make_res5(cfg)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = super().forward(x)  # (B, C4, H/16, W/16)
+            return self.res5(x) if res5 else x  # res5: (B, C5, H/16, W/16)
+
     bcfg = BottomUpConfig.from_dict(trunk)
-    return ResNetC4(bcfg), bcfg.res4_channels, 16
+    return DetectorTrunk(bcfg), bcfg.feature_dim if res5 else bcfg.res4_channels, 16
 
 
 # the bottomup trunk's stages, in order, as ``--freeze-stages`` counts them
-BOTTOMUP_STAGES = ("stem", "res2", "res3", "res4")
+BOTTOMUP_STAGES = ("stem", "res2", "res3", "res4", "res5")
 
 
 def _resnet_trunk(arch: str) -> tuple[nn.Module, int, int]:
@@ -129,11 +140,11 @@ class MilNet(nn.Module):
         if cfg.arch == "small":
             self.trunk, channels, self.stride = _small_trunk(tuple(cfg.small_widths), tuple(cfg.small_blocks))
         elif cfg.arch == "bottomup":
-            self.trunk, channels, self.stride = _bottomup_trunk(cfg.trunk)
+            self.trunk, channels, self.stride = _bottomup_trunk(cfg.trunk, cfg.trunk_res5)
         else:
             self.trunk, channels, self.stride = _resnet_trunk(cfg.arch)
         self.dropout = nn.Dropout2d(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.head = nn.Conv2d(channels, cfg.vocab_size, kernel_size=1)
+        self.head = nn.Conv2d(channels * (2 if cfg.global_context else 1), cfg.vocab_size, kernel_size=1)
         nn.init.normal_(self.head.weight, std=cfg.head_init_std)
         nn.init.constant_(self.head.bias, FANG_BIAS)
         # the bottomup trunk is fed as its detector: BGR minus the detector's pixel mean (given in BGR), no std
@@ -149,7 +160,7 @@ class MilNet(nn.Module):
         eval mode for good (``train()`` keeps them there). Returns the frozen stage names."""
         if n and self.cfg.arch != "bottomup":
             raise ConfigError(f"freezing trunk stages needs the bottomup trunk (--init-from), not {self.cfg.arch!r}")
-        names = list(BOTTOMUP_STAGES[:n])
+        names = [k for k in BOTTOMUP_STAGES[:n] if hasattr(self.trunk, k)]
         self._frozen = [getattr(self.trunk, k) for k in names]
         for m in self._frozen:
             m.requires_grad_(False)
@@ -196,6 +207,9 @@ class MilNet(nn.Module):
     def cell_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) 0..255 RGB -> (B, V, h, w) per-cell word logits."""
         feats = self.trunk(self.normalize(x))  # (B, C, h, w)
+        if self.cfg.global_context:
+            mean = feats.mean(dim=(2, 3), keepdim=True).expand_as(feats)  # (B, C, h, w)
+            feats = torch.cat([feats, mean], dim=1)  # (B, 2C, h, w)
         return self.head(self.dropout(feats))  # (B, V, h, w)
 
     @staticmethod

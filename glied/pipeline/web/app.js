@@ -38,8 +38,9 @@ function drawRegions(svg, res) {
     const g = el("svg:g", { "data-region": i });
     g.append(el("svg:rect", { x: x1, y: y1, width: Math.max(x2 - x1, 1), height: Math.max(y2 - y1, 1),
                               stroke: colour }));
-    const label = el("svg:text", { x: x1 + 2, y: Math.max(y1 + 2, 0), "dominant-baseline": "hanging" },
-                     `${r.attribute} ${r.object} ${r.score.toFixed(2)}`);
+    const text = `${r.attribute} ${r.object} ${r.score.toFixed(2)}`;
+    const label = el("svg:text", { x: x1 + 2, y: Math.max(y1 + 2, 0), "dominant-baseline": "hanging" }, text);
+    g.dataset.label = text;
     g.append(label);
     svg.append(g);
     return g;
@@ -52,6 +53,7 @@ function drawRegions(svg, res) {
     g.style.display = rank.get(i) < SHOWN ? "" : "none";
     g.classList.remove("lit", "dim");
     g.style.opacity = "";
+    g.querySelector("text").textContent = g.dataset.label;
   });
   rest();
   return { groups, rest, scale };
@@ -78,8 +80,9 @@ function render(card, res) {
       boxes.groups.forEach((g, i) => {
         const a = att[i] / top;                 // attention relative to this word's most attended region
         g.style.display = a >= 0.25 ? "" : "none";
-        g.style.opacity = (0.35 + 0.65 * a).toFixed(2);
-        g.classList.toggle("lit", a >= 0.6);
+        g.style.opacity = (0.25 + 0.75 * a * a).toFixed(2);
+        g.classList.toggle("lit", a >= 0.8);
+        g.querySelector("text").textContent = `${g.dataset.label} · ${(100 * att[i]).toFixed(0)}%`;
       });
       w.classList.add("on");
     });

@@ -3,9 +3,11 @@
 A deterministic random checkpoint in the exact layout of faster_rcnn_from_caffe_attr.pkl is generated (once per
 session, 262 MB in a tmp dir), loaded through glied's restricted unpickler and strict key map, and run on the
 port's stored resized input; every stage is compared with the port's outputs (tests/data/parity/bottomup/).
-Tolerances (fp32): features normwise rel. err <= 1e-4, class/attribute probabilities <= 1e-4 abs,
-proposals and butd / fixed36 / adapt detections all matched one-to-one at IoU >= 0.99 with equal classes and
-attributes. chelsea runs by default (~10-15 s on 2 cores); astronaut and coffee under -m slow.
+The extractor runs in its default fp32 mode ("exact": the port's rounding); the faster fp32 modes ("fast",
+"gemm": res5 differs by float32 rounding) are checked on chelsea under -m slow. Tolerances (fp32): features
+normwise rel. err <= 1e-4, class/attribute probabilities <= 1e-4 abs, proposals and butd / fixed36 / adapt
+detections all matched one-to-one at IoU >= 0.99 with equal classes and attributes. chelsea runs by default
+(~10-15 s on 2 cores); astronaut and coffee under -m slow.
 """
 import json
 
@@ -121,6 +123,29 @@ def test_detections_match(result, proc):
     feats = mine[f"{proc}_features"].astype(np.float64)
     assert np.abs(np.linalg.norm(feats, axis=1) - ref["prop_feat_l2"][idx]).max() <= TOL * ref["prop_feat_l2"].max()
     assert np.abs(feats.mean(axis=1) - ref["prop_feat_mean"][idx]).max() <= TOL * np.abs(ref["prop_feat_mean"]).max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fast", "gemm"])
+def test_faster_fp32_modes_stay_inside_the_tolerance(random_ckpt, mode):
+    """fp32_mode "fast" (res5 folded, channels-last) and "gemm" (res5 as GEMMs): backbone and RPN keep the port's
+    rounding (proposals equal), the RoI head differs by float32 rounding, inside the fp32 tolerances."""
+    from glied.extractors.bottomup.extractor import RegionExtractor
+
+    state = read_detectron2_pickle(random_ckpt)
+    model = BottomUpDetector(BottomUpConfig.r101_vg())
+    load_detectron2_state(model, state, str(random_ckpt))
+    ref = load_reference("chelsea")
+    cmp = compare(ref, glied_fields(RegionExtractor(model, fp32_mode=mode), ref), iou=0.99)
+    f = cmp["fields"]
+    assert f["rpn_objectness"]["norm_rel"] == 0 and cmp["detections"]["rpn"]["matched"] == 300
+    for k in ("prop_feat_first8", "prop_feat_l2", "given_features"):
+        assert f[k]["norm_rel"] <= TOL, (k, f[k])
+    for k in ("prop_fg_maxprob", "given_cls_probs", "given_attr_probs400_port"):
+        assert f[k]["max_abs"] <= TOL, (k, f[k])
+    for proc in ("butd", "fixed36", "adapt"):
+        d = cmp["detections"][proc]
+        assert d["n_mine"] == d["n_ref"] == d["matched"] == d["obj_ids_agree"] == d["attr_ids_agree"], d
 
 
 def test_given_boxes_scaled_like_the_port():

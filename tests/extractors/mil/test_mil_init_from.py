@@ -53,9 +53,10 @@ def write_published_layout_pkl(path, cfg: BottomUpConfig) -> dict:
 
 
 def trunk_key(d2_name: str) -> str:
-    """detectron2 backbone name -> MilNet state-dict name (``backbone.res2.0.conv1.weight`` ->
-    ``trunk.res2.0.conv1.conv.weight``)."""
-    return "trunk." + detectron2_key_map(BottomUpConfig.small(**TINY, norm="frozen_bn"))[d2_name][len("backbone."):]
+    """detectron2 backbone / res5 name -> MilNet state-dict name (``backbone.res2.0.conv1.weight`` ->
+    ``trunk.res2.0.conv1.conv.weight``, ``roi_heads.res5.0.conv1.weight`` -> ``trunk.res5.0.conv1.conv.weight``)."""
+    ours = detectron2_key_map(BottomUpConfig.small(**TINY, norm="frozen_bn"))[d2_name]
+    return "trunk." + ours.removeprefix("backbone.").removeprefix("roi_heads.")
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +105,16 @@ def test_published_layout_pkl_trunk_is_copied_exactly(tmp_path):
     assert bcfg.num_classes == 3 and bcfg.num_attributes == 4 and bcfg.norm == "frozen_bn" and bcfg.stride_in_1x1
     assert trunk.source == {"kind": "detectron2-pkl", "path": str(pkl.resolve()), "sha256": sha256_file(pkl),
                             "depth": bcfg.depth}
-    model = MilNet(MilConfig.preset("bottomup", 5, trunk=trunk.config, input_size=64))
-    assert copy_trunk(model, trunk) == len(model.trunk.state_dict())
-    own = model.state_dict()
-    backbone = [k for k in state if k.startswith("backbone.")]
-    assert len(backbone) == len(model.trunk.state_dict())
-    for k in backbone:  # every trunk tensor is the file's, bit for bit
-        torch.testing.assert_close(own[trunk_key(k)], torch.from_numpy(state[k]), rtol=0, atol=0)
-    assert not any(k.startswith("trunk.") and "rpn" in k for k in own)
+    for res5 in (False, True):
+        model = MilNet(MilConfig.preset("bottomup", 5, trunk=trunk.config, input_size=64, trunk_res5=res5))
+        assert copy_trunk(model, trunk) == len(model.trunk.state_dict())
+        own = model.state_dict()
+        parts = ("backbone.", "roi_heads.res5.") if res5 else ("backbone.",)
+        backbone = [k for k in state if k.startswith(parts)]
+        assert len(backbone) == len(model.trunk.state_dict())
+        for k in backbone:  # every trunk tensor is the file's, bit for bit
+            torch.testing.assert_close(own[trunk_key(k)], torch.from_numpy(state[k]), rtol=0, atol=0)
+        assert not any(k.startswith("trunk.") and "rpn" in k for k in own)
 
 
 def test_detector_run_trunk_is_copied_exactly(detector_run):
@@ -120,14 +123,15 @@ def test_detector_run_trunk_is_copied_exactly(detector_run):
     assert trunk.config == det["config"]
     assert trunk.source["kind"] == "glied-detector" and trunk.source["epoch"] == 1
     assert trunk.source["sha256"] == sha256_file(detector_run / "checkpoint.pt")
-    model = MilNet(MilConfig.preset("bottomup", 5, trunk=trunk.config))
+    model = MilNet(MilConfig.preset("bottomup", 5, trunk=trunk.config, trunk_res5=True))
     assert model.cfg.input_size == 64  # the detector's own input side
     copy_trunk(model, trunk)
     own = model.state_dict()
-    backbone = {k: v for k, v in det["model"].items() if k.startswith("backbone.")}
+    backbone = {k: v for k, v in det["model"].items() if k.startswith(("backbone.", "roi_heads.res5."))}
     assert len(backbone) == len(model.trunk.state_dict()) > 0
     for k, v in backbone.items():
-        torch.testing.assert_close(own["trunk." + k[len("backbone."):]], v, rtol=0, atol=0)
+        torch.testing.assert_close(own["trunk." + k.removeprefix("backbone.").removeprefix("roi_heads.")], v,
+                                   rtol=0, atol=0)
 
 
 def test_bad_detectors_give_one_line_errors(world, detector_run, tmp_path, capsys):
@@ -151,6 +155,8 @@ def test_bad_detectors_give_one_line_errors(world, detector_run, tmp_path, capsy
         one_line_error(code, err, str(bad), needle)
     code, _, err = run_cli(capsys, *args, "--config", "small", "--init-from", detector_run)
     one_line_error(code, err, "--init-from", "bottomup")
+    code, _, err = run_cli(capsys, *args, "--freeze-stages", "2")
+    one_line_error(code, err, "--init-from")
     assert not (tmp_path / "r" / "model.pt").exists()
 
 
@@ -166,6 +172,8 @@ def test_cli_records_the_source_and_the_run_serves_words(world, detector_run, ca
     assert src["kind"] == "glied-detector" and src["path"] == str((detector_run / "checkpoint.pt").resolve())
     assert src["sha256"] == sha256_file(detector_run / "checkpoint.pt")
     assert ckpt["config"]["arch"] == "bottomup" and ckpt["train_config"]["freeze_stages"] == 2
+    assert ckpt["config"]["trunk_res5"] and ckpt["config"]["global_context"]  # the --init-from defaults
+    assert ckpt["train_config"]["trunk_lr_mult"] == 0.5
     assert json.loads((out / "config.json").read_text())["train"]["init_from"] == src
     det = torch.load(detector_run / "checkpoint.pt", weights_only=True)["model"]
     for k, v in ckpt["state_dict"].items():  # frozen stages are the detector's; trained ones moved
@@ -232,3 +240,43 @@ def test_initialised_model_learns_and_fixed_trunk_stays_fixed(tmp_path):
     probs = ext.probs([cv2.imread(str(p)) for p in test_paths])
     m = word_metrics(probs, build_labels(test_caps, ext.vocab).labels, ext.vocab)
     assert min(m["ap"][c] for c in ("red", "green", "blue")) > 0.95, m["ap"]
+
+
+@pytest.mark.slow
+def test_reference_r101_checkpoint_trunk_is_copied_exactly(tmp_path):
+    """The parity suite's random checkpoint in the published layout (ResNet-101, 262 MB)."""
+    from glied.extractors.bottomup.parity.harness import CKPT_MD5, write_random_checkpoint
+    from glied.extractors.bottomup.weights import read_detectron2_pickle
+
+    pkl = tmp_path / "faster_rcnn_random_attr.pkl"
+    assert write_random_checkpoint(pkl) == CKPT_MD5
+    trunk = load_detector_trunk(pkl)
+    assert BottomUpConfig.from_dict(trunk.config) == BottomUpConfig.r101_vg()
+    assert trunk.source["depth"] == 101 and trunk.source["sha256"] == sha256_file(pkl)
+    model = MilNet(MilConfig.preset("bottomup", 5, trunk=trunk.config))
+    copy_trunk(model, trunk)
+    assert model.cfg.input_size == 600 and model.head.in_channels == 1024
+    state = read_detectron2_pickle(pkl)
+    own = model.trunk.state_dict()
+    names = [k for k in state if k.startswith("backbone.")]
+    assert len(names) == len(own)
+    kmap = detectron2_key_map(BottomUpConfig.r101_vg())
+    for k in names:
+        torch.testing.assert_close(own[kmap[k].removeprefix("backbone.")], torch.from_numpy(state[k]), rtol=0, atol=0)
+
+
+def test_global_context_gives_every_cell_the_map_mean():
+    trunk = {**BottomUpConfig.small(**TINY).to_dict()}
+    cfg = MilConfig.preset("bottomup", 4, trunk=trunk, input_size=64, global_context=True)
+    model = MilNet(cfg).eval()
+    c = model.head.in_channels // 2
+    assert model.head.in_channels == 2 * MilNet(MilConfig.preset("bottomup", 4, trunk=trunk)).head.in_channels
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        model.head.weight.normal_()
+        logits = model.cell_logits(x)  # (B, V, h, w)
+        assert logits.std(dim=(2, 3)).min() > 0  # local features differ between cells
+        model.head.weight[:, :c] = 0  # only the scene-mean half left: every cell says the same
+        logits = model.cell_logits(x)
+    assert torch.allclose(logits, logits[..., :1, :1].expand_as(logits), atol=1e-5)
+    assert not torch.allclose(logits[0], logits[1])
