@@ -108,10 +108,11 @@ class Residual(nn.Module):
 
 
 def split_heads(x: torch.Tensor, parts: int, n_heads: int) -> tuple[torch.Tensor, ...]:
-    """(B, N, parts * D) fused projections -> ``parts`` views (B, h, N, D / h) of it (not copied: the fused
-    attention kernel reads any strides)."""
+    """(B, N, parts * D) fused projections -> ``parts`` tensors (B, h, N, D / h), each contiguous (read at every
+    decoding step: strided views of the fused projection made each step's attention 2-3x slower)."""
     b, n, d = x.shape
-    return tuple(x.view(b, n, parts, n_heads, d // (parts * n_heads)).permute(2, 0, 3, 1, 4).unbind(0))
+    x = x.view(b, n, parts, n_heads, d // (parts * n_heads)).permute(2, 0, 3, 1, 4).contiguous()  # (P, B, h, N, dk)
+    return tuple(x.unbind(0))
 
 
 def fused_linear(*layers: nn.Linear, scales: Optional[tuple[float, ...]] = None

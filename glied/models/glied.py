@@ -108,8 +108,8 @@ class GliedConfig:
 class Memory:
     """Per-image encoder output, computed once and reused at every decoding step.
 
-    ``kv`` holds pre-projected (keys, values), each (B, h, N, d_k), for every cross attention (the values of an
-    image with no real key are zero); ``region_mask`` (B, R) and ``attr_mask`` (B, K) are bool,
+    ``kv`` holds pre-projected (keys, values), each (B, h, N, d_k) contiguous, for every cross attention (the
+    values of an image with no real key are zero); ``region_mask`` (B, R) and ``attr_mask`` (B, K) are bool,
     True = real entry; ``region_keys`` / ``attr_keys`` are the same masks as (B, 1, 1, N) for the fused attention
     kernel (an image with no real key attends everywhere, to zero values), or None when every entry is real.
     """
