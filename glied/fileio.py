@@ -56,31 +56,27 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None], durable:
     removed the first time this process writes into that folder. The file gets the mode ``open()`` would
     give it (umask honoured). ``durable``: fsync the file and its folder (survives a power loss).
     """
-    path = Path(path)
-    tmp = _tmp_beside(path)
-    try:
-        try:
-            write(tmp)
-            _commit(tmp, path, durable)
-        except OSError as e:
-            _raise_if_full(e, path)
-            raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _replacing(Path(path), durable) as tmp:
+        write(tmp)
 
 
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kw) -> Iterator[IO]:
     """``with atomic_open(path) as f:`` streams a file (e.g. a log written line by line) to a temporary name;
     ``path`` is replaced only when the block ends without an exception (same rules as :func:`write_atomic`)."""
-    path = Path(path)
+    with _replacing(Path(path), False) as tmp, open(tmp, mode, **kw) as f:
+        yield f
+
+
+@contextmanager
+def _replacing(path: Path, durable: bool) -> Iterator[str]:
+    """Yields a temporary name beside ``path``; renames it onto ``path`` when the block ends without an
+    exception, removes it otherwise. A full disk is one line naming ``path`` (the old file stays)."""
     tmp = _tmp_beside(path)
     try:
         try:
-            with open(tmp, mode, **kw) as f:
-                yield f
-            _commit(tmp, path, False)
+            yield tmp
+            _commit(tmp, path, durable)
         except OSError as e:
             _raise_if_full(e, path)
             raise
