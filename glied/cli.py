@@ -354,23 +354,36 @@ def extract_cmd(input_path, out, detector, extractor_module, attributes, top_k, 
 
     INPUT: a folder (recursive), a text file listing paths, a Karpathy or COCO json, or a prepared folder.
     Resumable: images already in OUT are skipped; bad images are listed in OUT/failures.jsonl.
+    Several processes or GPUs: `torchrun --nproc_per_node N -m glied extract INPUT --out OUT ...` (each rank
+    extracts its shard into OUT/ranks/, rank 0 merges them into OUT at the end).
     """
     from glied.datasets.images import DEFAULT_MAX_SIDE, check_max_side
     from glied.datasets.inputs import parse_shard
+    from glied.errors import ConfigError
     from glied.extractors import load_extractors
     from glied.pipeline.extract import choose_precision, extract, resolve_device, say_precision
+    from glied.pipeline.extract_ranks import distributed_env, extract_ranks, rank_device
 
+    ranks = distributed_env()            # under torchrun: (rank, world, local rank); each rank takes its shard
+    if ranks is not None and shard:
+        raise ConfigError(f"--shard {shard}: under torchrun each of the {ranks[1]} ranks takes its own shard; "
+                          f"drop --shard (or run without torchrun)")
     sh = parse_shard(shard)
     max_side = check_max_side(DEFAULT_MAX_SIDE if max_side is None else max_side)
     dev = resolve_device(device)
+    if ranks is not None:
+        dev = rank_device(dev, ranks[2])
     prec = choose_precision(precision, dev)
     region, attr = load_extractors(detector, attributes, extractor_module=extractor_module, device=dev,
                                    precision=prec.precision, top_k=top_k)
-    say_precision(prec, quiet=quiet)
-    s = extract(input_path, out, region_extractor=region, attribute_extractor=attr, top_k=top_k,
-                images_root=images_root, dtype=dtype, shard=sh, batch_size=batch_size, workers=workers,
-                boxes=boxes, max_side=max_side, progress=not quiet, commit_seconds=commit_seconds,
-                keep_word_maps=keep_word_maps)
+    say_precision(prec, quiet=quiet or (ranks is not None and ranks[0] != 0))
+    common = dict(region_extractor=region, attribute_extractor=attr, top_k=top_k, images_root=images_root,
+                  dtype=dtype, batch_size=batch_size, workers=workers, boxes=boxes, max_side=max_side,
+                  progress=not quiet, commit_seconds=commit_seconds, keep_word_maps=keep_word_maps)
+    s = (extract(input_path, out, shard=sh, **common) if ranks is None
+         else extract_ranks(input_path, out, device=dev, **common))
+    if ranks is not None and ranks[0] != 0:
+        return
     click.echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.2f} images/s); "
                f"{s.already} already in {out}; {s.failed} failed"
                + (f" (listed in {s.failures_path})" if s.failed else ""))

@@ -165,9 +165,18 @@ def _rescale(r: RegionFeatures, im: LoadedImage) -> RegionFeatures:
                           image_h=im.orig_h)
 
 
+def cache_manifest(region_extractor, attribute_extractor=None, *, top_k: int | None = None,
+                   max_side: int | None = DEFAULT_MAX_SIDE, boxes_given: bool = False,
+                   dtype: str = "float16") -> dict:
+    """The manifest (feature identity) of a cache that :func:`extract` fills with these settings."""
+    ident = idn.build(region_extractor, attribute_extractor, top_k=top_k, max_side=check_max_side(max_side),
+                      boxes=boxes_given)
+    return make_manifest(ident["extractor"], dtype, ident["attributes"])
+
+
 def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=None,
             top_k: int | None = None, images_root: str | None = None, dtype: str = "float16",
-            shard: tuple[int, int] = (0, 1),
+            shard: tuple[int, int] = (0, 1), exclude=frozenset(),
             batch_size: int = 4, workers: int = 2, boxes: str | dict | None = None,
             max_side: int | None = DEFAULT_MAX_SIDE, progress: bool = True, log=None,
             commit_every: int = 256, commit_seconds: float = 2.0,
@@ -176,7 +185,8 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
 
     ``max_side``: photos are decoded at most this long (None or 0: no cap); recorded in the cache identity,
     so resuming with another value is refused. Attribute word maps (V, h, w) are large (often more than the
-    regions) and are dropped unless ``keep_word_maps``. Returns an :class:`ExtractSummary`. Raises
+    regions) and are dropped unless ``keep_word_maps``. Ids in ``exclude`` (e.g. those already merged into
+    another cache) are skipped and counted as already done. Returns an :class:`ExtractSummary`. Raises
     ConfigError when ``out`` holds features of another extractor identity (the message says what differs);
     committed entries are never rewritten.
     """
@@ -187,9 +197,8 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
     max_side = check_max_side(max_side)
     items = inp.shard(inp.enumerate_inputs(input_path, images_root), *shard)
     given = load_boxes(boxes) if isinstance(boxes, str) else boxes
-    ident = idn.build(region_extractor, attribute_extractor, top_k=top_k, max_side=max_side,
-                      boxes=given is not None)
-    manifest = make_manifest(ident["extractor"], dtype, ident["attributes"])
+    manifest = cache_manifest(region_extractor, attribute_extractor, top_k=top_k, max_side=max_side,
+                              boxes_given=given is not None, dtype=dtype)
     writer = CacheWriter(out, manifest, commit_every=commit_every, commit_seconds=commit_seconds)
     fail_path = os.path.join(out, FAILURES)
     n_fail = n_done = 0
@@ -201,7 +210,7 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
             log(f"{out}: dropped {len(writer.dropped)} damaged entries, extracted again below: "
                 + "; ".join(f"{k}: {v}" for k, v in list(writer.dropped.items())[:5])
                 + ("; ..." if len(writer.dropped) > 5 else ""))
-        todo = [it for it in items if it.id not in writer]
+        todo = [it for it in items if it.id not in writer and it.id not in exclude]
         already = len(items) - len(todo)
         with atomic_open(fail_path, "w", encoding="utf-8") as ff:       # replaced when the run ends
             def fail(it: inp.InputImage, kind: str, reason: str) -> None:
