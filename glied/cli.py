@@ -331,7 +331,7 @@ def evaluate_attributes_cmd(run, data, split, top_ks, images, words, out, device
               help="Folder that the paths in a json or list INPUT are relative to.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Image-decoding threads (0: none).")
+              help="Image-decoding worker processes (0: decode in this process).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 where the CPU/GPU has it natively, fp16 on older tensor-core GPUs, else fp32.")

@@ -3,8 +3,10 @@
 Data flow::
 
     enumerate_inputs(INPUT) -> shard -> skip ids already in the cache
-      -> decode in worker threads (Pillow/cv2 release the GIL), a few batches ahead of the model
-      -> region_extractor.extract(batch)  [or .extract_given_boxes(batch, boxes)]
+      -> decode (and the detector's resize, where the extractor has ``input_preparer``) in DataLoader worker
+         processes (``workers``; 0: in this process), a few batches ahead of the model, into pinned memory
+         when the model is on a GPU (:mod:`glied.pipeline.extract_loader`)
+      -> region_extractor.extract(batch)  [.extract_prepared(prepared inputs) / .extract_given_boxes(...)]
       -> attribute_extractor.extract(batch)          (optional)
       -> boxes mapped back to original pixels -> CacheWriter.put (fsync'ed in groups) on a writer thread,
          overlapping the next batch's compute
@@ -34,9 +36,10 @@ import numpy as np
 from glied.datasets import identity as idn
 from glied.datasets import inputs as inp
 from glied.datasets.cache import FAILURES, CacheWriter, make_manifest
-from glied.datasets.images import DEFAULT_MAX_SIDE, ImageLoadError, LoadedImage, check_max_side, decode_image
+from glied.datasets.images import DEFAULT_MAX_SIDE, LoadedImage, check_max_side
 from glied.errors import ConfigError, InputError
 from glied.fileio import atomic_open
+from glied.pipeline.extract_loader import decoded
 from glied.records import AttributeWords, RegionFeatures
 
 
@@ -225,15 +228,22 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
             if progress:
                 from tqdm import tqdm
                 bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1)
-            batch: list[tuple[inp.InputImage, LoadedImage]] = []
+            batch: list[tuple[inp.InputImage, LoadedImage, object]] = []
+            # the detector's resize runs where the decoding runs (worker processes) when the extractor offers it
+            prepare = (region_extractor.input_preparer() if given is None
+                       and hasattr(region_extractor, "input_preparer")
+                       and hasattr(region_extractor, "extract_prepared") else None)
+            pin = prepare is not None and str(getattr(region_extractor, "device", "cpu")).startswith("cuda")
 
             def run(items: list) -> list:
                 ims = [b[1].image for b in items]
                 if given is not None:
                     bx = [given[it.id] * np.array([li.scale_x, li.scale_y] * 2, np.float32)  # (N, 4)
-                          for it, li in items]
+                          for it, li, _ in items]
                     # per image, as glied.extractors.bottomup's RegionExtractor.extract_given_boxes(image, boxes)
                     regs = [region_extractor.extract_given_boxes(im, b) for im, b in zip(ims, bx)]
+                elif prepare is not None:
+                    regs = region_extractor.extract_prepared([b[2] for b in items])
                 else:
                     regs = region_extractor.extract(ims)
                 words = ([None] * len(ims) if attribute_extractor is None
@@ -248,7 +258,7 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 if not batch:
                     return
                 entries = []
-                for (it, li), res in zip(batch, _extract_isolated(run, batch, fail)):
+                for (it, li, _), res in zip(batch, _extract_isolated(run, batch, fail)):
                     if res is None:             # rejected by the extractor: recorded in failures.jsonl
                         continue
                     r, w = res
@@ -269,51 +279,42 @@ def extract(input_path: str, out: str, *, region_extractor, attribute_extractor=
                 for key, r, li, w in entries:
                     writer.put(key, _rescale(r, li), w)
 
-            def load(it: inp.InputImage) -> LoadedImage:
-                return decode_image(it.path, max_side=max_side)
+            def skip(it: inp.InputImage, kind: str, reason: str) -> None:
+                fail(it, kind, reason)
+                if bar is not None:
+                    bar.update(1)
 
-            pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+            if given is not None:
+                usable = []
+                for it in todo:
+                    why = (box_problem(given[it.id]) if it.id in given
+                           else "no boxes given for this image id in --boxes")
+                    if why is None:
+                        usable.append(it)
+                    else:
+                        skip(it, "no_boxes" if it.id not in given else "bad_boxes", why)
+                todo = usable
             wpool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glied-cache-writer")
             writes: collections.deque[Future] = collections.deque()
-            ahead: collections.deque[tuple[inp.InputImage, Future | None]] = collections.deque()
-            queue = iter(todo)
-            depth = max(2, workers) * batch_size * 2
+            images = decoded(todo, max_side=max_side, workers=workers, prepare=prepare, pin_memory=pin,
+                             ahead=max(2, workers) * batch_size * 2)
             try:
-                while True:
-                    while len(ahead) < depth:
-                        it = next(queue, None)
-                        if it is None:
-                            break
-                        why = None
-                        if given is not None:
-                            why = (box_problem(given[it.id]) if it.id in given
-                                   else "no boxes given for this image id in --boxes")
-                        if why is not None:
-                            fail(it, "no_boxes" if it.id not in given else "bad_boxes", why)
-                            if bar is not None:
-                                bar.update(1)
-                            continue
-                        ahead.append((it, pool.submit(load, it) if pool else None))
-                    if not ahead:
-                        break
-                    it, fut = ahead.popleft()
-                    try:
-                        li = fut.result() if fut is not None else load(it)
-                    except ImageLoadError as e:
-                        fail(it, e.kind, e.reason)
-                        if bar is not None:
-                            bar.update(1)
+                for d in images:
+                    if d.error is not None:
+                        skip(d.item, *d.error)
                         continue
-                    batch.append((it, li))
+                    if d.rejected is not None:
+                        skip(d.item, "extractor", _IMAGE_PREFIX.sub("", d.rejected))
+                        continue
+                    batch.append((d.item, d.loaded(), d.prepared))
                     if len(batch) >= batch_size:
                         flush()
                 flush()
                 while writes:
                     writes.popleft().result()
             finally:
+                images.close()                  # stops the decoding workers
                 wpool.shutdown(wait=True)       # every queued write finishes before the writer closes
-                if pool is not None:
-                    pool.shutdown(wait=True, cancel_futures=True)
                 if bar is not None:
                     bar.close()
     finally:

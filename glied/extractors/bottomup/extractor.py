@@ -10,6 +10,7 @@ checkpoint (``save_checkpoint``; config and vocabularies inside).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from glied import checkpoint as ck
 from glied.errors import ConfigError, InputError, WeightsError
 from glied.extractors.bottomup import selection as sel
 from glied.extractors.bottomup.config import BottomUpConfig
-from glied.extractors.bottomup.model import BottomUpDetector, RawOutputs
+from glied.extractors.bottomup.model import BottomUpDetector, RawOutputs, prepare_input
 from glied.extractors.bottomup.weights import (DETECTOR, load_checkpoint, load_detectron2_state,
                                                missing_weights_message, model_from_checkpoint,
                                                read_detectron2_pickle, read_vocab, weights_fingerprint)
@@ -138,6 +139,20 @@ class RegionExtractor:
         """BGR uint8 images (H, W, 3) at their original sizes -> list[RegionFeatures] (boxes in original pixels),
         all in one batched forward (:meth:`raw_batch`). ``names`` (optional) label the images in error messages."""
         return [self.regions(out, self.select(out, procedure)) for out in self.raw_batch(images, names)]
+
+    def input_preparer(self):
+        """A picklable function ``(image BGR uint8 (H, W, 3), name) -> prepared`` that resizes an image to the
+        network input on the CPU (DataLoader worker processes run it; InputError for an image the network
+        cannot take). Hand a batch of its results to :meth:`extract_prepared`."""
+        return functools.partial(prepare_input, self.cfg)
+
+    def extract_prepared(self, prepared: list, procedure: str | None = None) -> list:
+        """:meth:`extract` of images already run through :meth:`input_preparer` (their tensors may be in pinned
+        memory: they reach the device with non-blocking copies). Equal to :meth:`extract` of the images."""
+        with torch.inference_mode():
+            xs = [self.model.transform.from_prepared(t) for t, _ in prepared]
+            outs = self.model.run_batch(xs, [info for _, info in prepared])
+        return [self.regions(out, self.select(out, procedure)) for out in outs]
 
     def predict_given_boxes(self, image: np.ndarray, boxes, name: str = "image") -> GivenBoxOutputs:
         """Features, class and attribute probabilities for exactly the given boxes (K, 4) x1, y1, x2, y2 in original

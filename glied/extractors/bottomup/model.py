@@ -38,16 +38,18 @@ def resized_hw(h: int, w: int, min_size: int, max_size: int) -> tuple:
     return int(newh + 0.5), int(neww + 0.5)
 
 
-def resize_bgr(image: np.ndarray, hw: tuple, resizer: str) -> np.ndarray:
+def resize_bgr(image: np.ndarray, hw: tuple, resizer: str, keep_uint8: bool = False) -> np.ndarray:
     """Resize a BGR uint8 (H, W, 3) image to ``hw``. "pil": PIL bilinear on uint8 (antialiased when shrinking,
     as the detectron2 port); "cv2": OpenCV INTER_LINEAR (as the original Caffe code; no antialiasing).
-    Returns float32 (h, w, 3)."""
+    Returns float32 (h, w, 3); with ``keep_uint8``, uint8 where the result is whole numbers (no resize, "pil")
+    -- the same values in a quarter of the bytes."""
     h, w = hw
     if (h, w) == image.shape[:2]:
-        return image.astype(np.float32)
+        return image if keep_uint8 else image.astype(np.float32)
     if resizer == "pil":
         from PIL import Image
-        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR), dtype=np.float32)
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR),
+                          dtype=np.uint8 if keep_uint8 else np.float32)
     import cv2
     return cv2.resize(image.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
@@ -69,24 +71,47 @@ class ImageTransform(nn.Module):
                              persistent=False)
 
     def forward(self, image: np.ndarray, name: str = "image"):
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            desc = (f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray)
-                    else type(image).__name__)
-            raise InputError(f"{name}: expected a BGR uint8 array (H, W, 3), got {desc}")
-        h0, w0 = image.shape[:2]
-        if h0 < 1 or w0 < 1:
-            raise InputError(f"{name}: empty image ({h0}x{w0})")
-        h, w = resized_hw(h0, w0, self.cfg.min_size, self.cfg.max_size)
-        if min(h, w) < 2 * self.cfg.feature_stride:
-            raise InputError(f"{name}: {w0}x{h0} is too elongated: resized to {w}x{h}, its short side is under "
-                             f"{2 * self.cfg.feature_stride} px (crop or pad the image)")
-        arr = resize_bgr(np.ascontiguousarray(image), (h, w), self.cfg.resizer)
-        return self.from_resized(arr), ImageInfo((h0, w0), (h, w), (w / w0, h / h0))
+        arr, info = resize_input(self.cfg, image, name)
+        return self.from_resized(arr), info
 
     def from_resized(self, arr: np.ndarray) -> torch.Tensor:
         """An already-resized (h, w, 3) BGR array (uint8 or float) -> (1, 3, h, w) mean-subtracted tensor."""
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None]   # (1, 3, h, w)
         return (x.to(self.pixel_mean.device) - self.pixel_mean).contiguous()
+
+    def from_prepared(self, t: torch.Tensor) -> torch.Tensor:
+        """:func:`prepare_input`'s (h, w, 3) tensor (uint8 or float32, pinned or not) -> (1, 3, h, w) minus the
+        mean on the model's device, equal to :meth:`from_resized` of the same array. The copy is non-blocking:
+        from pinned memory it overlaps the GPU's work on the batch before."""
+        x = t.to(self.pixel_mean.device, non_blocking=True).permute(2, 0, 1)[None].float()   # (1, 3, h, w)
+        return (x - self.pixel_mean).contiguous()
+
+
+def resize_input(cfg: BottomUpConfig, image: np.ndarray, name: str = "image", keep_uint8: bool = False):
+    """BGR uint8 (H, W, 3) -> (the network input (h, w, 3) before the mean, :class:`ImageInfo`); InputError for
+    an image the network cannot take. uint8 with ``keep_uint8`` where lossless (see :func:`resize_bgr`)."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        desc = (f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray)
+                else type(image).__name__)
+        raise InputError(f"{name}: expected a BGR uint8 array (H, W, 3), got {desc}")
+    h0, w0 = image.shape[:2]
+    if h0 < 1 or w0 < 1:
+        raise InputError(f"{name}: empty image ({h0}x{w0})")
+    h, w = resized_hw(h0, w0, cfg.min_size, cfg.max_size)
+    if min(h, w) < 2 * cfg.feature_stride:
+        raise InputError(f"{name}: {w0}x{h0} is too elongated: resized to {w}x{h}, its short side is under "
+                         f"{2 * cfg.feature_stride} px (crop or pad the image)")
+    arr = resize_bgr(np.ascontiguousarray(image), (h, w), cfg.resizer, keep_uint8=keep_uint8)
+    return arr, ImageInfo((h0, w0), (h, w), (w / w0, h / h0))
+
+
+def prepare_input(cfg: BottomUpConfig, image: np.ndarray, name: str = "image"):
+    """The CPU half of :class:`ImageTransform`, for DataLoader worker processes: BGR uint8 (H, W, 3) ->
+    (tensor (h, w, 3), uint8 when lossless else float32, :class:`ImageInfo`); finish with
+    :meth:`ImageTransform.from_prepared`. InputError as :func:`resize_input`."""
+    arr, info = resize_input(cfg, image, name, keep_uint8=True)
+    arr = np.ascontiguousarray(arr)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy()), info      # (h, w, 3)
 
 
 @dataclass
