@@ -3,11 +3,13 @@
 
     python benchmarks/bench_batch.py [--detector faster_rcnn_from_caffe_attr.pkl | --small] [--device auto]
                                      [--precision auto] [--batch-sizes 1,4,8,16] [--images 32] [--runs 3]
+                                     [--photos DIR] [--workers 4]
 
 For each batch size: "detector" = ``RegionExtractor.extract`` on batches of images already decoded in memory
 (backbone and RPN per image, the RoI head over the RoIs of the whole batch); "whole stage" =
-``glied.pipeline.extract.extract`` from JPEG files on disk (640x480, decoded in worker threads a few batches
-ahead) into a fresh feature cache with that batch size. Batch sizes are interleaved run by run so a shared
+``glied.pipeline.extract.extract`` from JPEG files on disk (640x480, or the first --images files of --photos DIR,
+e.g. a shapes world's images/; decoded and resized in --workers DataLoader processes a few batches ahead,
+pinned memory on CUDA) into a fresh feature cache with that batch size. Batch sizes are interleaved run by run so a shared
 machine's load affects them alike; min and median images/s are printed, and the ratio to batch size 1.
 
 Without --detector the R101-C4 model gets the random reference checkpoint (same layout and cost as the
@@ -26,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_extract import write_photos  # noqa: E402
 
-from glied.datasets.images import load_image  # noqa: E402
+from glied.datasets.images import find_images, load_image  # noqa: E402
 from glied.pipeline.extract import choose_precision, extract, resolve_device  # noqa: E402
 
 
@@ -67,7 +69,8 @@ def main():
     ap.add_argument("--batch-sizes", default="1,4,8,16")
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=4, help="decoding processes of the whole stage")
+    ap.add_argument("--photos", default=None, help="use the first --images images of this folder")
     ap.add_argument("--no-stage", action="store_true", help="Only the detector on decoded images.")
     args = ap.parse_args()
     import torch
@@ -76,9 +79,18 @@ def main():
     tmp = tempfile.mkdtemp(prefix="bench_batch_")
     try:
         ext, what = load(args, tmp)
-        photos = os.path.join(tmp, "photos")
-        write_photos(photos, args.images)
-        decoded = [load_image(os.path.join(photos, f)) for f in sorted(os.listdir(photos))]
+        if args.photos:
+            files = find_images(args.photos)[:args.images]
+            photos = os.path.join(tmp, "photos.txt")         # a list INPUT: exactly these files
+            with open(photos, "w") as f:
+                f.write("".join(os.path.abspath(p) + "\n" for p in files))
+            source = f"{len(files)} images of {args.photos}"
+        else:
+            photos = os.path.join(tmp, "photos")
+            write_photos(photos, args.images)
+            files = [os.path.join(photos, f) for f in sorted(os.listdir(photos))]
+            source = f"{len(files)} JPEGs 640x480"
+        decoded = [load_image(p) for p in files]
         sync = torch.cuda.synchronize if ext.device.type == "cuda" else (lambda: None)
         ext.extract(decoded[:max(sizes)])                         # warm-up (allocator, kernels, oneDNN caches)
         det = {b: [] for b in sizes}
@@ -103,7 +115,7 @@ def main():
             print(f"  run {run + 1}: " + ", ".join(f"batch {b} {det[b][-1]:.2f}"
                                                    + (f"/{stage[b][-1]:.2f}" if stage[b] else "")
                                                    for b in sizes) + " images/s (detector/stage)", flush=True)
-        print(f"{what}; {n} JPEGs 640x480; torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
+        print(f"{what}; {source}; {args.workers} decoding processes; torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
               f"load {os.getloadavg()[0]:.1f}")
         base = statistics.median(det[sizes[0]])
         for b in sizes:
