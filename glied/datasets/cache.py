@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import time
+import weakref
 
 import numpy as np
 
@@ -98,6 +99,23 @@ class EntryError(ConfigError, ValueError):
     """An entry that cannot be put (a duplicate id, features of the wrong size): one line for the CLI."""
 
 
+_HELD_LOCKS: "weakref.WeakSet" = weakref.WeakSet()     # the lock files this process has open
+
+
+def _drop_locks_in_child() -> None:
+    """After fork, in the child (e.g. a DataLoader worker decoding images): close the inherited lock files. An
+    flock belongs to the open file, not the process, so a child that outlived a killed writer would keep its
+    cache locked and the resume would be refused until the child exits."""
+    for f in list(_HELD_LOCKS):
+        try:
+            f.close()
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 def _take_lock(root: str):
     """Open and flock ``root``/lock for the one writer (InputError when another process holds it)."""
     lock = open(os.path.join(root, "lock"), "a+")
@@ -107,6 +125,7 @@ def _take_lock(root: str):
         lock.close()
         raise InputError(f"feature cache {root} is being written by another process (lock held); "
                          f"wait for it or write to another --out") from None
+    _HELD_LOCKS.add(lock)
     return lock
 
 

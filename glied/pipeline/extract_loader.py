@@ -12,6 +12,12 @@ Items come back in the order given. ``workers`` = 0: everything in this process.
 decoded images travel through shared memory, and with ``pin_memory`` (a CUDA device) the prepared tensors are
 copied into pinned memory by the DataLoader, so that ``.to(device, non_blocking=True)`` overlaps the copy with
 the GPU's work. ``prepare`` must be picklable (a module-level function or a ``functools.partial`` of one).
+
+Workers are started the platform's default way (fork on Linux: cheap, and no re-import of the caller's
+``__main__``, which a fork server or spawn would need guarded). They run only Pillow, NumPy, OpenCV and
+``torch.from_numpy``, never CUDA. Do not change OpenCV's thread count inside a forked worker:
+``cv2.setNumThreads`` there waits forever on the parent's thread pool (seen here; a plain ``cv2.resize`` in the
+worker is fine).
 """
 from __future__ import annotations
 
@@ -80,26 +86,6 @@ def _same(d):
     return d
 
 
-def _worker_init(_: int) -> None:
-    try:                                   # one OpenCV thread per worker process (the workers are the parallelism)
-        import cv2
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
-
-
-def _context():
-    """Worker processes start from a fork server, not by forking this process: OpenCV's and OpenMP's thread
-    pools do not survive a fork (a forked worker that touched OpenCV after the parent had used it hung in
-    ``cv2.setNumThreads``), and a CUDA context must never be forked. The server imports this module once, so
-    each worker then starts in milliseconds."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
 def decoded(items: list[InputImage], *, max_side, workers: int, prepare: Callable | None = None,
             pin_memory: bool = False, ahead: int = 8) -> Iterator[Decoded]:
     """One :class:`Decoded` per item, in order (see the module docstring); ``ahead``: items decoded in advance
@@ -112,9 +98,8 @@ def decoded(items: list[InputImage], *, max_side, workers: int, prepare: Callabl
     from torch.utils.data import DataLoader
 
     loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=min(workers, len(items)),
-                        collate_fn=_same, pin_memory=pin_memory, worker_init_fn=_worker_init,
-                        prefetch_factor=max(2, -(-ahead // min(workers, len(items)))),
-                        multiprocessing_context=_context())
+                        collate_fn=_same, pin_memory=pin_memory,
+                        prefetch_factor=max(2, -(-ahead // min(workers, len(items)))))
     it = iter(loader)
     try:
         yield from it

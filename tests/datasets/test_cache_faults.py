@@ -388,3 +388,26 @@ def test_extract_resume_after_data_loss_equals_clean_run(tmp_path):
         assert sorted(clean.ids()) == sorted(b.ids()) and b.verify() == []
         for i in clean.ids():
             _same(clean.regions(i), b.regions(i))
+
+
+def test_a_forked_child_does_not_keep_the_writer_lock(tmp_path):
+    """flock belongs to the open file: a forked child (a DataLoader worker decoding images) that outlives its
+    writer must not keep the cache locked, or a resume right after a crash would be refused."""
+    import os
+    import time
+
+    root = tmp_path / "c"
+    w = CacheWriter(root, make_manifest(IDENT, "float32"))
+    r, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:                        # the child lives on for a while, as an orphaned worker would
+        os.write(wr, b"x")
+        time.sleep(3)
+        os._exit(0)
+    try:
+        os.read(r, 1)                   # the child runs (its fork handlers have run)
+        w.close()
+        CacheWriter(root, make_manifest(IDENT, "float32")).close()   # "lock held" if the child kept it
+    finally:
+        os.waitpid(pid, 0)
+        os.close(r), os.close(wr)
