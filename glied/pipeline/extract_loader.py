@@ -45,21 +45,52 @@ class Decoded:
         im = self.image if isinstance(self.image, np.ndarray) else self.image.numpy()   # (h, w, 3) uint8
         return LoadedImage(image=im, orig_w=self.orig_w, orig_h=self.orig_h)
 
+    def as_torch(self) -> "Decoded":
+        """Arrays that crossed the process boundary as NumPy (see :func:`_shared`) back into tensors."""
+        if self.prepared is not None:
+            self.prepared = tuple(_tensor(x) for x in self.prepared)
+        return self
+
     def pin_memory(self) -> "Decoded":
         """Called by the DataLoader's pinning thread: pin the prepared tensors only (the model's input goes to
         the GPU; the decoded image stays on the CPU for the word extractor and the cache)."""
         from torch.utils.data._utils.pin_memory import pin_memory
 
+        self.as_torch()
         if self.prepared is not None:
             self.prepared = pin_memory(self.prepared)
         return self
 
 
+def _tensor(x):
+    if isinstance(x, np.ndarray):
+        import torch
+        return torch.from_numpy(x)
+    return x
+
+
+def _shared(x):
+    """In a worker: a tensor moved to shared memory (handed to the main process without a copy through the
+    pipe), or -- when shared memory is full or too small (a container's 64 MB /dev/shm, a file-size limit) --
+    the NumPy array, which is pickled through the pipe instead. A tensor the queue fails to share later would be
+    dropped silently and the main process would wait for it forever."""
+    import torch
+
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        return x
+    try:
+        return x.share_memory_()
+    except (RuntimeError, OSError):
+        return x.numpy()
+
+
 class _Images:
     """Map-style dataset: item k -> :class:`Decoded` (never raises for a bad file: the error is a value)."""
 
-    def __init__(self, items: list, max_side, prepare, to_tensor: bool):
-        self.items, self.max_side, self.prepare, self.to_tensor = items, max_side, prepare, to_tensor
+    def __init__(self, items: list, max_side, prepare, in_worker: bool):
+        self.items, self.max_side, self.prepare, self.in_worker = items, max_side, prepare, in_worker
 
     def __len__(self) -> int:
         return len(self.items)
@@ -76,9 +107,10 @@ class _Images:
                 d.prepared = self.prepare(li.image, "image 0")
             except InputError as e:
                 d.rejected = str(e).splitlines()[0]
-        if self.to_tensor:                 # tensors cross processes through shared memory, arrays are pickled
-            import torch
-            d.image = torch.from_numpy(li.image)
+        if self.in_worker:                 # tensors cross processes through shared memory, arrays are pickled
+            d.image = _shared(d.image)
+            if d.prepared is not None:
+                d.prepared = tuple(_shared(x) for x in d.prepared)
         return d
 
 
@@ -90,7 +122,7 @@ def decoded(items: list[InputImage], *, max_side, workers: int, prepare: Callabl
             pin_memory: bool = False, ahead: int = 8) -> Iterator[Decoded]:
     """One :class:`Decoded` per item, in order (see the module docstring); ``ahead``: items decoded in advance
     (at least 2 per worker)."""
-    ds = _Images(items, max_side, prepare, to_tensor=workers > 0)
+    ds = _Images(items, max_side, prepare, in_worker=workers > 0)
     if workers == 0 or not items:
         for k in range(len(ds)):
             yield ds[k]
@@ -102,6 +134,7 @@ def decoded(items: list[InputImage], *, max_side, workers: int, prepare: Callabl
                         prefetch_factor=max(2, -(-ahead // min(workers, len(items)))))
     it = iter(loader)
     try:
-        yield from it
+        for d in it:
+            yield d.as_torch()
     finally:
         del it                             # shuts the worker processes down
