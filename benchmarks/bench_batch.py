@@ -47,7 +47,7 @@ def load(args, tmp):
         save_checkpoint(weights, BottomUpDetector(BottomUpConfig.small()))
         what = "BottomUpConfig.small() (128 px), random weights"
     elif args.detector:
-        weights, what = args.detector, f"R101-C4 {args.detector}"
+        weights, what = args.detector, f"detector {args.detector}"
     else:
         from scripts.bottomup_parity.harness import write_random_checkpoint
 
