@@ -106,7 +106,6 @@ def extract_ranks(input_path: str, out: str, *, region_extractor, attribute_extr
         raise ConfigError("extract_ranks needs torchrun's WORLD_SIZE > 1; use glied.pipeline.extract.extract")
     rank, world, _ = env
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    quiet = lambda s: None  # noqa: E731
     dist, created = _init_group(device)
     try:
         problem: list = [None]
@@ -130,7 +129,7 @@ def extract_ranks(input_path: str, out: str, *, region_extractor, attribute_extr
         s = extract(input_path, rank_cache(out, rank, world), region_extractor=region_extractor,
                     attribute_extractor=attribute_extractor, top_k=top_k, dtype=dtype, shard=(rank, world),
                     exclude=done, max_side=max_side, boxes=boxes, progress=progress and rank == 0,
-                    log=log if rank == 0 else quiet, **kwargs)
+                    log=log, **kwargs)           # every rank reports its own bad files and repairs
         sums = [None] * world
         dist.all_gather_object(sums, (s.total, s.already, s.extracted, s.failed, s.seconds))
         if rank == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,20 +60,25 @@ def test_two_gloo_ranks_merge_to_the_single_process_cache_and_resume(setup, tmp_
     head runs over the RoIs of all its images, whose grouping changes float rounding by ~1e-7)."""
     from glied.extractors.bottomup import load_region_extractor
 
-    world, det = setup / "shapes", setup / "det.pt"
+    det = setup / "det.pt"
+    world = tmp_path / "world"                  # a copy with one truncated JPEG: failures are merged too
+    shutil.copytree(setup / "shapes", world)
+    items = enumerate_inputs(str(world / "captions.json"))
+    bad = items[5]
+    data = Path(bad.path).read_bytes()
+    Path(bad.path).write_bytes(data[: len(data) // 2])
     cj = str(world / "captions.json")
     ext = load_region_extractor(str(det), device="cpu", precision="fp32")
     extract(cj, str(tmp_path / "single"), region_extractor=ext, workers=0, batch_size=1, progress=False)
     ref = FeatureCache.open(tmp_path / "single")
     ids = sorted(ref.ids())
-    assert len(ids) == 8 and all(len(ref.regions(i)) > 0 for i in ids)
+    assert len(ids) == 7 and bad.id not in ids and all(len(ref.regions(i)) > 0 for i in ids)
     # an interrupted earlier run: two ids already merged into OUT, and rank 1 had committed one id of its shard
     out = tmp_path / "out"
     merged = set(ids[:2])
     extract(_subset(world, world / "merged.json", merged), str(out), region_extractor=ext, workers=0,
             batch_size=1, progress=False)
-    items = enumerate_inputs(cj)
-    r1 = [it.id for it in shard(items, 1, 2) if it.id not in merged]
+    r1 = [it.id for it in shard(items, 1, 2) if it.id not in merged and it.id != bad.id]
     assert r1 and shard(items, 0, 2)
     extract(_subset(world, world / "r1.json", {r1[0]}), rank_cache(str(out), 1, 2), region_extractor=ext,
             shard=(1, 2), workers=0, batch_size=1, progress=False)
@@ -85,10 +91,13 @@ def test_two_gloo_ranks_merge_to_the_single_process_cache_and_resume(setup, tmp_
     assert p.returncode == 0, p.stderr[-3000:]
     # every rank extracted only what was in neither OUT nor its rank cache; rank 0 printed the sums once
     assert p.stdout.count("extracted ") == 1, p.stdout
-    assert "extracted 5 images" in p.stdout and "3 already in" in p.stdout and "0 failed" in p.stdout
-    assert "merged 6 entries of 2 rank caches" in p.stderr
+    assert "extracted 4 images" in p.stdout and "3 already in" in p.stdout and "1 failed" in p.stdout
+    assert "merged 5 entries of 2 rank caches" in p.stderr
+    assert p.stderr.count(f"skipped {bad.id}: truncated") == 1
     _equal(ref, FeatureCache.open(out))
-    assert not (out / "ranks").exists() and (out / "failures.jsonl").read_text() == ""
+    assert not (out / "ranks").exists()
+    fails = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["kind"]) for f in fails] == [(bad.id, "truncated")]
 
 
 
