@@ -9,8 +9,8 @@ For each batch size: "detector" = ``RegionExtractor.extract`` on batches of imag
 (backbone and RPN per image, the RoI head over the RoIs of the whole batch); "whole stage" =
 ``glied.pipeline.extract.extract`` from JPEG files on disk (640x480, or the first --images files of --photos DIR,
 e.g. a shapes world's images/; decoded and resized in --workers DataLoader processes a few batches ahead,
-pinned memory on CUDA) into a fresh feature cache with that batch size. Batch sizes are interleaved run by run so a shared
-machine's load affects them alike; min and median images/s are printed, and the ratio to batch size 1.
+pinned memory on CUDA) into a fresh feature cache with that batch size. Batch sizes are interleaved run by
+run so a shared machine's load affects them alike; min and median images/s are printed, and the ratio to batch size 1.
 
 Without --detector the R101-C4 model gets the random reference checkpoint (same layout and cost as the
 published one, generated in a temp dir); --small uses the ``BottomUpConfig.small()`` preset instead.
@@ -115,7 +115,8 @@ def main():
             print(f"  run {run + 1}: " + ", ".join(f"batch {b} {det[b][-1]:.2f}"
                                                    + (f"/{stage[b][-1]:.2f}" if stage[b] else "")
                                                    for b in sizes) + " images/s (detector/stage)", flush=True)
-        print(f"{what}; {source}; {args.workers} decoding processes; torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
+        print(f"{what}; {source}; {args.workers} decoding processes; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} CPU threads; "
               f"load {os.getloadavg()[0]:.1f}")
         base = statistics.median(det[sizes[0]])
         for b in sizes:

@@ -2,6 +2,7 @@
 the cache of decoding in the main process, bad files included; the prepared-input path equals extract()."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import shutil
@@ -15,8 +16,6 @@ from glied.datasets.cache import FeatureCache
 from glied.datasets.images import load_image
 from glied.pipeline.data import make_shapes_world
 from glied.pipeline.extract import extract
-
-import importlib.util
 
 _spec = importlib.util.spec_from_file_location("grid_extractor", Path(__file__).with_name("grid_extractor.py"))
 ge = importlib.util.module_from_spec(_spec)
