@@ -630,17 +630,21 @@ def demo_cmd(out: str, images: int | None, images_old: int | None, seed: int, de
               help="Epochs over all negatives before the hardest negative (vse 1, teran 0).")
 @click.option("--embed-dim", type=int, default=None, help="Joint-space size (default: the preset's).")
 @click.option("--boxes", is_flag=True, help="vse: also feed each region's normalised box (as teran does).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 def train_retrieval_cmd(data, features, out, model, text_encoder, preset, epochs, batch_size, lr, lr_decay_epoch,
-                        warmup_epochs, embed_dim, boxes, seed, device) -> None:
+                        warmup_epochs, embed_dim, boxes, resume, seed, device) -> None:
     """Train an image-sentence retrieval model on cached region features."""
-    from glied.pipeline.retrieval import RetrievalTrainConfig, train_retrieval
+    from glied.pipeline.retrieval import train_retrieval
 
-    cfg = RetrievalTrainConfig(model=model, preset=preset, text_encoder=text_encoder, epochs=epochs,
-                               batch_size=batch_size, lr=lr, lr_decay_epoch=lr_decay_epoch,
-                               warmup_epochs=warmup_epochs, embed_dim=embed_dim, boxes=boxes, seed=seed)
-    s = train_retrieval(data, features, out, cfg, device=device, log=click.echo)
+    settings = dict(model=model, preset=preset, text_encoder=text_encoder, epochs=epochs, batch_size=batch_size,
+                    lr=lr, lr_decay_epoch=lr_decay_epoch, warmup_epochs=warmup_epochs, embed_dim=embed_dim,
+                    boxes=boxes, seed=seed)
+    # only the settings typed on the command line: the others are the defaults, or the run's own on --resume
+    given = _given()
+    s = train_retrieval(data, features, out, {k: v for k, v in settings.items() if k in given}, resume=resume,
+                        device=device, log=click.echo)
     click.echo(f"best val rsum {s['best_val_rsum']:.1f} after {s['epochs']} epochs ({s['seconds']} s); run in {out}")
 
 

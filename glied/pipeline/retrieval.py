@@ -17,7 +17,7 @@ NDCG@25 (opt-in, slow: one ROUGE-L per caption and image) follows TERAN: relevan
 ROUGE-L of c against j's captions, gain 2^rel - 1, ideal ranking from all relevances.
 
 Checkpoint (``format`` "glied-retrieval"): config, vocab, feature_identity, model state, train_config,
-epoch, history, best_rsum. Index (``format`` "glied-retrieval-index", ``INDEX/index.pt``): the checkpoint's
+epoch, history, best_rsum (``last.pt`` also the optimiser state, for ``--resume``). Index (``format`` "glied-retrieval-index", ``INDEX/index.pt``): the checkpoint's
 model parts, the run path and its sha256, the cache path and identity, image ids and embeddings, and
 optionally every prepared caption with its embedding (for image -> sentence search).
 """
@@ -37,7 +37,7 @@ import torch
 from glied import checkpoint as ck
 from glied.datasets import identity as idn
 from glied.datasets.captions import CaptionDataset
-from glied.errors import ConfigError, InputError
+from glied.errors import ConfigError, InputError, WeightsError
 from glied.fileio import sha256_file, write_json_atomic
 from glied.models.retrieval import Embedding, RetrievalModel, build_retrieval_model, config_from_dict
 from glied.models.retrieval.model import make_config
@@ -377,17 +377,48 @@ def evaluate_split(model: RetrievalModel, tokenizer, cache, data: SplitData, pro
     return res
 
 
+def _resume_from(out: Path, cfg: "RetrievalTrainConfig | dict") -> tuple[dict, "RetrievalTrainConfig"]:
+    """(last.pt, the run's stored settings with the given ones checked against them): the shared resume rule
+    (:func:`glied.checkpoint.resume_settings`; only ``epochs`` may be raised)."""
+    if not (out / "last.pt").is_file():
+        raise InputError(f"{out}: nothing to resume (no last.pt); drop --resume to start a new run")
+    stored = ck.load(out / "last.pt", RETRIEVAL, required=("config", "vocab", "feature_identity", "model",
+                                                           "train_config", "epoch"))
+    if "optimizer" not in stored:
+        raise WeightsError(f"{stored['path']}: holds no optimiser state (written by an older glied), so the run "
+                           "cannot be continued exactly; start a new run")
+    if isinstance(cfg, dict):
+        given = cfg
+    else:                                   # a config object: the fields set away from their defaults
+        default = RetrievalTrainConfig()
+        given = {k: v for k, v in cfg.to_dict().items() if v != getattr(default, k)}
+    return stored, RetrievalTrainConfig.from_dict(ck.resume_settings(stored["train_config"], given,
+                                                                     where=stored["path"]))
+
+
 def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: str | os.PathLike,
-                    cfg: RetrievalTrainConfig = RetrievalTrainConfig(), *, device: str = "cpu",
-                    log: Callable[[str], None] = print) -> dict:
+                    cfg: "RetrievalTrainConfig | dict" = RetrievalTrainConfig(), *, resume: bool = False,
+                    device: str = "cpu", log: Callable[[str], None] = print) -> dict:
     """Train a retrieval model into ``out`` (best.pt by val rsum, last.pt, metrics.csv, train_config.json).
-    Returns {out, best_val_rsum, epochs, seconds, model}."""
+    Returns {out, best_val_rsum, epochs, seconds, model}.
+
+    ``cfg``: the settings, or a dict of only those the user gave (the rest: defaults). ``resume``: continue
+    the run in ``out`` from its last.pt (weights, optimiser, history, best) with its stored settings; a given
+    setting that conflicts is refused, ``epochs`` may be raised. Each epoch's shuffling, caption choice and
+    torch randomness (region drop, dropout) are seeded by (seed, epoch), so a resumed run repeats the
+    uninterrupted one."""
     from glied.datasets.prepared import PreparedData
 
-    cfg = cfg.resolved()
     out = Path(out)
-    if (out / "last.pt").is_file():
-        raise InputError(f"{out}: already holds a retrieval run (last.pt); choose a new --out")
+    stored = None
+    if resume:
+        stored, cfg = _resume_from(out, cfg)
+    elif (out / "last.pt").is_file():
+        raise InputError(f"{out}: already holds a retrieval run (last.pt); pass --resume to continue it or "
+                         "choose a new --out")
+    elif isinstance(cfg, dict):
+        cfg = RetrievalTrainConfig.from_dict(cfg)
+    cfg = cfg.resolved()
     prep = PreparedData.load(data)
     cache = open_cache(features)
     train_split = SplitData(prep, cache, "train", str(features))
@@ -416,17 +447,32 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
     write_json_atomic(out / "train_config.json", {"train": cfg.to_dict(), "model": mcfg.to_dict()}, indent=1)
     log(f"train-retrieval: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
         f"{len(train_split.ids)} train / {len(val_split.ids)} val images, {cfg.epochs} epochs")
-    rng = np.random.default_rng(cfg.seed)
     history: list[dict] = []
+    best, start = float("-inf"), 0
+    if stored is not None:
+        _check_cache(stored["feature_identity"], cache, f"retrieval run {stored['path']}")
+        if list(stored["vocab"]) != list(prep.vocab) or idn.normalise(stored["config"]) != idn.normalise(mcfg.to_dict()):
+            raise ConfigError(f"{stored['path']}: the run was trained on other prepared data or features than "
+                              f"{data} and {features}; resume it with the ones it was started with")
+        model.load_state_dict(stored["model"])
+        opt.load_state_dict(stored["optimizer"])
+        history, start = list(stored.get("history") or []), int(stored["epoch"])
+        best = float("-inf") if stored.get("best_rsum") is None else float(stored["best_rsum"])
+        log(f"train-retrieval: resuming {stored['path']} after epoch {start} of {cfg.epochs}")
 
-    def state(epochs_done: int, best_rsum: Optional[float]) -> dict:
-        return {"config": mcfg.to_dict(), "vocab": list(prep.vocab), "max_words": cfg.max_words,
-                "feature_identity": identity, "model": model.state_dict(), "train_config": cfg.to_dict(),
-                "epoch": epochs_done, "history": history, "best_rsum": best_rsum}
+    def state(epochs_done: int, best_rsum: Optional[float], optimizer: bool = False) -> dict:
+        s = {"config": mcfg.to_dict(), "vocab": list(prep.vocab), "max_words": cfg.max_words,
+             "feature_identity": identity, "model": model.state_dict(), "train_config": cfg.to_dict(),
+             "epoch": epochs_done, "history": history, "best_rsum": best_rsum}
+        if optimizer:                        # last.pt only: what --resume needs to continue exactly
+            s["optimizer"] = opt.state_dict()
+        return s
 
-    best, t_start = float("-inf"), time.perf_counter()
-    for epoch in range(cfg.epochs):
+    t_start = time.perf_counter()
+    for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 1009)   # region drop, dropout: a function of the epoch
+        rng = np.random.default_rng([cfg.seed, epoch])         # order and caption choice: likewise
         model.train()
         lr = cfg.lr * (0.1 if epoch >= cfg.lr_decay_epoch else 1.0)
         for g in opt.param_groups:
@@ -455,12 +501,12 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
         history.append(row)
         _write_metrics(out / "metrics.csv", history)
         log(f"epoch {epoch + 1}: loss {row['loss']:.4f} val rsum {val['rsum']:.1f} ({row['seconds']:.1f} s)")
-        ck.save(out / "last.pt", state(epoch + 1, max(best, val["rsum"])), RETRIEVAL)
+        ck.save(out / "last.pt", state(epoch + 1, max(best, val["rsum"]), optimizer=True), RETRIEVAL)
         if val["rsum"] > best:
             best = val["rsum"]
             ck.save(out / "best.pt", state(epoch + 1, best), RETRIEVAL)
     if cfg.epochs == 0:                      # an untrained model (benchmarks of speed need only its shapes)
-        ck.save(out / "last.pt", state(0, None), RETRIEVAL)
+        ck.save(out / "last.pt", state(0, None, optimizer=True), RETRIEVAL)
     return {"out": str(out), "best_val_rsum": best, "epochs": cfg.epochs,
             "seconds": round(time.perf_counter() - t_start, 1), "model": model}
 

@@ -252,3 +252,43 @@ def test_demo_retrieval_stage(tiny, tmp_path):
     m = _retrieval_stage(prep, str(cache), lambda s: None)(tmp_path)
     assert (tmp_path / "vse" / "best.pt").is_file() and m["images_per_fold"] == 6
     assert "rsum" in _retrieval_line(m) and "i2t R@1/5/10" in _retrieval_line(m)
+
+
+def test_train_retrieval_resume_repeats_the_uninterrupted_run(tiny, tmp_path):
+    """A run trained 1 epoch, then resumed by `--resume --epochs 2` in a new process, ends with exactly the
+    weights, optimiser state and history of a run trained 2 epochs at once (CPU, one thread: deterministic)."""
+    import torch
+
+    root, prep, cache, _, _ = tiny
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("train-retrieval", "--data", prep, "--features", cache, "--preset", "small", "--batch-size", 8,
+              "--embed-dim", 32, "--lr", "0.001", "--lr-decay-epoch", 1)
+    _glied(*common, "--out", two, "--epochs", 2)
+    _glied(*common, "--out", one, "--epochs", 1)
+    again = _glied(*common, "--out", one, "--epochs", 1, check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr and again.stderr.count("\n") == 1
+    short = ("train-retrieval", "--data", prep, "--features", cache, "--out", one, "--resume")
+    # a flag that conflicts with the stored settings: one line naming it; left-out flags are the run's own
+    for flag, value, stored in (("--lr", "0.01", "0.001"), ("--model", "teran", "vse"), ("--batch-size", 16, "8")):
+        r = _glied(*short, flag, value, check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("error: ") and str(one / "last.pt") in r.stderr
+        assert f"{flag} {value} conflicts with the run's stored {stored}; drop the flag or start a new run" in r.stderr
+    nothing = _glied("train-retrieval", "--data", prep, "--features", cache, "--out", tmp_path / "new", "--resume",
+                     check=False)
+    assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
+    r = _glied(*short, "--epochs", 2, "--lr", "0.001")          # a flag equal to the stored value is fine
+    assert "resuming" in r.stdout and "after epoch 1 of 2" in r.stdout
+    a = torch.load(one / "last.pt", weights_only=True)
+    b = torch.load(two / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["train_config"] == b["train_config"]
+    assert a["train_config"]["lr"] == 0.001 and a["train_config"]["batch_size"] == 8
+    assert a["model"].keys() == b["model"].keys()
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[p][m], sb[p][m]) for p in sb for m in sb[p])
+    drop = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert drop(a["history"]) == drop(b["history"]) and len(a["history"]) == 2
+    assert a["best_rsum"] == b["best_rsum"]
+    assert (one / "metrics.csv").read_text().count("\n") == 3
