@@ -699,12 +699,15 @@ def index_cmd(run, features, out, data, device) -> None:
 @click.option("--captions", "captions_file", type=click.Path(dir_okay=False), default=None,
               help="Rank these captions (one per line) instead of the index's.")
 @click.option("--run", type=click.Path(), default=None, help="Refuse an index built from another run than this.")
+@click.option("--rerank", type=click.Path(), default=None,
+              help="A teran run whose region-word alignment re-ranks the index's top --rerank-k.")
+@click.option("--rerank-k", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (for tools).")
 def search_cmd(query, index_path, photo, image_id, features, bundle, detector, extractor_module, captions_file,
-               run, k, as_json) -> None:
+               run, rerank, rerank_k, k, as_json) -> None:
     """Text -> images: `glied search --index INDEX "a red circle"`. Image -> captions: --image PHOTO --model
-    BUNDLE, or --image-id ID --features CACHE."""
+    BUNDLE, or --image-id ID --features CACHE. --rerank TERAN_RUN re-orders the top --rerank-k."""
     import json
 
     from glied.pipeline import retrieval as rt
@@ -717,22 +720,32 @@ def search_cmd(query, index_path, photo, image_id, features, bundle, detector, e
     index = rt.Index(index_path)
     if run:
         index.check_run(run)
+    second = rt.Reranker(rerank, index, rerank_k, features=features) if rerank else None
     if query is not None:
-        hits, what = index.text_to_images(query, k), {"query": query}
+        hits = (second or index).text_to_images(query, k)
+        what = {"query": query}
     else:
         if photo is not None:
             loaded = rt.decode_photo(photo, index.max_side)
             extractor, where = rt.region_extractor_for(bundle, detector, extractor_module)
             index.check_extractor(extractor, where)
-            emb, what = index.embed_photo(rt.photo_regions(extractor, loaded)), {"image": photo}
+            regions = rt.photo_regions(extractor, loaded)
+            emb, what = index.embed_photo(regions), {"image": photo}
+            emb2 = second.embed_photo(regions) if second else None
         else:
-            emb, what = index.embed_cached(rt.open_cache(features), image_id), {"image_id": image_id}
-        hits = index.image_to_captions(emb, k, captions_file)
+            cache = rt.open_cache(features)
+            emb, what = index.embed_cached(cache, image_id), {"image_id": image_id}
+            emb2 = second.embed_cached(cache, image_id) if second else None
+        hits = (second.image_to_captions(emb, emb2, k, captions_file) if second
+                else index.image_to_captions(emb, k, captions_file))
+    if second:
+        what["rerank"] = {"run": second.path, "k": second.k}
     if as_json:
         click.echo(json.dumps({**what, "results": hits}))
         return
     for h in hits:
-        click.echo(f"{h['score']:.4f}\t" + (h["image_id"] if "caption" not in h else h["caption"]))
+        both = f"\t{h['index_score']:.4f}" if second else ""   # the teran score, then the index's own
+        click.echo(f"{h['score']:.4f}{both}\t" + (h["image_id"] if "caption" not in h else h["caption"]))
 
 
 # ---------------------------------------------------------------------------------------------------------

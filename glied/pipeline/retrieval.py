@@ -341,7 +341,8 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 def evaluate_split(model: RetrievalModel, tokenizer, cache, data: SplitData, protocol: str = "all",
                    ndcg: bool = False, device: str = "cpu", rerank: Optional[tuple] = None) -> dict:
     """Recall (and optionally NDCG@25) of ``model`` on a split, averaged over the protocol's folds.
-    ``rerank``: (teran model, its tokenizer, k) re-ranks each query's top k by the TERAN alignment."""
+    ``rerank``: (teran model, its tokenizer, k) re-ranks each query's top k by the TERAN alignment; the
+    result then also holds ``first_stage``, the recall of ``model`` alone on the same folds."""
     t0 = time.perf_counter()
     folds = protocol_folds(len(data.ids), protocol)
     n_img = folds[-1][1]
@@ -364,6 +365,7 @@ def evaluate_split(model: RetrievalModel, tokenizer, cache, data: SplitData, pro
             m = {k: v for k, v in recall_at_k(i2t, owner).items() if k.startswith("i2t")}
             m.update({k: v for k, v in recall_at_k(t2i, owner).items() if k.startswith("t2i")})
             m["rsum"] = round(sum(v for k, v in m.items() if "_r" in k and not k.endswith("medr")), 3)
+            m.update({"first_stage_" + k: v for k, v in recall_at_k(sims, owner).items()})  # before re-ranking
         else:
             m, i2t, t2i = recall_at_k(sims, owner), sims, sims
         if ndcg:
@@ -372,6 +374,8 @@ def evaluate_split(model: RetrievalModel, tokenizer, cache, data: SplitData, pro
             m.update({k: v for k, v in ndcg_at_k(t2i, rel).items() if k.startswith("t2i")})
         per_fold.append(m)
     res = {k: round(float(np.mean([m[k] for m in per_fold])), 3) for k in per_fold[0]}
+    if rerank is not None:   # the first stage alone, on the same folds: {"i2t_r1", ..., "rsum"}
+        res["first_stage"] = {k[len("first_stage_"):]: res.pop(k) for k in list(res) if k.startswith("first_stage_")}
     res.update({"protocol": protocol, "folds": len(folds), "images_per_fold": folds[0][1] - folds[0][0],
                 "captions": int(len(caps)), "seconds": round(time.perf_counter() - t0, 2)})
     return res
@@ -693,16 +697,94 @@ class Index:
             raise InputError(f"image id {image_id!r} is not in feature cache {cache.root}")
         return embed_images(self.model, cache, [str(image_id)], device=self.device)
 
-    @torch.inference_mode()
     def embed_photo(self, regions) -> Embedding:
         """Embed the :class:`glied.records.RegionFeatures` a region extractor gave for one photo."""
-        if len(regions) == 0:
-            raise InputError("the detector found no region in the image")
-        f = torch.from_numpy(np.asarray(regions.features, np.float32))[None]   # (1, R, F)
-        b = torch.from_numpy(np.asarray(regions.boxes, np.float32))[None]       # (1, R, 4)
-        wh = torch.tensor([[regions.image_w, regions.image_h]])
-        m = torch.ones(1, f.shape[1], dtype=torch.bool)
-        return self.model.embed_images(f.to(self.device), b.to(self.device), wh.to(self.device), m.to(self.device))
+        return embed_regions(self.model, regions, self.device)
+
+
+@torch.inference_mode()
+def embed_regions(model: RetrievalModel, regions, device: str = "cpu") -> Embedding:
+    """Embed one photo's :class:`glied.records.RegionFeatures` (boxes in original pixels) with ``model``."""
+    if len(regions) == 0:
+        raise InputError("the detector found no region in the image")
+    model.eval()
+    f = torch.from_numpy(np.asarray(regions.features, np.float32))[None]       # (1, R, F)
+    b = torch.from_numpy(np.asarray(regions.boxes, np.float32))[None]           # (1, R, 4)
+    wh = torch.tensor([[regions.image_w, regions.image_h]])
+    m = torch.ones(1, f.shape[1], dtype=torch.bool)
+    return model.embed_images(f.to(device), b.to(device), wh.to(device), m.to(device))
+
+
+class Reranker:
+    """Re-scores an index's top ``k`` with a trained teran run's region–word alignment (MrSw), so a vse index
+    answers with TERAN's finer score at the cost of k alignments per query instead of the whole gallery.
+
+    The teran run must have been trained on the same features as the index (same extractor identity:
+    :mod:`glied.datasets.identity`), else a one-line ConfigError naming both. Images of a text query are
+    re-scored from their cached regions: ``features`` (default: the cache the index was built from).
+    Hits are the index's, reordered by the alignment: ``score`` (= ``rerank_score``, the teran alignment)
+    and ``index_score`` (the index's own score)."""
+
+    def __init__(self, run: str | os.PathLike, index: "Index", k: int = 20,
+                 features: str | os.PathLike | None = None):
+        r = load_retrieval_checkpoint(run)
+        if r["config"]["model"] != "teran":
+            raise ConfigError(f"{r['path']}: --rerank needs a teran run (this one is {r['config']['model']})")
+        if k < 1:
+            raise ConfigError(f"--rerank-k must be >= 1 (got {k})")
+        idn.check(r["feature_identity"], index.data["feature_identity"], have_name="run",
+                  what=f"{r['path']}: this teran run was trained on other features than index {index.path} "
+                       f"(built from feature cache {index.data['features']})",
+                  fix="Re-rank with a teran run trained on the index's feature cache")
+        self.path, self.index, self.k = r["path"], index, int(k)
+        self.model, self.tokenizer = model_from(r, index.device)
+        self.features = features
+        self._cache = None
+
+    def _check_k(self, k: int) -> None:
+        if k > self.k:
+            raise ConfigError(f"-k {k} is more than --rerank-k {self.k}: only the top --rerank-k are re-ranked; "
+                              "raise --rerank-k or lower -k")
+
+    def cache(self):
+        """The feature cache holding the indexed images' regions (checked against the index's identity)."""
+        if self._cache is None:
+            cache = open_cache(self.features if self.features is not None else self.index.data["features"])
+            self.index.check_cache(cache)
+            self._cache = cache
+        return self._cache
+
+    @staticmethod
+    def _reorder(hits: list[dict], scores: np.ndarray, k: int) -> list[dict]:
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [{**hits[j], "index_score": hits[j]["score"], "rerank_score": round(float(scores[j]), 5),
+                 "score": round(float(scores[j]), 5)} for j in order]
+
+    @torch.inference_mode()
+    def text_to_images(self, query: str, k: int = 5) -> list[dict]:
+        """The index's top ``self.k`` images for a sentence, re-ranked; the best ``k``."""
+        self._check_k(k)
+        first = self.index.text_to_images(query, self.k)
+        images = embed_images(self.model, self.cache(), [h["image_id"] for h in first], device=self.index.device)
+        q = embed_texts(self.model, self.tokenizer, [query], device=self.index.device)
+        return self._reorder(first, score_all(self.model, images, q)[:, 0], k)
+
+    def embed_photo(self, regions) -> Embedding:
+        return embed_regions(self.model, regions, self.index.device)
+
+    def embed_cached(self, cache, image_id: str) -> Embedding:
+        self.index.check_cache(cache)
+        return embed_images(self.model, cache, [str(image_id)], device=self.index.device)
+
+    @torch.inference_mode()
+    def image_to_captions(self, first_image: Embedding, image: Embedding, k: int = 5,
+                          captions_file: str | None = None) -> list[dict]:
+        """The index's top ``self.k`` captions for an image (``first_image``: its index embedding; ``image``:
+        its teran embedding, :meth:`embed_photo` / :meth:`embed_cached`), re-ranked; the best ``k``."""
+        self._check_k(k)
+        first = self.index.image_to_captions(first_image, self.k, captions_file)
+        texts = embed_texts(self.model, self.tokenizer, [h["caption"] for h in first], device=self.index.device)
+        return self._reorder(first, score_all(self.model, image, texts)[0], k)
 
 
 def region_extractor_for(bundle: str | None = None, detector: str | None = None,

@@ -148,16 +148,101 @@ def test_train_writes_a_run_and_evaluate_writes_json(tiny, capsys):
     assert m["folds"] == 1 and m["images_per_fold"] == 6 and m["captions"] == 18
     assert 0 <= m["rsum"] <= 600 and 0 <= m["i2t_ndcg25"] <= 1
     assert "rsum" in out
-    # a teran run re-ranks the vse top-k
-    from glied.pipeline.retrieval import RetrievalTrainConfig, evaluate_retrieval, train_retrieval
-    teran = root / "teran"
-    if not (teran / "last.pt").is_file():
-        train_retrieval(prep, cache, teran, RetrievalTrainConfig(model="teran", preset="small", epochs=1,
-                                                                 batch_size=8, embed_dim=32), log=lambda s: None)
+
+
+def test_evaluate_with_rerank_reports_both_stages(tiny, teran):
+    from glied.pipeline.retrieval import evaluate_retrieval
+
+    root, prep, cache, _, run = tiny
+    alone = evaluate_retrieval(run, cache, prep, "test", "all", out=root / "alone.json", log=lambda s: None)
     r = evaluate_retrieval(run, cache, prep, "test", "all", rerank=str(teran), rerank_k=3, log=lambda s: None)
     assert r["rerank_k"] == 3 and Path(r["written_to"]).name == "retrieval_test_all_rerank.json"
+    written = json.loads(Path(r["written_to"]).read_text())
+    # the vse run alone, on the same folds, beside the re-ranked figures
+    assert written["first_stage"] == {k: alone[k] for k in written["first_stage"]}
+    assert written["first_stage"]["rsum"] == alone["rsum"] and "rsum" in written
+    # re-ranking the top 3 can only move captions / images inside the top 3: R@5 and R@10 are unchanged
+    for k in ("i2t_r5", "i2t_r10", "t2i_r5", "t2i_r10"):
+        assert written[k] == alone[k]
     with pytest.raises(Exception, match="teran run"):
         evaluate_retrieval(run, cache, prep, "test", "all", rerank=str(run), log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def teran(tiny):
+    """A teran run trained for one epoch on the tiny world's cache."""
+    from glied.pipeline.retrieval import RetrievalTrainConfig, train_retrieval
+
+    root, prep, cache, _, _ = tiny
+    train_retrieval(prep, cache, root / "teran", RetrievalTrainConfig(model="teran", preset="small", epochs=1,
+                                                                     batch_size=8, embed_dim=32), log=lambda s: None)
+    return root / "teran"
+
+
+def test_search_reranks_the_index_top_k_with_teran(tiny, teran, tmp_path, capsys):
+    import torch
+
+    from glied.pipeline.retrieval import (RetrievalTrainConfig, build_index, embed_images, load_retrieval_checkpoint,
+                                          model_from, open_cache, train_retrieval)
+
+    root, prep, cache, other, run = tiny
+    index = tmp_path / "index"
+    build_index(run, cache, index, data=prep)
+    q = "a red circle and a blue square"
+    plain = json.loads(_cli(capsys, "search", "--index", index, q, "-k", 6, "--json")[1])["results"]
+    out = json.loads(_glied("search", "--index", index, q, "--rerank", teran, "--rerank-k", 6, "-k", 6,
+                            "--json").stdout)
+    hits = out["results"]
+    ckpt = load_retrieval_checkpoint(teran)
+    assert out["rerank"] == {"run": ckpt["path"], "k": 6}
+    # the index's own top 6, each with its index score, reordered by the teran alignment
+    first = {h["image_id"]: h["score"] for h in plain}
+    assert sorted(h["image_id"] for h in hits) == sorted(first)
+    assert all(h["index_score"] == first[h["image_id"]] and h["score"] == h["rerank_score"] for h in hits)
+    scores = [h["rerank_score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    # the alignment is the teran model's MrSw score of each pair, computed here independently
+    model, tok = model_from(ckpt)
+    ids = [h["image_id"] for h in hits]
+    with torch.no_grad():
+        want = model.scores(embed_images(model, open_cache(cache), ids), model.embed_texts(*tok.encode([q])))[:, 0]
+    assert scores == pytest.approx(want.tolist(), abs=1e-4)
+    assert want.tolist() == sorted(want.tolist(), reverse=True)
+    # -k below --rerank-k: the best of the same re-ranked list
+    top2 = json.loads(_cli(capsys, "search", "--index", index, q, "--rerank", teran, "--rerank-k", 6, "-k", 2,
+                           "--json")[1])["results"]
+    assert [h["image_id"] for h in top2] == ids[:2]
+    # plain output: the teran score, the index score, the image
+    code, text, _ = _cli(capsys, "search", "--index", index, q, "--rerank", teran, "--rerank-k", 6, "-k", 6)
+    assert code == 0 and [line.split("\t") for line in text.splitlines()] == \
+        [[f"{h['score']:.4f}", f"{h['index_score']:.4f}", h["image_id"]] for h in hits]
+
+    # image -> captions, a cached image and the same photo through the extractor: the same re-ranked captions
+    by_id = json.loads(_cli(capsys, "search", "--index", index, "--image-id", "30", "--features", cache,
+                            "--rerank", teran, "--rerank-k", 8, "-k", 8, "--json")[1])["results"]
+    plain = json.loads(_cli(capsys, "search", "--index", index, "--image-id", "30", "--features", cache,
+                            "-k", 8, "--json")[1])["results"]
+    assert sorted(h["caption"] for h in by_id) == sorted(h["caption"] for h in plain)
+    with torch.no_grad():
+        img = embed_images(model, open_cache(cache), ["30"])
+        want = model.scores(img, model.embed_texts(*tok.encode([h["caption"] for h in by_id])))[0]
+    assert [h["rerank_score"] for h in by_id] == pytest.approx(want.tolist(), abs=1e-4)
+    by_photo = json.loads(_glied("search", "--index", index, "--image", root / "images" / "000030.jpg",
+                                 "--extractor-module", GRID, "--rerank", teran, "--rerank-k", 8, "-k", 8,
+                                 "--json").stdout)["results"]
+    assert [h["rerank_score"] for h in by_photo] == pytest.approx([h["rerank_score"] for h in by_id], abs=5e-3)
+
+    # refusals, one line each: a teran run trained on other features (naming both), a vse run, -k > --rerank-k
+    other_teran = tmp_path / "other-teran"
+    train_retrieval(prep, other, other_teran, RetrievalTrainConfig(model="teran", preset="small", epochs=1,
+                                                                   batch_size=8, embed_dim=32), log=lambda s: None)
+    code, _, err = _cli(capsys, "search", "--index", index, q, "--rerank", other_teran)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert str(other_teran) in err and str(index) in err and str(cache) in err and "other features" in err
+    code, _, err = _cli(capsys, "search", "--index", index, q, "--rerank", run)
+    assert code == 2 and err.count("\n") == 1 and "needs a teran run" in err
+    code, _, err = _cli(capsys, "search", "--index", index, q, "--rerank", teran, "--rerank-k", 3, "-k", 5)
+    assert code == 2 and err.count("\n") == 1 and "--rerank-k 3" in err
 
 
 def test_index_and_search_round_trip(tiny, tmp_path, capsys):
