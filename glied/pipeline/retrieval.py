@@ -19,7 +19,8 @@ ROUGE-L of c against j's captions, gain 2^rel - 1, ideal ranking from all releva
 Checkpoint (``format`` "glied-retrieval"): config, vocab, feature_identity, model state, train_config,
 epoch, history, best_rsum (``last.pt`` also the optimiser state, for ``--resume``). Index (``format`` "glied-retrieval-index", ``INDEX/index.pt``): the checkpoint's
 model parts, the run path and its sha256, the cache path and identity, image ids and embeddings, and
-optionally every prepared caption with its embedding (for image -> sentence search).
+optionally (built with the prepared data) every prepared caption with its embedding (for image -> sentence
+search) and ``image_files``, the photo file of each indexed image (for thumbnails in ``glied serve``).
 """
 from __future__ import annotations
 
@@ -586,7 +587,7 @@ def build_index(run: str | os.PathLike, features: str | os.PathLike, out: str | 
         raise InputError(f"feature cache {cache.root} is empty; extract features first")
     t0 = time.perf_counter()
     images = embed_images(model, cache, ids, device=device)
-    captions = None
+    captions = files = None
     if data is not None:
         from glied.datasets.prepared import PreparedData
         prep = PreparedData.load(data)
@@ -596,10 +597,13 @@ def build_index(run: str | os.PathLike, features: str | os.PathLike, out: str | 
                 texts.append(" ".join(s))
                 owners.append(str(im["id"]))
         captions = {"texts": texts, "image_ids": owners, **_pack(embed_texts(model, tokenizer, texts, device=device))}
+        indexed = set(ids)
+        files = {str(im["id"]): str(prep.image_path(i).resolve()) for i, im in enumerate(prep.images)
+                 if str(im["id"]) in indexed}
     index = {"checkpoint": {k: ckpt[k] for k in ("config", "vocab", "max_words", "feature_identity", "model")},
              "run": ckpt["path"], "run_sha256": sha256_file(ckpt["path"]), "features": str(cache.root),
              "feature_identity": ckpt["feature_identity"], "image_ids": ids, "images": _pack(images),
-             "captions": captions}
+             "captions": captions, "image_files": files}
     out = Path(out)
     ck.save(out / "index.pt", index, INDEX)
     return {"index": str(out / "index.pt"), "images": len(ids), "captions": len(captions["texts"]) if captions else 0,
@@ -622,6 +626,11 @@ class Index:
         self.device = device
         self.image_ids: list[str] = list(d["image_ids"])
         self.images = Embedding(d["images"]["vectors"].to(device), d["images"]["mask"].to(device))
+
+    def image_file(self, image_id: str) -> Optional[str]:
+        """The photo file of an indexed image (from the prepared data the index was built with), or None when
+        the index does not list one for this id."""
+        return (self.data.get("image_files") or {}).get(str(image_id))
 
     def check_run(self, run: str | os.PathLike) -> None:
         """Refuse to serve queries for another run than the one the index was built from (naming both)."""
