@@ -339,16 +339,55 @@ def test_demo_retrieval_stage(tiny, tmp_path):
     assert "rsum" in _retrieval_line(m) and "i2t R@1/5/10" in _retrieval_line(m)
 
 
+def _same_run(a_dir: Path, b_dir: Path) -> None:
+    """Two runs' last.pt hold exactly the same weights, optimiser state, settings and history."""
+    import torch
+
+    a = torch.load(a_dir / "last.pt", weights_only=True)
+    b = torch.load(b_dir / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] and a["train_config"] == b["train_config"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[p][m], sb[p][m]) for p in sb for m in sb[p])
+    drop = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert drop(a["history"]) == drop(b["history"]) and len(a["history"]) == a["epoch"]
+    assert a["best_rsum"] == b["best_rsum"]
+    assert (a_dir / "metrics.csv").read_text().count("\n") == a["epoch"] + 1
+
+
 def test_train_retrieval_resume_repeats_the_uninterrupted_run(tiny, tmp_path):
-    """A run trained 1 epoch, then resumed by `--resume --epochs 2` in a new process, ends with exactly the
-    weights, optimiser state and history of a run trained 2 epochs at once (CPU, one thread: deterministic)."""
+    """Through the CLI, in separate processes (CPU, one thread, so deterministic), asserted bit for bit against
+    a 3-epoch run: (a) a run trained 1 epoch, then `--resume --epochs 3`; (b) a 3-epoch run killed (SIGKILL)
+    as soon as its first last.pt exists, then `--resume` with no other flag."""
+    import signal
+    import time
+
     import torch
 
     root, prep, cache, _, _ = tiny
-    one, two = tmp_path / "one", tmp_path / "two"
+    full, one, killed = tmp_path / "full", tmp_path / "one", tmp_path / "killed"
     common = ("train-retrieval", "--data", prep, "--features", cache, "--preset", "small", "--batch-size", 8,
-              "--embed-dim", 32, "--lr", "0.001", "--lr-decay-epoch", 1)
-    _glied(*common, "--out", two, "--epochs", 2)
+              "--embed-dim", 32, "--lr", "0.001", "--lr-decay-epoch", 2)
+    _glied(*common, "--out", full, "--epochs", 3)
+
+    # (b) a real interruption: SIGKILL right after epoch 1's checkpoint, in the middle of epoch 2
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "glied", *map(str, (*common, "--out", killed, "--epochs", 3))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 240
+    while not (killed / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL, "the run finished before it could be interrupted"
+    done = torch.load(killed / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 3
+    r = _glied("train-retrieval", "--data", prep, "--features", cache, "--out", killed, "--resume")
+    assert f"after epoch {done} of 3" in r.stdout
+    _same_run(killed, full)
+
+    # (a) stop after 1 epoch, then raise --epochs; conflicting flags are refused first
     _glied(*common, "--out", one, "--epochs", 1)
     again = _glied(*common, "--out", one, "--epochs", 1, check=False)
     assert again.returncode == 2 and "--resume" in again.stderr and again.stderr.count("\n") == 1
@@ -362,18 +401,8 @@ def test_train_retrieval_resume_repeats_the_uninterrupted_run(tiny, tmp_path):
     nothing = _glied("train-retrieval", "--data", prep, "--features", cache, "--out", tmp_path / "new", "--resume",
                      check=False)
     assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
-    r = _glied(*short, "--epochs", 2, "--lr", "0.001")          # a flag equal to the stored value is fine
-    assert "resuming" in r.stdout and "after epoch 1 of 2" in r.stdout
-    a = torch.load(one / "last.pt", weights_only=True)
-    b = torch.load(two / "last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and a["train_config"] == b["train_config"]
-    assert a["train_config"]["lr"] == 0.001 and a["train_config"]["batch_size"] == 8
-    assert a["model"].keys() == b["model"].keys()
-    for k in b["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[p][m], sb[p][m]) for p in sb for m in sb[p])
-    drop = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
-    assert drop(a["history"]) == drop(b["history"]) and len(a["history"]) == 2
-    assert a["best_rsum"] == b["best_rsum"]
-    assert (one / "metrics.csv").read_text().count("\n") == 3
+    r = _glied(*short, "--epochs", 3, "--lr", "0.001")          # a flag equal to the stored value is fine
+    assert "after epoch 1 of 3" in r.stdout
+    _same_run(one, full)
+    ck = torch.load(one / "last.pt", weights_only=True)
+    assert ck["train_config"]["lr"] == 0.001 and ck["train_config"]["batch_size"] == 8
