@@ -677,12 +677,14 @@ def evaluate_retrieval_cmd(run, features, data, split, protocol, ndcg, rerank, r
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Prepared data whose captions to index too (for search --image).")
+@click.option("--rerank", type=click.Path(), default=None,
+              help="Also store this teran run's region vectors of every image (search --rerank runs faster).")
 @click.option("--device", default="cpu", show_default=True)
-def index_cmd(run, features, out, data, device) -> None:
+def index_cmd(run, features, out, data, rerank, device) -> None:
     """Embed every image of a feature cache once (and the prepared captions) into a search index."""
     from glied.pipeline.retrieval import build_index
 
-    s = build_index(run, features, out, data=data, device=device)
+    s = build_index(run, features, out, data=data, rerank=rerank, device=device)
     click.echo(f"indexed {s['images']} images and {s['captions']} captions in {s['seconds']} s -> {s['index']}")
 
 

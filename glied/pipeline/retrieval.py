@@ -17,10 +17,11 @@ NDCG@25 (opt-in, slow: one ROUGE-L per caption and image) follows TERAN: relevan
 ROUGE-L of c against j's captions, gain 2^rel - 1, ideal ranking from all relevances.
 
 Checkpoint (``format`` "glied-retrieval"): config, vocab, feature_identity, model state, train_config,
-epoch, history, best_rsum (``last.pt`` also the optimiser state, for ``--resume``). Index (``format`` "glied-retrieval-index", ``INDEX/index.pt``): the checkpoint's
-model parts, the run path and its sha256, the cache path and identity, image ids and embeddings, and
-optionally (built with the prepared data) every prepared caption with its embedding (for image -> sentence
-search) and ``image_files``, the photo file of each indexed image (for thumbnails in ``glied serve``).
+epoch, history, best_rsum (``last.pt`` also the optimiser state, for ``--resume``). Index (``format``
+"glied-retrieval-index", ``INDEX/index.pt``): the checkpoint's model parts, the run path and its sha256, the
+cache path and identity, image ids and embeddings, and optionally (built with the prepared data) every
+prepared caption with its embedding (for image -> sentence search) and ``image_files``, the photo file of
+each indexed image (for thumbnails in ``glied serve``).
 """
 from __future__ import annotations
 
@@ -456,7 +457,8 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
     best, start = float("-inf"), 0
     if stored is not None:
         _check_cache(stored["feature_identity"], cache, f"retrieval run {stored['path']}")
-        if list(stored["vocab"]) != list(prep.vocab) or idn.normalise(stored["config"]) != idn.normalise(mcfg.to_dict()):
+        same_model = idn.normalise(stored["config"]) == idn.normalise(mcfg.to_dict())
+        if list(stored["vocab"]) != list(prep.vocab) or not same_model:
             raise ConfigError(f"{stored['path']}: the run was trained on other prepared data or features than "
                               f"{data} and {features}; resume it with the ones it was started with")
         model.load_state_dict(stored["model"])
@@ -575,18 +577,37 @@ def _pack(e: Embedding) -> dict:
     return {"vectors": e.vectors.contiguous(), "mask": e.mask.contiguous()}
 
 
+def _teran_run(run: str | os.PathLike) -> dict:
+    """A retrieval checkpoint that must be a teran run (the re-ranker), else one line saying so."""
+    r = load_retrieval_checkpoint(run)
+    if r["config"]["model"] != "teran":
+        raise ConfigError(f"{r['path']}: --rerank needs a teran run (this one is {r['config']['model']})")
+    return r
+
+
 def build_index(run: str | os.PathLike, features: str | os.PathLike, out: str | os.PathLike, *,
-                data: str | os.PathLike | None = None, device: str = "cpu") -> dict:
-    """Embed every image of the cache (and, with ``data``, every prepared caption) into ``out/index.pt``."""
+                data: str | os.PathLike | None = None, rerank: str | os.PathLike | None = None,
+                device: str = "cpu") -> dict:
+    """Embed every image of the cache (and, with ``data``, every prepared caption) into ``out/index.pt``.
+    ``rerank``: a teran run whose region vectors of every image are stored too (float16), so that
+    :class:`Reranker` with that run re-scores a text query's candidates without re-embedding them."""
     ckpt = load_retrieval_checkpoint(run)
     cache = open_cache(features)
     _check_cache(ckpt["feature_identity"], cache, f"retrieval run {ckpt['path']}")
+    second = _teran_run(rerank) if rerank is not None else None
+    if second is not None:
+        _check_cache(second["feature_identity"], cache, f"retrieval run {second['path']}")
     model, tokenizer = model_from(ckpt, device)
     ids = [str(i) for i in cache.ids()]
     if not ids:
         raise InputError(f"feature cache {cache.root} is empty; extract features first")
     t0 = time.perf_counter()
     images = embed_images(model, cache, ids, device=device)
+    stored_rerank = None
+    if second is not None:
+        e = embed_images(model_from(second, device)[0], cache, ids, device=device)     # (N, 1+R, D) each region
+        stored_rerank = {"run": second["path"], "run_sha256": sha256_file(second["path"]),
+                         "images": {"vectors": e.vectors.half().contiguous(), "mask": e.mask.contiguous()}}
     captions = files = None
     if data is not None:
         from glied.datasets.prepared import PreparedData
@@ -603,7 +624,7 @@ def build_index(run: str | os.PathLike, features: str | os.PathLike, out: str | 
     index = {"checkpoint": {k: ckpt[k] for k in ("config", "vocab", "max_words", "feature_identity", "model")},
              "run": ckpt["path"], "run_sha256": sha256_file(ckpt["path"]), "features": str(cache.root),
              "feature_identity": ckpt["feature_identity"], "image_ids": ids, "images": _pack(images),
-             "captions": captions, "image_files": files}
+             "captions": captions, "image_files": files, "rerank": stored_rerank}
     out = Path(out)
     ck.save(out / "index.pt", index, INDEX)
     return {"index": str(out / "index.pt"), "images": len(ids), "captions": len(captions["texts"]) if captions else 0,
@@ -730,15 +751,15 @@ class Reranker:
 
     The teran run must have been trained on the same features as the index (same extractor identity:
     :mod:`glied.datasets.identity`), else a one-line ConfigError naming both. Images of a text query are
-    re-scored from their cached regions: ``features`` (default: the cache the index was built from).
+    re-scored from the region vectors the index stores for this run (``build_index(rerank=...)``, checked by
+    the run's sha256), else embedded from their cached regions: ``features`` (default: the cache the index was
+    built from).
     Hits are the index's, reordered by the alignment: ``score`` (= ``rerank_score``, the teran alignment)
     and ``index_score`` (the index's own score)."""
 
     def __init__(self, run: str | os.PathLike, index: "Index", k: int = 20,
                  features: str | os.PathLike | None = None):
-        r = load_retrieval_checkpoint(run)
-        if r["config"]["model"] != "teran":
-            raise ConfigError(f"{r['path']}: --rerank needs a teran run (this one is {r['config']['model']})")
+        r = _teran_run(run)
         if k < 1:
             raise ConfigError(f"--rerank-k must be >= 1 (got {k})")
         idn.check(r["feature_identity"], index.data["feature_identity"], have_name="run",
@@ -749,6 +770,12 @@ class Reranker:
         self.model, self.tokenizer = model_from(r, index.device)
         self.features = features
         self._cache = None
+        # the index may hold this very run's region vectors of every image (`glied index --rerank`)
+        pre = index.data.get("rerank")
+        self.stored = pre is not None and pre["run_sha256"] == sha256_file(r["path"])
+        if self.stored:
+            self._rows = {i: j for j, i in enumerate(index.image_ids)}
+            self._images = Embedding(pre["images"]["vectors"], pre["images"]["mask"])
 
     def _check_k(self, k: int) -> None:
         if k > self.k:
@@ -774,7 +801,12 @@ class Reranker:
         """The index's top ``self.k`` images for a sentence, re-ranked; the best ``k``."""
         self._check_k(k)
         first = self.index.text_to_images(query, self.k)
-        images = embed_images(self.model, self.cache(), [h["image_id"] for h in first], device=self.index.device)
+        if self.stored:
+            rows = torch.tensor([self._rows[h["image_id"]] for h in first])
+            images = Embedding(self._images.vectors[rows].float().to(self.index.device),
+                               self._images.mask[rows].to(self.index.device))
+        else:
+            images = embed_images(self.model, self.cache(), [h["image_id"] for h in first], device=self.index.device)
         q = embed_texts(self.model, self.tokenizer, [query], device=self.index.device)
         return self._reorder(first, score_all(self.model, images, q)[:, 0], k)
 

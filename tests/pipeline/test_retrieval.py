@@ -208,6 +208,19 @@ def test_search_reranks_the_index_top_k_with_teran(tiny, teran, tmp_path, capsys
         want = model.scores(embed_images(model, open_cache(cache), ids), model.embed_texts(*tok.encode([q])))[:, 0]
     assert scores == pytest.approx(want.tolist(), abs=1e-4)
     assert want.tolist() == sorted(want.tolist(), reverse=True)
+    # an index that stores this teran run's region vectors (`glied index --rerank`) re-ranks the same way
+    # without re-embedding the candidates (float16 vectors: scores equal to rounding)
+    stored = tmp_path / "index-rerank"
+    assert _cli(capsys, "index", "--run", run, "--features", cache, "--out", stored, "--data", prep,
+                "--rerank", teran)[0] == 0
+    fast = json.loads(_glied("search", "--index", stored, q, "--rerank", teran, "--rerank-k", 6, "-k", 6,
+                             "--json").stdout)["results"]
+    assert sorted(h["image_id"] for h in fast) == sorted(ids)
+    by_id = {h["image_id"]: h["rerank_score"] for h in hits}
+    assert [h["rerank_score"] for h in fast] == pytest.approx([by_id[h["image_id"]] for h in fast], abs=1e-2)
+    assert [h["rerank_score"] for h in fast] == sorted((h["rerank_score"] for h in fast), reverse=True)
+    from glied.pipeline.retrieval import Index, Reranker
+    assert Reranker(teran, Index(stored), 6).stored and not Reranker(teran, Index(index), 6).stored
     # -k below --rerank-k: the best of the same re-ranked list
     top2 = json.loads(_cli(capsys, "search", "--index", index, q, "--rerank", teran, "--rerank-k", 6, "-k", 2,
                            "--json")[1])["results"]
