@@ -693,7 +693,8 @@ def index_cmd(run, features, out, data, rerank, device) -> None:
 @click.option("--index", "index_path", required=True, type=click.Path(), help="Index folder (glied index).")
 @click.option("--image", "photo", type=click.Path(), default=None, help="A photo: find captions for it.")
 @click.option("--image-id", default=None, help="A cached image (with --features): find captions for it.")
-@click.option("--features", type=click.Path(), default=None, help="Feature cache holding --image-id.")
+@click.option("--features", type=click.Path(), default=None,
+              help="Feature cache holding --image-id (--rerank: the indexed images; default: the index's cache).")
 @click.option("--model", "bundle", type=click.Path(), default=None,
               help="Model bundle whose detector extracts the regions of --image.")
 @click.option("--detector", type=click.Path(), default=None, help="Or a train-detector run / weights for --image.")
