@@ -508,10 +508,10 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
         history.append(row)
         _write_metrics(out / "metrics.csv", history)
         log(f"epoch {epoch + 1}: loss {row['loss']:.4f} val rsum {val['rsum']:.1f} ({row['seconds']:.1f} s)")
-        ck.save(out / "last.pt", state(epoch + 1, max(best, val["rsum"]), optimizer=True), RETRIEVAL)
-        if val["rsum"] > best:
-            best = val["rsum"]
+        if val["rsum"] > best:               # best.pt first: a run killed between the two saves repeats
+            best = val["rsum"]               # this epoch on --resume instead of losing its best.pt
             ck.save(out / "best.pt", state(epoch + 1, best), RETRIEVAL)
+        ck.save(out / "last.pt", state(epoch + 1, best, optimizer=True), RETRIEVAL)
     if cfg.epochs == 0:                      # an untrained model (benchmarks of speed need only its shapes)
         ck.save(out / "last.pt", state(0, None, optimizer=True), RETRIEVAL)
     return {"out": str(out), "best_val_rsum": best, "epochs": cfg.epochs,
