@@ -643,17 +643,21 @@ def demo_cmd(out: str, images: int | None, images_old: int | None, seed: int, de
               help="Epochs over all negatives before the hardest negative (vse 1, teran 0).")
 @click.option("--embed-dim", type=int, default=None, help="Joint-space size (default: the preset's).")
 @click.option("--boxes", is_flag=True, help="vse: also feed each region's normalised box (as teran does).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 def train_retrieval_cmd(data, features, out, model, text_encoder, preset, epochs, batch_size, lr, lr_decay_epoch,
-                        warmup_epochs, embed_dim, boxes, seed, device) -> None:
+                        warmup_epochs, embed_dim, boxes, resume, seed, device) -> None:
     """Train an image-sentence retrieval model on cached region features."""
-    from glied.pipeline.retrieval import RetrievalTrainConfig, train_retrieval
+    from glied.pipeline.retrieval import train_retrieval
 
-    cfg = RetrievalTrainConfig(model=model, preset=preset, text_encoder=text_encoder, epochs=epochs,
-                               batch_size=batch_size, lr=lr, lr_decay_epoch=lr_decay_epoch,
-                               warmup_epochs=warmup_epochs, embed_dim=embed_dim, boxes=boxes, seed=seed)
-    s = train_retrieval(data, features, out, cfg, device=device, log=click.echo)
+    settings = dict(model=model, preset=preset, text_encoder=text_encoder, epochs=epochs, batch_size=batch_size,
+                    lr=lr, lr_decay_epoch=lr_decay_epoch, warmup_epochs=warmup_epochs, embed_dim=embed_dim,
+                    boxes=boxes, seed=seed)
+    # only the settings typed on the command line: the others are the defaults, or the run's own on --resume
+    given = _given()
+    s = train_retrieval(data, features, out, {k: v for k, v in settings.items() if k in given}, resume=resume,
+                        device=device, log=click.echo)
     click.echo(f"best val rsum {s['best_val_rsum']:.1f} after {s['epochs']} epochs ({s['seconds']} s); run in {out}")
 
 
@@ -686,12 +690,14 @@ def evaluate_retrieval_cmd(run, features, data, split, protocol, ndcg, rerank, r
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Prepared data whose captions to index too (for search --image).")
+@click.option("--rerank", type=click.Path(), default=None,
+              help="Also store this teran run's region vectors of every image (search --rerank runs faster).")
 @click.option("--device", default="cpu", show_default=True)
-def index_cmd(run, features, out, data, device) -> None:
+def index_cmd(run, features, out, data, rerank, device) -> None:
     """Embed every image of a feature cache once (and the prepared captions) into a search index."""
     from glied.pipeline.retrieval import build_index
 
-    s = build_index(run, features, out, data=data, device=device)
+    s = build_index(run, features, out, data=data, rerank=rerank, device=device)
     click.echo(f"indexed {s['images']} images and {s['captions']} captions in {s['seconds']} s -> {s['index']}")
 
 
@@ -700,7 +706,8 @@ def index_cmd(run, features, out, data, device) -> None:
 @click.option("--index", "index_path", required=True, type=click.Path(), help="Index folder (glied index).")
 @click.option("--image", "photo", type=click.Path(), default=None, help="A photo: find captions for it.")
 @click.option("--image-id", default=None, help="A cached image (with --features): find captions for it.")
-@click.option("--features", type=click.Path(), default=None, help="Feature cache holding --image-id.")
+@click.option("--features", type=click.Path(), default=None,
+              help="Feature cache holding --image-id (--rerank: the indexed images; default: the index's cache).")
 @click.option("--model", "bundle", type=click.Path(), default=None,
               help="Model bundle whose detector extracts the regions of --image.")
 @click.option("--detector", type=click.Path(), default=None, help="Or a train-detector run / weights for --image.")
@@ -708,12 +715,15 @@ def index_cmd(run, features, out, data, device) -> None:
 @click.option("--captions", "captions_file", type=click.Path(dir_okay=False), default=None,
               help="Rank these captions (one per line) instead of the index's.")
 @click.option("--run", type=click.Path(), default=None, help="Refuse an index built from another run than this.")
+@click.option("--rerank", type=click.Path(), default=None,
+              help="A teran run whose region-word alignment re-ranks the index's top --rerank-k.")
+@click.option("--rerank-k", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (for tools).")
 def search_cmd(query, index_path, photo, image_id, features, bundle, detector, extractor_module, captions_file,
-               run, k, as_json) -> None:
+               run, rerank, rerank_k, k, as_json) -> None:
     """Text -> images: `glied search --index INDEX "a red circle"`. Image -> captions: --image PHOTO --model
-    BUNDLE, or --image-id ID --features CACHE."""
+    BUNDLE, or --image-id ID --features CACHE. --rerank TERAN_RUN re-orders the top --rerank-k."""
     import json
 
     from glied.pipeline import retrieval as rt
@@ -726,22 +736,32 @@ def search_cmd(query, index_path, photo, image_id, features, bundle, detector, e
     index = rt.Index(index_path)
     if run:
         index.check_run(run)
+    second = rt.Reranker(rerank, index, rerank_k, features=features) if rerank else None
     if query is not None:
-        hits, what = index.text_to_images(query, k), {"query": query}
+        hits = (second or index).text_to_images(query, k)
+        what = {"query": query}
     else:
         if photo is not None:
             loaded = rt.decode_photo(photo, index.max_side)
             extractor, where = rt.region_extractor_for(bundle, detector, extractor_module)
             index.check_extractor(extractor, where)
-            emb, what = index.embed_photo(rt.photo_regions(extractor, loaded)), {"image": photo}
+            regions = rt.photo_regions(extractor, loaded)
+            emb, what = index.embed_photo(regions), {"image": photo}
+            emb2 = second.embed_photo(regions) if second else None
         else:
-            emb, what = index.embed_cached(rt.open_cache(features), image_id), {"image_id": image_id}
-        hits = index.image_to_captions(emb, k, captions_file)
+            cache = rt.open_cache(features)
+            emb, what = index.embed_cached(cache, image_id), {"image_id": image_id}
+            emb2 = second.embed_cached(cache, image_id) if second else None
+        hits = (second.image_to_captions(emb, emb2, k, captions_file) if second
+                else index.image_to_captions(emb, k, captions_file))
+    if second:
+        what["rerank"] = {"run": second.path, "k": second.k}
     if as_json:
         click.echo(json.dumps({**what, "results": hits}))
         return
     for h in hits:
-        click.echo(f"{h['score']:.4f}\t" + (h["image_id"] if "caption" not in h else h["caption"]))
+        both = f"\t{h['index_score']:.4f}" if second else ""   # the teran score, then the index's own
+        click.echo(f"{h['score']:.4f}{both}\t" + (h["image_id"] if "caption" not in h else h["caption"]))
 
 
 # ---------------------------------------------------------------------------------------------------------

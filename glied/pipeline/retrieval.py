@@ -17,9 +17,11 @@ NDCG@25 (opt-in, slow: one ROUGE-L per caption and image) follows TERAN: relevan
 ROUGE-L of c against j's captions, gain 2^rel - 1, ideal ranking from all relevances.
 
 Checkpoint (``format`` "glied-retrieval"): config, vocab, feature_identity, model state, train_config,
-epoch, history, best_rsum. Index (``format`` "glied-retrieval-index", ``INDEX/index.pt``): the checkpoint's
-model parts, the run path and its sha256, the cache path and identity, image ids and embeddings, and
-optionally every prepared caption with its embedding (for image -> sentence search).
+epoch, history, best_rsum (``last.pt`` also the optimiser state, for ``--resume``). Index (``format``
+"glied-retrieval-index", ``INDEX/index.pt``): the checkpoint's model parts, the run path and its sha256, the
+cache path and identity, image ids and embeddings, and optionally (built with the prepared data) every
+prepared caption with its embedding (for image -> sentence search) and ``image_files``, the photo file of
+each indexed image (for thumbnails in ``glied serve``).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import torch
 from glied import checkpoint as ck
 from glied.datasets import identity as idn
 from glied.datasets.captions import CaptionDataset
-from glied.errors import ConfigError, InputError
+from glied.errors import ConfigError, InputError, WeightsError
 from glied.fileio import sha256_file, write_json_atomic
 from glied.models.retrieval import Embedding, RetrievalModel, build_retrieval_model, config_from_dict
 from glied.models.retrieval.model import make_config
@@ -341,7 +343,8 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 def evaluate_split(model: RetrievalModel, tokenizer, cache, data: SplitData, protocol: str = "all",
                    ndcg: bool = False, device: str = "cpu", rerank: Optional[tuple] = None) -> dict:
     """Recall (and optionally NDCG@25) of ``model`` on a split, averaged over the protocol's folds.
-    ``rerank``: (teran model, its tokenizer, k) re-ranks each query's top k by the TERAN alignment."""
+    ``rerank``: (teran model, its tokenizer, k) re-ranks each query's top k by the TERAN alignment; the
+    result then also holds ``first_stage``, the recall of ``model`` alone on the same folds."""
     t0 = time.perf_counter()
     folds = protocol_folds(len(data.ids), protocol)
     n_img = folds[-1][1]
@@ -364,6 +367,7 @@ def evaluate_split(model: RetrievalModel, tokenizer, cache, data: SplitData, pro
             m = {k: v for k, v in recall_at_k(i2t, owner).items() if k.startswith("i2t")}
             m.update({k: v for k, v in recall_at_k(t2i, owner).items() if k.startswith("t2i")})
             m["rsum"] = round(sum(v for k, v in m.items() if "_r" in k and not k.endswith("medr")), 3)
+            m.update({"first_stage_" + k: v for k, v in recall_at_k(sims, owner).items()})  # before re-ranking
         else:
             m, i2t, t2i = recall_at_k(sims, owner), sims, sims
         if ndcg:
@@ -372,22 +376,55 @@ def evaluate_split(model: RetrievalModel, tokenizer, cache, data: SplitData, pro
             m.update({k: v for k, v in ndcg_at_k(t2i, rel).items() if k.startswith("t2i")})
         per_fold.append(m)
     res = {k: round(float(np.mean([m[k] for m in per_fold])), 3) for k in per_fold[0]}
+    if rerank is not None:   # the first stage alone, on the same folds: {"i2t_r1", ..., "rsum"}
+        res["first_stage"] = {k[len("first_stage_"):]: res.pop(k) for k in list(res) if k.startswith("first_stage_")}
     res.update({"protocol": protocol, "folds": len(folds), "images_per_fold": folds[0][1] - folds[0][0],
                 "captions": int(len(caps)), "seconds": round(time.perf_counter() - t0, 2)})
     return res
 
 
+def _resume_from(out: Path, cfg: "RetrievalTrainConfig | dict") -> tuple[dict, "RetrievalTrainConfig"]:
+    """(last.pt, the run's stored settings with the given ones checked against them): the shared resume rule
+    (:func:`glied.checkpoint.resume_settings`; only ``epochs`` may be raised)."""
+    if not (out / "last.pt").is_file():
+        raise InputError(f"{out}: nothing to resume (no last.pt); drop --resume to start a new run")
+    stored = ck.load(out / "last.pt", RETRIEVAL, required=("config", "vocab", "feature_identity", "model",
+                                                           "train_config", "epoch"))
+    if "optimizer" not in stored:
+        raise WeightsError(f"{stored['path']}: holds no optimiser state (written by an older glied), so the run "
+                           "cannot be continued exactly; start a new run")
+    if isinstance(cfg, dict):
+        given = cfg
+    else:                                   # a config object: the fields set away from their defaults
+        default = RetrievalTrainConfig()
+        given = {k: v for k, v in cfg.to_dict().items() if v != getattr(default, k)}
+    return stored, RetrievalTrainConfig.from_dict(ck.resume_settings(stored["train_config"], given,
+                                                                     where=stored["path"]))
+
+
 def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: str | os.PathLike,
-                    cfg: RetrievalTrainConfig = RetrievalTrainConfig(), *, device: str = "cpu",
-                    log: Callable[[str], None] = print) -> dict:
+                    cfg: "RetrievalTrainConfig | dict" = RetrievalTrainConfig(), *, resume: bool = False,
+                    device: str = "cpu", log: Callable[[str], None] = print) -> dict:
     """Train a retrieval model into ``out`` (best.pt by val rsum, last.pt, metrics.csv, train_config.json).
-    Returns {out, best_val_rsum, epochs, seconds, model}."""
+    Returns {out, best_val_rsum, epochs, seconds, model}.
+
+    ``cfg``: the settings, or a dict of only those the user gave (the rest: defaults). ``resume``: continue
+    the run in ``out`` from its last.pt (weights, optimiser, history, best) with its stored settings; a given
+    setting that conflicts is refused, ``epochs`` may be raised. Each epoch's shuffling, caption choice and
+    torch randomness (region drop, dropout) are seeded by (seed, epoch), so a resumed run repeats the
+    uninterrupted one."""
     from glied.datasets.prepared import PreparedData
 
-    cfg = cfg.resolved()
     out = Path(out)
-    if (out / "last.pt").is_file():
-        raise InputError(f"{out}: already holds a retrieval run (last.pt); choose a new --out")
+    stored = None
+    if resume:
+        stored, cfg = _resume_from(out, cfg)
+    elif (out / "last.pt").is_file():
+        raise InputError(f"{out}: already holds a retrieval run (last.pt); pass --resume to continue it or "
+                         "choose a new --out")
+    elif isinstance(cfg, dict):
+        cfg = RetrievalTrainConfig.from_dict(cfg)
+    cfg = cfg.resolved()
     prep = PreparedData.load(data)
     cache = open_cache(features)
     train_split = SplitData(prep, cache, "train", str(features))
@@ -416,17 +453,33 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
     write_json_atomic(out / "train_config.json", {"train": cfg.to_dict(), "model": mcfg.to_dict()}, indent=1)
     log(f"train-retrieval: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
         f"{len(train_split.ids)} train / {len(val_split.ids)} val images, {cfg.epochs} epochs")
-    rng = np.random.default_rng(cfg.seed)
     history: list[dict] = []
+    best, start = float("-inf"), 0
+    if stored is not None:
+        _check_cache(stored["feature_identity"], cache, f"retrieval run {stored['path']}")
+        same_model = idn.normalise(stored["config"]) == idn.normalise(mcfg.to_dict())
+        if list(stored["vocab"]) != list(prep.vocab) or not same_model:
+            raise ConfigError(f"{stored['path']}: the run was trained on other prepared data or features than "
+                              f"{data} and {features}; resume it with the ones it was started with")
+        model.load_state_dict(stored["model"])
+        opt.load_state_dict(stored["optimizer"])
+        history, start = list(stored.get("history") or []), int(stored["epoch"])
+        best = float("-inf") if stored.get("best_rsum") is None else float(stored["best_rsum"])
+        log(f"train-retrieval: resuming {stored['path']} after epoch {start} of {cfg.epochs}")
 
-    def state(epochs_done: int, best_rsum: Optional[float]) -> dict:
-        return {"config": mcfg.to_dict(), "vocab": list(prep.vocab), "max_words": cfg.max_words,
-                "feature_identity": identity, "model": model.state_dict(), "train_config": cfg.to_dict(),
-                "epoch": epochs_done, "history": history, "best_rsum": best_rsum}
+    def state(epochs_done: int, best_rsum: Optional[float], optimizer: bool = False) -> dict:
+        s = {"config": mcfg.to_dict(), "vocab": list(prep.vocab), "max_words": cfg.max_words,
+             "feature_identity": identity, "model": model.state_dict(), "train_config": cfg.to_dict(),
+             "epoch": epochs_done, "history": history, "best_rsum": best_rsum}
+        if optimizer:                        # last.pt only: what --resume needs to continue exactly
+            s["optimizer"] = opt.state_dict()
+        return s
 
-    best, t_start = float("-inf"), time.perf_counter()
-    for epoch in range(cfg.epochs):
+    t_start = time.perf_counter()
+    for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 1009)   # region drop, dropout: a function of the epoch
+        rng = np.random.default_rng([cfg.seed, epoch])         # order and caption choice: likewise
         model.train()
         lr = cfg.lr * (0.1 if epoch >= cfg.lr_decay_epoch else 1.0)
         for g in opt.param_groups:
@@ -455,12 +508,12 @@ def train_retrieval(data: str | os.PathLike, features: str | os.PathLike, out: s
         history.append(row)
         _write_metrics(out / "metrics.csv", history)
         log(f"epoch {epoch + 1}: loss {row['loss']:.4f} val rsum {val['rsum']:.1f} ({row['seconds']:.1f} s)")
-        ck.save(out / "last.pt", state(epoch + 1, max(best, val["rsum"])), RETRIEVAL)
-        if val["rsum"] > best:
-            best = val["rsum"]
+        if val["rsum"] > best:               # best.pt first: a run killed between the two saves repeats
+            best = val["rsum"]               # this epoch on --resume instead of losing its best.pt
             ck.save(out / "best.pt", state(epoch + 1, best), RETRIEVAL)
+        ck.save(out / "last.pt", state(epoch + 1, best, optimizer=True), RETRIEVAL)
     if cfg.epochs == 0:                      # an untrained model (benchmarks of speed need only its shapes)
-        ck.save(out / "last.pt", state(0, None), RETRIEVAL)
+        ck.save(out / "last.pt", state(0, None, optimizer=True), RETRIEVAL)
     return {"out": str(out), "best_val_rsum": best, "epochs": cfg.epochs,
             "seconds": round(time.perf_counter() - t_start, 1), "model": model}
 
@@ -524,19 +577,38 @@ def _pack(e: Embedding) -> dict:
     return {"vectors": e.vectors.contiguous(), "mask": e.mask.contiguous()}
 
 
+def _teran_run(run: str | os.PathLike) -> dict:
+    """A retrieval checkpoint that must be a teran run (the re-ranker), else one line saying so."""
+    r = load_retrieval_checkpoint(run)
+    if r["config"]["model"] != "teran":
+        raise ConfigError(f"{r['path']}: --rerank needs a teran run (this one is {r['config']['model']})")
+    return r
+
+
 def build_index(run: str | os.PathLike, features: str | os.PathLike, out: str | os.PathLike, *,
-                data: str | os.PathLike | None = None, device: str = "cpu") -> dict:
-    """Embed every image of the cache (and, with ``data``, every prepared caption) into ``out/index.pt``."""
+                data: str | os.PathLike | None = None, rerank: str | os.PathLike | None = None,
+                device: str = "cpu") -> dict:
+    """Embed every image of the cache (and, with ``data``, every prepared caption) into ``out/index.pt``.
+    ``rerank``: a teran run whose region vectors of every image are stored too (float16), so that
+    :class:`Reranker` with that run re-scores a text query's candidates without re-embedding them."""
     ckpt = load_retrieval_checkpoint(run)
     cache = open_cache(features)
     _check_cache(ckpt["feature_identity"], cache, f"retrieval run {ckpt['path']}")
+    second = _teran_run(rerank) if rerank is not None else None
+    if second is not None:
+        _check_cache(second["feature_identity"], cache, f"retrieval run {second['path']}")
     model, tokenizer = model_from(ckpt, device)
     ids = [str(i) for i in cache.ids()]
     if not ids:
         raise InputError(f"feature cache {cache.root} is empty; extract features first")
     t0 = time.perf_counter()
     images = embed_images(model, cache, ids, device=device)
-    captions = None
+    stored_rerank = None
+    if second is not None:
+        e = embed_images(model_from(second, device)[0], cache, ids, device=device)     # (N, 1+R, D) each region
+        stored_rerank = {"run": second["path"], "run_sha256": sha256_file(second["path"]),
+                         "images": {"vectors": e.vectors.half().contiguous(), "mask": e.mask.contiguous()}}
+    captions = files = None
     if data is not None:
         from glied.datasets.prepared import PreparedData
         prep = PreparedData.load(data)
@@ -546,10 +618,13 @@ def build_index(run: str | os.PathLike, features: str | os.PathLike, out: str | 
                 texts.append(" ".join(s))
                 owners.append(str(im["id"]))
         captions = {"texts": texts, "image_ids": owners, **_pack(embed_texts(model, tokenizer, texts, device=device))}
+        indexed = set(ids)
+        files = {str(im["id"]): str(prep.image_path(i).resolve()) for i, im in enumerate(prep.images)
+                 if str(im["id"]) in indexed}
     index = {"checkpoint": {k: ckpt[k] for k in ("config", "vocab", "max_words", "feature_identity", "model")},
              "run": ckpt["path"], "run_sha256": sha256_file(ckpt["path"]), "features": str(cache.root),
              "feature_identity": ckpt["feature_identity"], "image_ids": ids, "images": _pack(images),
-             "captions": captions}
+             "captions": captions, "image_files": files, "rerank": stored_rerank}
     out = Path(out)
     ck.save(out / "index.pt", index, INDEX)
     return {"index": str(out / "index.pt"), "images": len(ids), "captions": len(captions["texts"]) if captions else 0,
@@ -572,6 +647,11 @@ class Index:
         self.device = device
         self.image_ids: list[str] = list(d["image_ids"])
         self.images = Embedding(d["images"]["vectors"].to(device), d["images"]["mask"].to(device))
+
+    def image_file(self, image_id: str) -> Optional[str]:
+        """The photo file of an indexed image (from the prepared data the index was built with), or None when
+        the index does not list one for this id."""
+        return (self.data.get("image_files") or {}).get(str(image_id))
 
     def check_run(self, run: str | os.PathLike) -> None:
         """Refuse to serve queries for another run than the one the index was built from (naming both)."""
@@ -647,16 +727,105 @@ class Index:
             raise InputError(f"image id {image_id!r} is not in feature cache {cache.root}")
         return embed_images(self.model, cache, [str(image_id)], device=self.device)
 
-    @torch.inference_mode()
     def embed_photo(self, regions) -> Embedding:
         """Embed the :class:`glied.records.RegionFeatures` a region extractor gave for one photo."""
-        if len(regions) == 0:
-            raise InputError("the detector found no region in the image")
-        f = torch.from_numpy(np.asarray(regions.features, np.float32))[None]   # (1, R, F)
-        b = torch.from_numpy(np.asarray(regions.boxes, np.float32))[None]       # (1, R, 4)
-        wh = torch.tensor([[regions.image_w, regions.image_h]])
-        m = torch.ones(1, f.shape[1], dtype=torch.bool)
-        return self.model.embed_images(f.to(self.device), b.to(self.device), wh.to(self.device), m.to(self.device))
+        return embed_regions(self.model, regions, self.device)
+
+
+@torch.inference_mode()
+def embed_regions(model: RetrievalModel, regions, device: str = "cpu") -> Embedding:
+    """Embed one photo's :class:`glied.records.RegionFeatures` (boxes in original pixels) with ``model``."""
+    if len(regions) == 0:
+        raise InputError("the detector found no region in the image")
+    model.eval()
+    f = torch.from_numpy(np.asarray(regions.features, np.float32))[None]       # (1, R, F)
+    b = torch.from_numpy(np.asarray(regions.boxes, np.float32))[None]           # (1, R, 4)
+    wh = torch.tensor([[regions.image_w, regions.image_h]])
+    m = torch.ones(1, f.shape[1], dtype=torch.bool)
+    return model.embed_images(f.to(device), b.to(device), wh.to(device), m.to(device))
+
+
+class Reranker:
+    """Re-scores an index's top ``k`` with a trained teran run's region–word alignment (MrSw), so a vse index
+    answers with TERAN's finer score at the cost of k alignments per query instead of the whole gallery.
+
+    The teran run must have been trained on the same features as the index (same extractor identity:
+    :mod:`glied.datasets.identity`), else a one-line ConfigError naming both. Images of a text query are
+    re-scored from the region vectors the index stores for this run (``build_index(rerank=...)``, checked by
+    the run's sha256), else embedded from their cached regions: ``features`` (default: the cache the index was
+    built from).
+    Hits are the index's, reordered by the alignment: ``score`` (= ``rerank_score``, the teran alignment)
+    and ``index_score`` (the index's own score)."""
+
+    def __init__(self, run: str | os.PathLike, index: "Index", k: int = 20,
+                 features: str | os.PathLike | None = None):
+        r = _teran_run(run)
+        if k < 1:
+            raise ConfigError(f"--rerank-k must be >= 1 (got {k})")
+        idn.check(r["feature_identity"], index.data["feature_identity"], have_name="run",
+                  what=f"{r['path']}: this teran run was trained on other features than index {index.path} "
+                       f"(built from feature cache {index.data['features']})",
+                  fix="Re-rank with a teran run trained on the index's feature cache")
+        self.path, self.index, self.k = r["path"], index, int(k)
+        self.model, self.tokenizer = model_from(r, index.device)
+        self.features = features
+        self._cache = None
+        # the index may hold this very run's region vectors of every image (`glied index --rerank`)
+        pre = index.data.get("rerank")
+        self.stored = pre is not None and pre["run_sha256"] == sha256_file(r["path"])
+        if self.stored:
+            self._rows = {i: j for j, i in enumerate(index.image_ids)}
+            self._images = Embedding(pre["images"]["vectors"], pre["images"]["mask"])
+
+    def _check_k(self, k: int) -> None:
+        if k > self.k:
+            raise ConfigError(f"-k {k} is more than --rerank-k {self.k}: only the top --rerank-k are re-ranked; "
+                              "raise --rerank-k or lower -k")
+
+    def cache(self):
+        """The feature cache holding the indexed images' regions (checked against the index's identity)."""
+        if self._cache is None:
+            cache = open_cache(self.features if self.features is not None else self.index.data["features"])
+            self.index.check_cache(cache)
+            self._cache = cache
+        return self._cache
+
+    @staticmethod
+    def _reorder(hits: list[dict], scores: np.ndarray, k: int) -> list[dict]:
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [{**hits[j], "index_score": hits[j]["score"], "rerank_score": round(float(scores[j]), 5),
+                 "score": round(float(scores[j]), 5)} for j in order]
+
+    @torch.inference_mode()
+    def text_to_images(self, query: str, k: int = 5) -> list[dict]:
+        """The index's top ``self.k`` images for a sentence, re-ranked; the best ``k``."""
+        self._check_k(k)
+        first = self.index.text_to_images(query, self.k)
+        if self.stored:
+            rows = torch.tensor([self._rows[h["image_id"]] for h in first])
+            images = Embedding(self._images.vectors[rows].float().to(self.index.device),
+                               self._images.mask[rows].to(self.index.device))
+        else:
+            images = embed_images(self.model, self.cache(), [h["image_id"] for h in first], device=self.index.device)
+        q = embed_texts(self.model, self.tokenizer, [query], device=self.index.device)
+        return self._reorder(first, score_all(self.model, images, q)[:, 0], k)
+
+    def embed_photo(self, regions) -> Embedding:
+        return embed_regions(self.model, regions, self.index.device)
+
+    def embed_cached(self, cache, image_id: str) -> Embedding:
+        self.index.check_cache(cache)
+        return embed_images(self.model, cache, [str(image_id)], device=self.index.device)
+
+    @torch.inference_mode()
+    def image_to_captions(self, first_image: Embedding, image: Embedding, k: int = 5,
+                          captions_file: str | None = None) -> list[dict]:
+        """The index's top ``self.k`` captions for an image (``first_image``: its index embedding; ``image``:
+        its teran embedding, :meth:`embed_photo` / :meth:`embed_cached`), re-ranked; the best ``k``."""
+        self._check_k(k)
+        first = self.index.image_to_captions(first_image, self.k, captions_file)
+        texts = embed_texts(self.model, self.tokenizer, [h["caption"] for h in first], device=self.index.device)
+        return self._reorder(first, score_all(self.model, image, texts)[0], k)
 
 
 def region_extractor_for(bundle: str | None = None, detector: str | None = None,

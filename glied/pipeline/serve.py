@@ -14,7 +14,11 @@ Routes:
   A photo that cannot be used has ``error``: the same ``<file>: <reason>`` line ``glied caption`` prints; the
   request then answers 400 (413 when over the size limit), still with the results of the good photos;
 * ``POST /search`` JSON ``{"text": ..., "k": 5}`` or a multipart photo -> ranked images or captions, when the
-  server was started with a retrieval index; 501 with a one-line reason otherwise.
+  server was started with a retrieval index; 501 with a one-line reason otherwise. A hit whose image the index
+  lists a photo for has ``thumbnail``, the URL of
+* ``GET /thumb/{image_id}`` a JPEG thumbnail of an indexed image (long side :data:`THUMB_SIDE`), read from the
+  photo file the index recorded for that id (``glied index --data``); any other id is 404: no path a request
+  sends is ever opened.
 
 Batching: every photo of every request goes into one queue; a single worker thread takes the first waiting
 photo, collects more for up to ``batch_window_ms`` (or until ``max_batch``), and captions them together, so
@@ -45,6 +49,8 @@ from glied.errors import GliedError, InputError
 
 WEB_DIR = Path(__file__).with_name("web")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+THUMB_SIDE = 256      # long side of the thumbnails of indexed images (GET /thumb/ID)
+THUMB_CACHE = 512     # thumbnails kept in memory
 
 
 @dataclass(frozen=True)
@@ -256,20 +262,53 @@ class SearchIndex:
     index's dicts (``image_id`` or ``caption``, ``score``), best first."""
 
     def __init__(self, path: str | os.PathLike, captioner, lock: Optional[threading.Lock] = None):
+        import functools
+
         self.index = search_support(path)(path, device=captioner.device)
         self.index.check_extractor(captioner.region_extractor, "the served bundle")
         self.regions = captioner.region_extractor
         self.lock = lock or threading.Lock()
+        self.thumbnail = functools.lru_cache(maxsize=THUMB_CACHE)(self._thumbnail)
+
+    @property
+    def has_thumbnails(self) -> bool:
+        return bool(self.index.data.get("image_files"))
+
+    def _with_thumbnails(self, hits: list[dict]) -> list[dict]:
+        """Each hit whose image the index lists a photo for gains ``thumbnail``: its URL on this server."""
+        from urllib.parse import quote
+
+        return [{**h, "thumbnail": f"/thumb/{quote(str(h['image_id']), safe='')}"}
+                if h.get("image_id") is not None and self.index.image_file(h["image_id"]) else h for h in hits]
 
     def search_text(self, query: str, k: int) -> list[dict]:
         with self.lock:
-            return self.index.text_to_images(query, k)
+            hits = self.index.text_to_images(query, k)
+        return self._with_thumbnails(hits)
 
     def search_image(self, loaded: LoadedImage, k: int) -> list[dict]:
         from glied.pipeline.retrieval import photo_regions
 
         with self.lock:  # the detector is shared with the captioning worker
-            return self.index.image_to_captions(self.index.embed_photo(photo_regions(self.regions, loaded)), k)
+            hits = self.index.image_to_captions(self.index.embed_photo(photo_regions(self.regions, loaded)), k)
+        return self._with_thumbnails(hits)
+
+    def _thumbnail(self, image_id: str) -> bytes:
+        """JPEG bytes of an indexed image, long side at most :data:`THUMB_SIDE`. Only photos the index lists
+        (``glied index --data``) are ever read: ``LookupError`` for any other id, :class:`ImageLoadError` when
+        the listed file no longer decodes."""
+        import cv2
+
+        path = self.index.image_file(image_id)
+        if path is None:
+            why = ("is not in the search index" if self.has_thumbnails else
+                   "has no photo: the index was built without --data, so it lists no photo files")
+            raise LookupError(f"image {str(image_id)[:80]!r} {why}")
+        im = decode_image(path, max_side=THUMB_SIDE).image
+        ok, buf = cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        if not ok:
+            raise ImageLoadError(path, "corrupt", "cannot encode a thumbnail")
+        return buf.tobytes()
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -336,7 +375,7 @@ def create_app(captioner, *, bundle_path: str | os.PathLike, config: ServeConfig
 
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.responses import FileResponse, JSONResponse
+    from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
@@ -371,7 +410,19 @@ def create_app(captioner, *, bundle_path: str | os.PathLike, config: ServeConfig
                              "beam_size": default_beam, "max_beam": config.max_beam,
                              "max_upload_bytes": limit, "max_photos": config.max_photos,
                              "batching": batcher.stats(), "search": index is not None,
-                             "index": str(index_path) if index is not None else None})
+                             "index": str(index_path) if index is not None else None,
+                             "thumbnails": index is not None and index.has_thumbnails})
+
+    async def thumb(request):
+        if index is None:
+            return _error(404, "this server has no search index, so no indexed images", kind="no_index")
+        try:
+            data = await run_in_threadpool(index.thumbnail, request.path_params["image_id"])
+        except LookupError as e:
+            return _error(404, str(e.args[0]), kind="not_indexed")
+        except ImageLoadError as e:    # the listed photo moved or broke since the index was built
+            return _error(404, f"image {request.path_params['image_id'][:80]!r}: {e.reason}", kind=e.kind)
+        return Response(data, media_type="image/jpeg", headers={"cache-control": "max-age=3600"})
 
     async def caption(request):
         try:
@@ -479,7 +530,7 @@ def create_app(captioner, *, bundle_path: str | os.PathLike, config: ServeConfig
             shutil.rmtree(tmpdir, ignore_errors=True)
 
     app = Starlette(routes=[Route("/", page), Route("/health", health), Route("/caption", caption, methods=["POST"]),
-                            Route("/search", search, methods=["POST"]),
+                            Route("/search", search, methods=["POST"]), Route("/thumb/{image_id}", thumb),
                             Mount("/static", StaticFiles(directory=WEB_DIR), name="static")],
                     exception_handlers={Exception: internal_error}, lifespan=lifespan)
     app.state.batcher = batcher

@@ -34,3 +34,16 @@ def tiny_bundle(tmp_path_factory):
     path = build_bundle(root / "bundle", detector=str(root / "det" / "checkpoint.pt"), attributes=str(root / "mil"),
                         decoder=str(root / "dec"))
     return {"bundle": path, "world": world, "root": root}
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tiny_bundle, tmp_path_factory):
+    """A retrieval index over the tiny bundle's own feature cache (a vse model trained for one epoch), built
+    with the prepared data: its captions and the photo file of every image (thumbnails in `glied serve`)."""
+    from glied.pipeline.retrieval import RetrievalTrainConfig, build_index, train_retrieval
+
+    root, out = tiny_bundle["root"], tmp_path_factory.mktemp("serve-index")
+    cfg = RetrievalTrainConfig(model="vse", preset="small", epochs=1, batch_size=8, embed_dim=32)
+    train_retrieval(root / "prep", root / "cache", out / "vse", cfg, log=lambda s: None)
+    build_index(out / "vse", root / "cache", out / "index", data=root / "prep")
+    return out / "index"

@@ -148,16 +148,114 @@ def test_train_writes_a_run_and_evaluate_writes_json(tiny, capsys):
     assert m["folds"] == 1 and m["images_per_fold"] == 6 and m["captions"] == 18
     assert 0 <= m["rsum"] <= 600 and 0 <= m["i2t_ndcg25"] <= 1
     assert "rsum" in out
-    # a teran run re-ranks the vse top-k
-    from glied.pipeline.retrieval import RetrievalTrainConfig, evaluate_retrieval, train_retrieval
-    teran = root / "teran"
-    if not (teran / "last.pt").is_file():
-        train_retrieval(prep, cache, teran, RetrievalTrainConfig(model="teran", preset="small", epochs=1,
-                                                                 batch_size=8, embed_dim=32), log=lambda s: None)
+
+
+def test_evaluate_with_rerank_reports_both_stages(tiny, teran):
+    from glied.pipeline.retrieval import evaluate_retrieval
+
+    root, prep, cache, _, run = tiny
+    alone = evaluate_retrieval(run, cache, prep, "test", "all", out=root / "alone.json", log=lambda s: None)
     r = evaluate_retrieval(run, cache, prep, "test", "all", rerank=str(teran), rerank_k=3, log=lambda s: None)
     assert r["rerank_k"] == 3 and Path(r["written_to"]).name == "retrieval_test_all_rerank.json"
+    written = json.loads(Path(r["written_to"]).read_text())
+    # the vse run alone, on the same folds, beside the re-ranked figures
+    assert written["first_stage"] == {k: alone[k] for k in written["first_stage"]}
+    assert written["first_stage"]["rsum"] == alone["rsum"] and "rsum" in written
+    # re-ranking the top 3 can only move captions / images inside the top 3: R@5 and R@10 are unchanged
+    for k in ("i2t_r5", "i2t_r10", "t2i_r5", "t2i_r10"):
+        assert written[k] == alone[k]
     with pytest.raises(Exception, match="teran run"):
         evaluate_retrieval(run, cache, prep, "test", "all", rerank=str(run), log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def teran(tiny):
+    """A teran run trained for one epoch on the tiny world's cache."""
+    from glied.pipeline.retrieval import RetrievalTrainConfig, train_retrieval
+
+    root, prep, cache, _, _ = tiny
+    train_retrieval(prep, cache, root / "teran", RetrievalTrainConfig(model="teran", preset="small", epochs=1,
+                                                                     batch_size=8, embed_dim=32), log=lambda s: None)
+    return root / "teran"
+
+
+def test_search_reranks_the_index_top_k_with_teran(tiny, teran, tmp_path, capsys):
+    import torch
+
+    from glied.pipeline.retrieval import (RetrievalTrainConfig, build_index, embed_images, load_retrieval_checkpoint,
+                                          model_from, open_cache, train_retrieval)
+
+    root, prep, cache, other, run = tiny
+    index = tmp_path / "index"
+    build_index(run, cache, index, data=prep)
+    q = "a red circle and a blue square"
+    plain = json.loads(_cli(capsys, "search", "--index", index, q, "-k", 6, "--json")[1])["results"]
+    out = json.loads(_glied("search", "--index", index, q, "--rerank", teran, "--rerank-k", 6, "-k", 6,
+                            "--json").stdout)
+    hits = out["results"]
+    ckpt = load_retrieval_checkpoint(teran)
+    assert out["rerank"] == {"run": ckpt["path"], "k": 6}
+    # the index's own top 6, each with its index score, reordered by the teran alignment
+    first = {h["image_id"]: h["score"] for h in plain}
+    assert sorted(h["image_id"] for h in hits) == sorted(first)
+    assert all(h["index_score"] == first[h["image_id"]] and h["score"] == h["rerank_score"] for h in hits)
+    scores = [h["rerank_score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    # the alignment is the teran model's MrSw score of each pair, computed here independently
+    model, tok = model_from(ckpt)
+    ids = [h["image_id"] for h in hits]
+    with torch.no_grad():
+        want = model.scores(embed_images(model, open_cache(cache), ids), model.embed_texts(*tok.encode([q])))[:, 0]
+    assert scores == pytest.approx(want.tolist(), abs=1e-4)
+    assert want.tolist() == sorted(want.tolist(), reverse=True)
+    # an index that stores this teran run's region vectors (`glied index --rerank`) re-ranks the same way
+    # without re-embedding the candidates (float16 vectors: scores equal to rounding)
+    stored = tmp_path / "index-rerank"
+    assert _cli(capsys, "index", "--run", run, "--features", cache, "--out", stored, "--data", prep,
+                "--rerank", teran)[0] == 0
+    fast = json.loads(_glied("search", "--index", stored, q, "--rerank", teran, "--rerank-k", 6, "-k", 6,
+                             "--json").stdout)["results"]
+    assert sorted(h["image_id"] for h in fast) == sorted(ids)
+    by_id = {h["image_id"]: h["rerank_score"] for h in hits}
+    assert [h["rerank_score"] for h in fast] == pytest.approx([by_id[h["image_id"]] for h in fast], abs=1e-2)
+    assert [h["rerank_score"] for h in fast] == sorted((h["rerank_score"] for h in fast), reverse=True)
+    from glied.pipeline.retrieval import Index, Reranker
+    assert Reranker(teran, Index(stored), 6).stored and not Reranker(teran, Index(index), 6).stored
+    # -k below --rerank-k: the best of the same re-ranked list
+    top2 = json.loads(_cli(capsys, "search", "--index", index, q, "--rerank", teran, "--rerank-k", 6, "-k", 2,
+                           "--json")[1])["results"]
+    assert [h["image_id"] for h in top2] == ids[:2]
+    # plain output: the teran score, the index score, the image
+    code, text, _ = _cli(capsys, "search", "--index", index, q, "--rerank", teran, "--rerank-k", 6, "-k", 6)
+    assert code == 0 and [line.split("\t") for line in text.splitlines()] == \
+        [[f"{h['score']:.4f}", f"{h['index_score']:.4f}", h["image_id"]] for h in hits]
+
+    # image -> captions, a cached image and the same photo through the extractor: the same re-ranked captions
+    by_id = json.loads(_cli(capsys, "search", "--index", index, "--image-id", "30", "--features", cache,
+                            "--rerank", teran, "--rerank-k", 8, "-k", 8, "--json")[1])["results"]
+    plain = json.loads(_cli(capsys, "search", "--index", index, "--image-id", "30", "--features", cache,
+                            "-k", 8, "--json")[1])["results"]
+    assert sorted(h["caption"] for h in by_id) == sorted(h["caption"] for h in plain)
+    with torch.no_grad():
+        img = embed_images(model, open_cache(cache), ["30"])
+        want = model.scores(img, model.embed_texts(*tok.encode([h["caption"] for h in by_id])))[0]
+    assert [h["rerank_score"] for h in by_id] == pytest.approx(want.tolist(), abs=1e-4)
+    by_photo = json.loads(_glied("search", "--index", index, "--image", root / "images" / "000030.jpg",
+                                 "--extractor-module", GRID, "--rerank", teran, "--rerank-k", 8, "-k", 8,
+                                 "--json").stdout)["results"]
+    assert [h["rerank_score"] for h in by_photo] == pytest.approx([h["rerank_score"] for h in by_id], abs=5e-3)
+
+    # refusals, one line each: a teran run trained on other features (naming both), a vse run, -k > --rerank-k
+    other_teran = tmp_path / "other-teran"
+    train_retrieval(prep, other, other_teran, RetrievalTrainConfig(model="teran", preset="small", epochs=1,
+                                                                   batch_size=8, embed_dim=32), log=lambda s: None)
+    code, _, err = _cli(capsys, "search", "--index", index, q, "--rerank", other_teran)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert str(other_teran) in err and str(index) in err and str(cache) in err and "other features" in err
+    code, _, err = _cli(capsys, "search", "--index", index, q, "--rerank", run)
+    assert code == 2 and err.count("\n") == 1 and "needs a teran run" in err
+    code, _, err = _cli(capsys, "search", "--index", index, q, "--rerank", teran, "--rerank-k", 3, "-k", 5)
+    assert code == 2 and err.count("\n") == 1 and "--rerank-k 3" in err
 
 
 def test_index_and_search_round_trip(tiny, tmp_path, capsys):
@@ -252,3 +350,72 @@ def test_demo_retrieval_stage(tiny, tmp_path):
     m = _retrieval_stage(prep, str(cache), lambda s: None)(tmp_path)
     assert (tmp_path / "vse" / "best.pt").is_file() and m["images_per_fold"] == 6
     assert "rsum" in _retrieval_line(m) and "i2t R@1/5/10" in _retrieval_line(m)
+
+
+def _same_run(a_dir: Path, b_dir: Path) -> None:
+    """Two runs' last.pt hold exactly the same weights, optimiser state, settings and history."""
+    import torch
+
+    a = torch.load(a_dir / "last.pt", weights_only=True)
+    b = torch.load(b_dir / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] and a["train_config"] == b["train_config"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[p][m], sb[p][m]) for p in sb for m in sb[p])
+    drop = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert drop(a["history"]) == drop(b["history"]) and len(a["history"]) == a["epoch"]
+    assert a["best_rsum"] == b["best_rsum"]
+    assert (a_dir / "metrics.csv").read_text().count("\n") == a["epoch"] + 1
+
+
+def test_train_retrieval_resume_repeats_the_uninterrupted_run(tiny, tmp_path):
+    """Through the CLI, in separate processes (CPU, one thread, so deterministic), asserted bit for bit against
+    a 3-epoch run: (a) a run trained 1 epoch, then `--resume --epochs 3`; (b) a 3-epoch run killed (SIGKILL)
+    as soon as its first last.pt exists, then `--resume` with no other flag."""
+    import signal
+    import time
+
+    import torch
+
+    root, prep, cache, _, _ = tiny
+    full, one, killed = tmp_path / "full", tmp_path / "one", tmp_path / "killed"
+    common = ("train-retrieval", "--data", prep, "--features", cache, "--preset", "small", "--batch-size", 8,
+              "--embed-dim", 32, "--lr", "0.001", "--lr-decay-epoch", 2)
+    _glied(*common, "--out", full, "--epochs", 3)
+
+    # (b) a real interruption: SIGKILL right after epoch 1's checkpoint, in the middle of epoch 2
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "glied", *map(str, (*common, "--out", killed, "--epochs", 3))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 240
+    while not (killed / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL, "the run finished before it could be interrupted"
+    done = torch.load(killed / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 3
+    r = _glied("train-retrieval", "--data", prep, "--features", cache, "--out", killed, "--resume")
+    assert f"after epoch {done} of 3" in r.stdout
+    _same_run(killed, full)
+
+    # (a) stop after 1 epoch, then raise --epochs; conflicting flags are refused first
+    _glied(*common, "--out", one, "--epochs", 1)
+    again = _glied(*common, "--out", one, "--epochs", 1, check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr and again.stderr.count("\n") == 1
+    short = ("train-retrieval", "--data", prep, "--features", cache, "--out", one, "--resume")
+    # a flag that conflicts with the stored settings: one line naming it; left-out flags are the run's own
+    for flag, value, stored in (("--lr", "0.01", "0.001"), ("--model", "teran", "vse"), ("--batch-size", 16, "8")):
+        r = _glied(*short, flag, value, check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("error: ") and str(one / "last.pt") in r.stderr
+        assert f"{flag} {value} conflicts with the run's stored {stored}; drop the flag or start a new run" in r.stderr
+    nothing = _glied("train-retrieval", "--data", prep, "--features", cache, "--out", tmp_path / "new", "--resume",
+                     check=False)
+    assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
+    r = _glied(*short, "--epochs", 3, "--lr", "0.001")          # a flag equal to the stored value is fine
+    assert "after epoch 1 of 3" in r.stdout
+    _same_run(one, full)
+    ck = torch.load(one / "last.pt", weights_only=True)
+    assert ck["train_config"]["lr"] == 0.001 and ck["train_config"]["batch_size"] == 8

@@ -187,15 +187,8 @@ def test_a_request_that_went_away_does_not_stop_the_worker(captioner, tiny_bundl
 
 
 @pytest.fixture(scope="module")
-def index(tiny_bundle, tmp_path_factory):
-    """A retrieval index over the tiny bundle's own feature cache (a vse model trained for one epoch)."""
-    from glied.pipeline.retrieval import RetrievalTrainConfig, build_index, train_retrieval
-
-    root, out = tiny_bundle["root"], tmp_path_factory.mktemp("serve-index")
-    cfg = RetrievalTrainConfig(model="vse", preset="small", epochs=1, batch_size=8, embed_dim=32)
-    train_retrieval(root / "prep", root / "cache", out / "vse", cfg, log=lambda s: None)
-    build_index(out / "vse", root / "cache", out / "index", data=root / "prep")
-    return out / "index"
+def index(tiny_index):
+    return tiny_index
 
 
 def test_search_by_text_and_by_photo(captioner, tiny_bundle, index):
@@ -208,12 +201,17 @@ def test_search_by_text_and_by_photo(captioner, tiny_bundle, index):
         assert client.get("/health").json()["search"] is True
         r = client.post("/search", json={"text": "a red circle", "k": 3})
         assert r.status_code == 200, r.text
-        assert r.json()["results"] == direct.text_to_images("a red circle", 3)
+        hits = r.json()["results"]
+        # the index's own hits, each with the URL of its image's thumbnail on this server
+        bare = [{k: v for k, v in h.items() if k != "thumbnail"} for h in hits]
+        assert bare == direct.text_to_images("a red circle", 3)
+        assert [h["thumbnail"] for h in hits] == [f"/thumb/{h['image_id']}" for h in hits]
         _, data = photo(tiny_bundle, 7)
         r = client.post("/search", files=[("image", ("q.jpg", data))], data={"k": "4"})
         hits = r.json()["results"]
         assert r.status_code == 200 and len(hits) == 4 and all(h["caption"] and "score" in h for h in hits)
         assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        assert all(h["thumbnail"] == f"/thumb/{h['image_id']}" for h in hits)
         r = client.post("/search", json={"text": "   "})
         assert r.status_code == 400 and "empty query" in r.json()["error"]
         r = client.post("/search", files=[("image", ("q.jpg", b"not an image"))])
@@ -226,3 +224,50 @@ def test_serve_with_a_missing_index_is_one_line(tiny_bundle, tmp_path):
                        timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert str(tmp_path / "index") in r.stderr
+
+
+def test_thumbnails_only_of_indexed_images(captioner, tiny_bundle, index, tmp_path):
+    import cv2
+
+    from glied.pipeline.retrieval import Index
+    from glied.pipeline.serve import THUMB_SIDE, create_app
+
+    direct = Index(index)
+    app = create_app(captioner, bundle_path=tiny_bundle["bundle"], index_path=index)
+    with TestClient(app) as client:
+        assert client.get("/health").json()["thumbnails"] is True
+        some = direct.image_ids[3]
+        r = client.get(f"/thumb/{some}")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        thumb = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
+        orig = cv2.imread(str(tiny_bundle["world"] / "images" / f"{int(some):06d}.jpg"))
+        assert max(thumb.shape[:2]) <= THUMB_SIDE and thumb.shape[:2] == orig.shape[:2]   # 128 px: kept as is
+        assert np.abs(thumb.astype(int) - orig.astype(int)).mean() < 6                      # the same picture
+        # never anything the index does not list: unknown ids, paths, traversal
+        secret = tmp_path / "secret.jpg"
+        secret.write_bytes((tiny_bundle["world"] / "images" / "000001.jpg").read_bytes())
+        for bad in ("999999", "nope", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", str(secret).replace("/", "%2F"),
+                    "../captions.json"):
+            r = client.get(f"/thumb/{bad}")
+            assert r.status_code == 404 and r.headers["content-type"] != "image/jpeg", bad
+        assert "not in the search index" in client.get("/thumb/999999").json()["error"]
+    # a server without an index has no thumbnails
+    plain = create_app(captioner, bundle_path=tiny_bundle["bundle"])
+    with TestClient(plain) as client:
+        assert client.get("/health").json()["thumbnails"] is False
+        assert client.get(f"/thumb/{some}").status_code == 404
+
+
+def test_index_without_photo_files_has_no_thumbnails(captioner, tiny_bundle, index, tmp_path):
+    from glied.pipeline.retrieval import build_index
+    from glied.pipeline.serve import create_app
+
+    bare = tmp_path / "bare"
+    build_index(index.parent / "vse", tiny_bundle["root"] / "cache", bare)        # no --data
+    app = create_app(captioner, bundle_path=tiny_bundle["bundle"], index_path=bare)
+    with TestClient(app) as client:
+        assert client.get("/health").json()["thumbnails"] is False
+        hits = client.post("/search", json={"text": "a red circle", "k": 2}).json()["results"]
+        assert len(hits) == 2 and all("thumbnail" not in h for h in hits)
+        r = client.get(f"/thumb/{hits[0]['image_id']}")
+        assert r.status_code == 404 and "built without --data" in r.json()["error"]

@@ -1,5 +1,7 @@
 """`glied serve` end to end in a real browser: headless Chromium (Debian's `chromium` + `chromium-driver`)
-opens the page of a server on a free loopback port, uploads photos, and sees captions, boxes and errors.
+opens the page of a server on a free loopback port, uploads photos, and sees captions, boxes and errors; with a
+retrieval index, types a query and sees the ranked images appear with their thumbnails, and picks a photo and
+sees the nearest captions.
 
 Set-up: `make test` installs the browser (as root, with apt-get); otherwise this fixture tries the same and
 skips with the reason when it cannot.
@@ -11,6 +13,8 @@ import subprocess
 import pytest
 
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install 'glied[serve]')")
+
+from glied.pipeline.serve_client import ServerProcess  # noqa: E402
 
 
 def _browser_paths():
@@ -57,8 +61,6 @@ def test_upload_shows_caption_boxes_and_errors(browser, tiny_bundle, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from glied.pipeline.serve_client import ServerProcess
-
     good = tiny_bundle["world"] / "images" / "000005.jpg"
     bad = tmp_path / "broken.jpg"
     bad.write_text("this is not a jpeg")
@@ -95,3 +97,54 @@ def test_upload_shows_caption_boxes_and_errors(browser, tiny_bundle, tmp_path):
 
         status = cards["broken.jpg"].find_element(By.CSS_SELECTOR, ".status").text
         assert status == "error: broken.jpg: not an image: a text file (18 bytes)"
+
+
+def test_search_box_shows_ranked_images_and_captions(browser, tiny_bundle, tiny_index):
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = tiny_bundle["world"] / "images" / "000007.jpg"
+    query = "a red circle"
+    with ServerProcess(tiny_bundle["bundle"], ["--index", str(tiny_index)]) as url:
+        want = httpx.post(url + "search", json={"text": query, "k": 10}, timeout=60).json()["results"]
+        assert len(want) == 10
+        browser.get(url)
+        WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "search").is_displayed())
+        box = browser.find_element(By.ID, "query")
+        box.send_keys(query, Keys.ENTER)
+        hits = "#search-results.images li"
+        WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, hits)) == len(want))
+        items = browser.find_elements(By.CSS_SELECTOR, hits)
+        # the server's ranking, best first, each with its score and its thumbnail
+        assert [li.get_attribute("data-image-id") for li in items] == [h["image_id"] for h in want]
+        assert [li.find_element(By.CSS_SELECTOR, ".score").text for li in items] == \
+            [f"{h['score']:.3f}" for h in want]
+        loaded = ("return [...document.querySelectorAll('#search-results img')]"
+                  ".map(i => i.complete ? i.naturalWidth : 0)")
+        WebDriverWait(browser, 30).until(lambda d: all(w > 0 for w in d.execute_script(loaded)))
+        assert browser.execute_script(loaded) == [128] * len(want)          # the indexed photos, 128 px
+        srcs = [li.find_element(By.TAG_NAME, "img").get_attribute("src") for li in items]
+        assert srcs == [url + f"thumb/{h['image_id']}" for h in want]
+        img = items[0].find_element(By.TAG_NAME, "img")
+        assert img.is_displayed() and img.size["width"] > 20 and img.size["height"] > 20
+        assert query in browser.find_element(By.ID, "search-status").text
+
+        # a photo -> the nearest captions, each beside its own image
+        want = httpx.post(url + "search", files=[("image", ("000007.jpg", photo.read_bytes()))],
+                          data={"k": "10"}, timeout=60).json()["results"]
+        browser.find_element(By.ID, "search-photo").send_keys(str(photo))
+        hits = "#search-results.captions li"
+        WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, hits)) == len(want))
+        items = browser.find_elements(By.CSS_SELECTOR, hits)
+        assert [li.find_element(By.CSS_SELECTOR, ".what").text for li in items] == [h["caption"] for h in want]
+        assert [li.get_attribute("data-image-id") for li in items] == [h["image_id"] for h in want]
+        WebDriverWait(browser, 30).until(lambda d: all(w > 0 for w in d.execute_script(loaded)))
+
+        # an empty query: the server's one line, shown as an error
+        box.clear()
+        box.send_keys(" ", Keys.ENTER)
+        status = browser.find_element(By.ID, "search-status")
+        WebDriverWait(browser, 20).until(lambda d: status.text.startswith("error: "))
+        assert "empty query" in status.text

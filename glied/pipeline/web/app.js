@@ -133,20 +133,43 @@ function captionFiles(files) {
   return Promise.all([...files].map(captionOne));
 }
 
-function showHits(hits) {
+function searchStatus(text, error = false) {
+  const p = $("#search-status");
+  p.textContent = text;
+  p.classList.toggle("error", error);
+}
+
+function showHits(data) {
+  // text -> a ranked grid of images; photo -> a ranked list of captions, each beside its own image
   const ol = $("#search-results");
+  const images = data.query.text !== undefined;
   ol.textContent = "";
-  for (const h of hits) {
-    const what = h.caption || h.image_id;
-    ol.append(el("li", {}, `${what} (${Number(h.score).toFixed(3)})`));
+  ol.className = images ? "images" : "captions";
+  searchStatus(images ? `${data.results.length} images for “${data.query.text}”, best first`
+                      : `${data.results.length} captions nearest to ${data.query.image}, best first`);
+  for (const h of data.results) {
+    const li = el("li", { "data-image-id": h.image_id ?? "" });
+    if (h.thumbnail) li.append(el("img", { src: h.thumbnail, alt: `image ${h.image_id}` }));
+    const what = images ? `image ${h.image_id}` : h.caption;
+    li.append(el("span", { class: "what" }, what), el("span", { class: "score muted" }, Number(h.score).toFixed(3)));
+    ol.append(li);
   }
 }
 
 async function searchRequest(init) {
-  const r = await fetch("/search", init);
-  const data = await r.json();
-  if (!r.ok) { $("#search-results").textContent = "error: " + data.error; return; }
-  showHits(data.results);
+  searchStatus("searching…");
+  try {
+    const r = await fetch("/search", init);
+    const data = await r.json();
+    if (!r.ok) {
+      $("#search-results").textContent = "";
+      searchStatus("error: " + data.error, true);
+      return;
+    }
+    showHits(data);
+  } catch (e) {
+    searchStatus(`error: no answer from the server (${e.message})`, true);
+  }
 }
 
 function wire() {
