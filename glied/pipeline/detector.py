@@ -62,7 +62,7 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
     if threads is not None:
         torch.set_num_threads(threads)
 
-    from glied.extractors.bottomup.data import DetectionDataset, make_batch
+    from glied.extractors.bottomup.data import DetectionDataset, ImageCache, make_batch
     from glied.extractors.bottomup.training import DetectorTrainConfig, lr_at
     from glied.extractors.bottomup.weights import (checkpoint_vocab, load_checkpoint, model_from_checkpoint,
                                                    save_checkpoint)
@@ -126,6 +126,11 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
                                       "annotations": str(Path(annotations).resolve()), "images": len(data)},
                       indent=2)
 
+    # channels-last activations: the same maths, faster convolutions, batch norms and pooling on CPUs (res5
+    # included: its pooled RoI maps are converted once per chunk); decoded photos stay in memory across epochs
+    model.to(memory_format=torch.channels_last)
+    model.roi_heads.channels_last = True
+    load = ImageCache()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     start_epoch, it, history = 0, 0, []
@@ -148,7 +153,8 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
             for b in range(iters_per_epoch):
                 idx = order[b * tcfg.batch_size: (b + 1) * tcfg.batch_size]
                 imgs, sizes, targets = make_batch([data.records[i] for i in idx], model.transform,
-                                                  [bool(flips[i]) for i in idx])
+                                                  [bool(flips[i]) for i in idx], load=load)
+                imgs = imgs.contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(it, total, tcfg)
                 losses = model.losses(imgs, sizes, targets, tcfg, gen)

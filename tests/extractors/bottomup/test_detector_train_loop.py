@@ -67,6 +67,23 @@ def test_attribute_head_is_fed_the_ground_truth_class(world, monkeypatch):
     assert set(seen[0].tolist()) == gt_classes and len(seen[0]) >= sum(len(t["classes"]) for t in targets)
 
 
+def test_training_proposal_counts_reach_the_rpn(world, monkeypatch):
+    model = _model().train()
+    imgs, sizes, targets = _batch(world, model)
+    obj, dlt = model.rpn.head(model.backbone(imgs))
+    full = model.propose(obj, dlt, sizes)
+    few = model.propose(obj, dlt, sizes, pre_nms_topk=20, post_nms_topk=5)
+    assert all(len(f) <= 5 for f in few) and any(len(f) > 5 for f in full)
+    for a, b in zip(model.propose(obj, dlt, sizes, model.cfg.rpn_pre_nms_topk, model.cfg.rpn_post_nms_topk), full):
+        assert torch.equal(a, b)                                 # explicit config values = the defaults
+    seen = []
+    propose = model.propose
+    monkeypatch.setattr(model, "propose", lambda *a: seen.append(a[3:]) or propose(*a))
+    cfg = DetectorTrainConfig(rpn_train_pre_nms_topk=20, rpn_train_post_nms_topk=5)
+    losses = model.losses(imgs, sizes, targets, cfg, torch.Generator().manual_seed(0))
+    assert seen == [(20, 5)] and all(torch.isfinite(v) for v in losses.values())
+
+
 def test_losses_decrease_when_fitting_two_images(world):
     model = _model().train()
     imgs, sizes, targets = _batch(world, model)
