@@ -121,6 +121,12 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
         else:
             model_cfg = model.cfg.to_dict()
     tcfg.validate()
+    from glied.extractors.precision import resolve_precision
+
+    precision = resolve_precision(tcfg.precision, "cpu")
+    log(f"training in {precision.describe()}")
+    if precision.warning:
+        log(f"warning: {precision.warning}")
     run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run / "config.json", {"model": model_cfg, "train": tcfg.to_dict(), "vocab": vocab,
                                       "annotations": str(Path(annotations).resolve()), "images": len(data)},
@@ -157,7 +163,8 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
                 imgs = imgs.contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(it, total, tcfg)
-                losses = model.losses(imgs, sizes, targets, tcfg, gen)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.precision == "bf16"):
+                    losses = model.losses(imgs, sizes, targets, tcfg, gen)
                 loss = sum(losses.values())
                 losses = {k: v.detach() for k, v in losses.items()}
                 if not torch.isfinite(loss):
@@ -179,7 +186,7 @@ def train_detector(annotations: str, images: str, out: str, *, preset: str = "sm
                         + " ".join(f"{k} {float(v):.3f}" for k, v in losses.items()))
             seconds = time.perf_counter() - t_epoch
             summary = {"epoch": epoch + 1, "iter": it, "seconds": round(seconds, 1),
-                       "images_per_s": round(len(data) / seconds, 2),
+                       "precision": precision.precision, "images_per_s": round(len(data) / seconds, 2),
                        **{k: round(v / iters_per_epoch, 4) for k, v in sums.items()}}
             history.append(summary)
             save_checkpoint(ckpt_path, model, classes=vocab["class_names"], attributes=vocab["attribute_names"],

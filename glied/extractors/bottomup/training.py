@@ -59,6 +59,9 @@ class DetectorTrainConfig:
     roi_positive_fraction: float = 0.5  # detectron2/Caffe: 0.25; shape classes need the foreground examples
     roi_smooth_l1_beta: float = 1.0
     attr_loss_weight: float = 1.0
+    # "fp32", "bf16" (forward under CPU bf16 autocast; weights, optimiser and losses stay float32) or "auto":
+    # bf16 only where the CPU does bf16 arithmetic natively (glied.extractors.precision), else fp32
+    precision: str = "fp32"
     log_every: int = 20
 
     def to_dict(self) -> dict:
@@ -80,6 +83,8 @@ class DetectorTrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1 or unset (got {value})")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16 (got {self.precision!r})")
         if not 0 <= self.hflip_prob <= 1:
             raise ConfigError(f"hflip_prob must be in [0, 1] (got {self.hflip_prob})")
 

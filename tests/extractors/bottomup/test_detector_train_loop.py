@@ -145,6 +145,26 @@ def test_train_checkpoint_round_trip_resume_and_evaluate(world, tmp_path):
     assert saved["map50"] == m["map50"] and "attr_colour_acc" in saved and "attr_size_acc" in saved
 
 
+@pytest.mark.parametrize("asked", ["bf16", "auto"])
+def test_reduced_precision_training_is_recorded_and_keeps_float32_weights(world, tmp_path, asked):
+    from glied.extractors.precision import resolve_precision
+
+    run = tmp_path / asked
+    ann, img = world / "instances.json", world / "images"
+    logs = []
+    s = train_detector(ann, img, run, epochs=1, batch_size=3, split=None, model_overrides=TINY,
+                       overrides={"precision": asked}, log=logs.append)
+    expected = resolve_precision(asked, "cpu").precision
+    assert s["history"][0]["precision"] == expected and any(f"precision {expected}" in m for m in logs)
+    assert json.loads((run / "config.json").read_text())["train"]["precision"] == asked
+    raw = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in raw["model"].values())
+    assert all(torch.isfinite(v).all() for v in raw["model"].values() if v.is_floating_point())
+    from glied.errors import ConfigError
+    with pytest.raises(ConfigError, match="precision"):
+        DetectorTrainConfig(precision="fp16").validate()
+
+
 def test_detect_returns_boxes_in_original_pixels(world):
     model = _model().eval()
     img = np.random.default_rng(0).integers(0, 255, (90, 150, 3), dtype=np.uint8)
