@@ -46,6 +46,12 @@ class DemoConfig:
     # the small detector's input side (the photos are 128 px); 192 px for 6 epochs trains in ~0.4x the time
     # but reached box mAP@0.5 0.80 on the test split (256 px, 8 epochs: 0.92)
     detector_input: int = 256
+    detector_lr: float | None = None           # None: train-detector's default
+    # RoIs per image and RPN pre-NMS proposals in training (train-detector's defaults: 32, the model's 1000):
+    # 16 / 300 make a step ~0.65x as long (res5 runs per RoI) at the same box mAP@0.5 (docs/architecture.md)
+    detector_roi_batch: int = 16
+    detector_train_pre_nms: int = 300
+    detector_precision: str = "fp32"           # "auto": bf16 autocast where the CPU has native bf16
     attribute_epochs: int = 2  # the MIL trunk starts from the detector's (--init-from): 2 epochs suffice
     top_k: int = 15
     xe_epochs: int = 8
@@ -70,12 +76,35 @@ def _detector_stage(world: Path, cfg: DemoConfig, log) -> Callable[[Path], dict]
     def run(d: Path) -> dict:
         from glied.pipeline.detector import train_detector
 
+        overrides = detector_overrides(cfg)
+        ckpt = d / "checkpoint.pt"
+        if ckpt.exists() and not _same_detector_recipe(d, cfg, overrides):
+            for f in ("checkpoint.pt", "config.json", "log.jsonl"):   # a run of other settings: start afresh
+                (d / f).unlink(missing_ok=True)
         s = train_detector(str(world / "instances.json"), str(world / "images"), str(d), preset="small",
-                           epochs=cfg.detector_epochs, input_size=cfg.detector_input, seed=cfg.seed,
-                           split="train", log=log,
-                           resume=(d / "checkpoint.pt").exists())  # an interrupted demo continues its run
+                           epochs=cfg.detector_epochs, lr=cfg.detector_lr, input_size=cfg.detector_input,
+                           seed=cfg.seed, split="train", overrides=overrides, log=log,
+                           resume=ckpt.exists())  # an interrupted demo continues its run
         return {"run": d.name, "seconds": s.get("seconds")}
     return run
+
+
+def detector_overrides(cfg: DemoConfig) -> dict:
+    """The DetectorTrainConfig settings the demo sets beyond epochs, lr, input and seed."""
+    return {"roi_batch_per_image": cfg.detector_roi_batch, "rpn_train_pre_nms_topk": cfg.detector_train_pre_nms,
+            "precision": cfg.detector_precision}
+
+
+def _same_detector_recipe(d: Path, cfg: DemoConfig, overrides: dict) -> bool:
+    """Whether the run in ``d`` was started with the settings the demo asks for now (so it can be resumed)."""
+    try:
+        stored = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    train, model = stored.get("train", {}), stored.get("model", {})
+    wanted = {**overrides, "seed": cfg.seed, **({"lr": cfg.detector_lr} if cfg.detector_lr is not None else {})}
+    return (all(train.get(k) == v for k, v in wanted.items()) and train.get("epochs", 0) <= cfg.detector_epochs
+            and model.get("min_size") == cfg.detector_input)
 
 
 def _portable(obj, root: Path):
@@ -241,7 +270,8 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
     runner.run("prep", {"max_length": cfg.max_length, "count_threshold": cfg.count_threshold},
                lambda d: prepare_captions(world / "captions.json", d, cfg.count_threshold, cfg.max_length)["counts"],
                after=("world",))
-    det = out / runner.run("detector", {"epochs": cfg.detector_epochs, "input": cfg.detector_input},
+    det = out / runner.run("detector", {"epochs": cfg.detector_epochs, "input": cfg.detector_input,
+                                        "lr": cfg.detector_lr, **detector_overrides(cfg)},
                            _detector_stage(world, cfg, quiet), after=("world",))["run"]
     det_eval = runner.run("detector_eval", {}, _detector_eval_stage(world, str(det), quiet), after=("detector",))
     mil = out / runner.run("attributes", {"epochs": cfg.attribute_epochs, "init_from": "detector"},
