@@ -199,3 +199,13 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     code, err = _cli(["evaluate-detector", "--run", str(bad), "--annotations", ann, "--images", img], capsys)
     assert code == 2 and "bad.pt" in err and "Traceback" not in err
+
+
+def test_cli_precision_is_recorded_and_checked_on_resume(world, tmp_path, capsys):
+    ann, img, run = str(world / "instances.json"), str(world / "images"), tmp_path / "r"
+    args = ["train-detector", "--annotations", ann, "--images", img, "--out", str(run), "--split", "all",
+            "--epochs", "1", "--input-size", "64", "--threads", "1"]
+    main(args + ["--precision", "fp32"])
+    assert "precision fp32" in capsys.readouterr().out and json.loads((run / "config.json").read_text())["train"]["precision"] == "fp32"
+    code, err = _cli(args + ["--resume", "--epochs", "2", "--precision", "bf16"], capsys)
+    assert code == 2 and "--precision bf16 conflicts" in err
