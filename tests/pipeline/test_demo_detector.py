@@ -8,8 +8,9 @@ from glied.pipeline.demo import DemoConfig, _same_detector_recipe, detector_over
 
 
 def _write_run(d, cfg, **train_changes):
-    train = {**DetectorTrainConfig(epochs=cfg.detector_epochs, seed=cfg.seed).to_dict(), **detector_overrides(cfg),
-             **train_changes}
+    lr = {"lr": cfg.detector_lr} if cfg.detector_lr is not None else {}
+    train = {**DetectorTrainConfig(epochs=cfg.detector_epochs, seed=cfg.seed, **lr).to_dict(),
+             **detector_overrides(cfg), **train_changes}
     (d / "config.json").write_text(json.dumps({"train": train, "model": {"min_size": cfg.detector_input}}))
 
 
