@@ -44,8 +44,8 @@ class DemoConfig:
     count_threshold: int = 5
     # detector schedule, measured on the test split (docs/architecture.md, "Detector on the shapes world"):
     # 7 epochs at peak lr 3e-3 with 16 RoIs / 300 pre-NMS proposals per image in training: box mAP@0.5 0.924
-    # with torch capped at AVX2, ~0.59x the training time of 8 epochs at 2e-3 with 32 / 1000 (0.916-0.927);
-    # 6 epochs gave 0.912 (AVX-512) but 0.897 (AVX2), 5 epochs 0.886
+    # with torch capped at AVX2, 0.934 (fp32) / 0.927 (bf16) on AVX-512, in ~0.58x the training time of
+    # 8 epochs at 2e-3 with 32 / 1000 (0.916-0.927); 6 epochs gave 0.912 (AVX-512) but 0.897 (AVX2), 5: 0.886
     detector_epochs: int = 7
     # the small detector's input side (the photos are 128 px); 192 px for 6 epochs trains in ~0.4x the time
     # but reached box mAP@0.5 0.80 on the test split
