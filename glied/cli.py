@@ -176,15 +176,18 @@ def prepare_cmd(captions_json: str, out: str, count_threshold: int, max_length: 
               help="Continue the run in --out with its stored settings (a conflicting flag is refused).")
 @click.option("--seed", type=int, default=None, help="Random seed (default 0).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="Forward pass precision (default fp32); auto: bf16 where the CPU has native bf16.")
 def train_detector_cmd(annotations, images_dir, out, preset, epochs, batch_size, lr, input_size, split, split_file,
-                       max_images, resume, seed, threads) -> None:
+                       max_images, resume, seed, threads, precision) -> None:
     """Train the small bottom-up detector (boxes, classes, attributes) on COCO-format annotations."""
     from glied.pipeline.detector import train_detector
 
     summary = train_detector(annotations, images_dir, out, preset=preset, epochs=epochs, batch_size=batch_size,
                              lr=lr, resume=resume, seed=seed, split=None if split == "all" else split,
                              split_file=split_file, input_size=input_size, max_images=max_images,
-                             threads=threads, log=click.echo)
+                             threads=threads, overrides={"precision": precision} if precision else None,
+                             log=click.echo)
     click.echo(f"trained {summary['iterations']} iterations on {summary['images']} images in "
                f"{summary['seconds']} s; checkpoint in {summary['run']}")
 

@@ -224,6 +224,27 @@ def read_image(record: DetectionRecord) -> np.ndarray:
     return img
 
 
+class ImageCache:
+    """Decoded images of a training set kept in memory (up to ``max_bytes``; later images are read each time),
+    so that epochs after the first skip the JPEG decoding. ``cache(record)`` -> BGR uint8 (H, W, 3), as
+    :func:`read_image`; callers must not modify the array in place (``hflip`` and the transform copy)."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._images: dict[Path, np.ndarray] = {}
+
+    def __call__(self, record: DetectionRecord) -> np.ndarray:
+        img = self._images.get(record.path)
+        if img is None:
+            img = read_image(record)
+            if self.nbytes + img.nbytes <= self.max_bytes:
+                img.flags.writeable = False
+                self._images[record.path] = img
+                self.nbytes += img.nbytes
+        return img
+
+
 def hflip(img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mirror a BGR image (H, W, 3) and its boxes (N, 4) x1y1x2y2 (continuous convention: x -> W - x)."""
     w = img.shape[1]
@@ -234,11 +255,12 @@ def hflip(img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_batch(records: list[DetectionRecord], transform, flips: list[bool] | None = None,
-               size_divisor: int = 16):
+               size_divisor: int = 16, load=read_image):
     """Load, optionally mirror, transform and zero-pad a batch for training.
 
     ``transform`` is the model's own (``model.transform``): BGR uint8 (H, W, 3) -> ((1, 3, h, w) float tensor,
     info with ``scale_xy`` = (sx, sy) from original to input pixels; a plain (sx, sy) pair works too).
+    ``load`` reads a record's image (``read_image``, or an :class:`ImageCache`).
     Returns ``images`` (B, 3, Hp, Wp) padded to a multiple of ``size_divisor``, ``sizes`` [(h, w)] of each
     image inside the batch, and ``targets`` [{"boxes" (G, 4) in input pixels, "classes" (G,),
     "attributes" (G, L)}].
@@ -247,7 +269,7 @@ def make_batch(records: list[DetectionRecord], transform, flips: list[bool] | No
 
     tensors, sizes, targets = [], [], []
     for k, rec in enumerate(records):
-        img, boxes = read_image(rec), rec.boxes
+        img, boxes = load(rec), rec.boxes
         if flips is not None and flips[k]:
             img, boxes = hflip(img, boxes)
         x, info = transform(img)  # (1, 3, h, w)

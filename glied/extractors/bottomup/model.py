@@ -287,9 +287,12 @@ class BottomUpDetector(nn.Module):
         anchors = self.rpn.anchors(*objectness.shape[-2:]).to(images.dtype)
         return res4, objectness, deltas, anchors
 
-    def propose(self, objectness: torch.Tensor, deltas: torch.Tensor, image_sizes: list) -> list:
-        """Per image, proposal boxes (P, 4) in input pixels (the RPN's post-NMS top-N)."""
-        return [p[0] if isinstance(p, tuple) else p for p in self.rpn.propose(objectness, deltas, image_sizes)]
+    def propose(self, objectness: torch.Tensor, deltas: torch.Tensor, image_sizes: list,
+                pre_nms_topk: int | None = None, post_nms_topk: int | None = None) -> list:
+        """Per image, proposal boxes (P, 4) in input pixels (the RPN's post-NMS top-N); the top-k counts
+        default to the config's (test-time) values."""
+        return [p[0] if isinstance(p, tuple) else p
+                for p in self.rpn.propose(objectness, deltas, image_sizes, pre_nms_topk, post_nms_topk)]
 
     def region_outputs(self, res4: torch.Tensor, rois: torch.Tensor):
         """rois (K, 5) [batch index, x1, y1, x2, y2] -> features (K, D), class logits (K, C+1), box deltas

@@ -70,16 +70,20 @@ class RPN(nn.Module):
         d = deltas.view(b, a, 4, hf, wf).permute(0, 3, 4, 1, 2).reshape(b, -1, 4)  # (B, Hf*Wf*A, 4)
         return logits, d
 
-    def propose(self, objectness: torch.Tensor, deltas: torch.Tensor, image_hw) -> list:
+    def propose(self, objectness: torch.Tensor, deltas: torch.Tensor, image_hw, pre_nms_topk: int | None = None,
+                post_nms_topk: int | None = None) -> list:
         """Test-time proposals per image: rank raw logits, keep pre-NMS top-k, decode, clip to [0, W] x [0, H],
         drop empty boxes, NMS, keep post-NMS top-k. ``image_hw``: one (h, w) or a list of them (one per image).
+        ``pre_nms_topk`` / ``post_nms_topk``: None = the config's (training may ask for fewer).
         Returns a list of (boxes (P, 4) input pixels, logits (P,)) sorted by logit, highest first."""
         cfg = self.cfg
+        pre_nms_topk = cfg.rpn_pre_nms_topk if pre_nms_topk is None else pre_nms_topk
+        post_nms_topk = cfg.rpn_post_nms_topk if post_nms_topk is None else post_nms_topk
         b, _, hf, wf = objectness.shape
         hws = [tuple(image_hw)] * b if not isinstance(image_hw[0], (tuple, list)) else [tuple(t) for t in image_hw]
         logits, d = self.flatten(objectness.float(), deltas.float())
         anchors = self.anchors(hf, wf)
-        k = min(cfg.rpn_pre_nms_topk, logits.shape[1])
+        k = min(pre_nms_topk, logits.shape[1])
         out = []
         for i in range(b):
             top_logits, idx = logits[i].sort(descending=True)
@@ -90,6 +94,6 @@ class RPN(nn.Module):
             boxes = box_ops.clip(boxes, hws[i])
             keep = box_ops.nonempty(boxes, cfg.rpn_min_size)
             boxes, top_logits = boxes[keep], top_logits[keep]
-            keep = nms(boxes, top_logits, cfg.rpn_nms_thresh)[: cfg.rpn_post_nms_topk]
+            keep = nms(boxes, top_logits, cfg.rpn_nms_thresh)[:post_nms_topk]
             out.append((boxes[keep], top_logits[keep]))
         return out

@@ -50,11 +50,18 @@ class DetectorTrainConfig:
     rpn_batch_per_image: int = 256
     rpn_positive_fraction: float = 0.5
     rpn_smooth_l1_beta: float = 1.0 / 9.0
+    # proposals fed to the RoI head in training: RPN pre- and post-NMS top-k (None: the model's test-time
+    # rpn_pre_nms_topk / rpn_post_nms_topk); NMS over the pre-NMS boxes is a large part of a CPU step
+    rpn_train_pre_nms_topk: int | None = None
+    rpn_train_post_nms_topk: int | None = None
     roi_fg_iou: float = 0.5
     roi_batch_per_image: int = 32       # detectron2: 512, Caffe bottom-up: 128; few objects per shapes image
     roi_positive_fraction: float = 0.5  # detectron2/Caffe: 0.25; shape classes need the foreground examples
     roi_smooth_l1_beta: float = 1.0
     attr_loss_weight: float = 1.0
+    # "fp32", "bf16" (forward under CPU bf16 autocast; weights, optimiser and losses stay float32) or "auto":
+    # bf16 only where the CPU does bf16 arithmetic natively (glied.extractors.precision), else fp32
+    precision: str = "fp32"
     log_every: int = 20
 
     def to_dict(self) -> dict:
@@ -72,6 +79,12 @@ class DetectorTrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"--epochs and --batch-size must be at least 1 "
                               f"(got {self.epochs}, {self.batch_size})")
+        for name in ("rpn_train_pre_nms_topk", "rpn_train_post_nms_topk"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1 or unset (got {value})")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16 (got {self.precision!r})")
         if not 0 <= self.hflip_prob <= 1:
             raise ConfigError(f"hflip_prob must be in [0, 1] (got {self.hflip_prob})")
 
@@ -209,7 +222,8 @@ def detector_losses(model: torch.nn.Module, images: torch.Tensor, image_sizes: l
 
     # RoI head
     with torch.no_grad():
-        proposals = model.propose(objectness.detach(), rpn_deltas.detach(), image_sizes)  # (P, 4) per image
+        proposals = model.propose(objectness.detach(), rpn_deltas.detach(), image_sizes,
+                                  cfg.rpn_train_pre_nms_topk, cfg.rpn_train_post_nms_topk)  # (P, 4) per image
     num_classes = model.cfg.num_classes
     samples = [sample_rois(p, t["boxes"], t["classes"], t["attributes"], num_classes, cfg, generator,
                            model.cfg.roi_bbox_weights) for p, t in zip(proposals, targets)]

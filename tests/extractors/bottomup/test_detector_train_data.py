@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from glied.errors import InputError
-from glied.extractors.bottomup.data import DetectionDataset, hflip, make_batch, read_image
+from glied.extractors.bottomup.data import DetectionDataset, ImageCache, hflip, make_batch, read_image
 
 
 def _world(tmp_path, *, splits=True, vg=False, extra_ann=None):
@@ -143,3 +143,29 @@ def test_make_batch_scales_boxes_and_pads(tmp_path):
     assert targets[1]["boxes"].tolist() == [[2 * (40 - 11), 2, 2 * (40 - 1), 22]]  # flipped, then scaled
     assert targets[1]["classes"].tolist() == [1]
     assert float(images[1, :, 120:].abs().sum()) == 0.0
+
+
+def test_image_cache_reads_each_photo_once_and_keeps_it_unchanged(tmp_path, monkeypatch):
+    ann, img = _world(tmp_path)
+    d = DetectionDataset.load(ann, img)
+    small = d.records[2].height * d.records[2].width * 3
+    cache = ImageCache(max_bytes=d.records[0].height * d.records[0].width * 3 + small)
+    first = [cache(r) for r in d.records]
+    assert all(np.array_equal(a, read_image(r)) for a, r in zip(first, d.records))
+    assert cache.nbytes == first[0].nbytes + first[2].nbytes      # the middle photo does not fit
+    import glied.extractors.bottomup.data as data_mod
+    reads = []
+    monkeypatch.setattr(data_mod, "read_image", lambda r: reads.append(r.path) or read_image(r))
+    again = [cache(r) for r in d.records]
+    assert reads == [d.records[1].path]                            # only the uncached one is read again
+    assert again[0] is first[0] and not again[0].flags.writeable  # shared, so read-only
+
+    def transform(im):
+        return torch.from_numpy(im.astype(np.float32)).permute(2, 0, 1)[None], (1.0, 1.0)
+
+    for flips in ([False, True, True], [True, False, False]):    # mirroring never touches the cached pixels
+        a = make_batch(d.records, transform, flips, load=cache)
+        b = make_batch(d.records, transform, flips)
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
+        assert all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a[2], b[2]))
+    assert np.array_equal(cache(d.records[0]), first[0])

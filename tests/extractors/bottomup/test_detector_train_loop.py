@@ -67,6 +67,23 @@ def test_attribute_head_is_fed_the_ground_truth_class(world, monkeypatch):
     assert set(seen[0].tolist()) == gt_classes and len(seen[0]) >= sum(len(t["classes"]) for t in targets)
 
 
+def test_training_proposal_counts_reach_the_rpn(world, monkeypatch):
+    model = _model().train()
+    imgs, sizes, targets = _batch(world, model)
+    obj, dlt = model.rpn.head(model.backbone(imgs))
+    full = model.propose(obj, dlt, sizes)
+    few = model.propose(obj, dlt, sizes, pre_nms_topk=20, post_nms_topk=5)
+    assert all(len(f) <= 5 for f in few) and any(len(f) > 5 for f in full)
+    for a, b in zip(model.propose(obj, dlt, sizes, model.cfg.rpn_pre_nms_topk, model.cfg.rpn_post_nms_topk), full):
+        assert torch.equal(a, b)                                 # explicit config values = the defaults
+    seen = []
+    propose = model.propose
+    monkeypatch.setattr(model, "propose", lambda *a: seen.append(a[3:]) or propose(*a))
+    cfg = DetectorTrainConfig(rpn_train_pre_nms_topk=20, rpn_train_post_nms_topk=5)
+    losses = model.losses(imgs, sizes, targets, cfg, torch.Generator().manual_seed(0))
+    assert seen == [(20, 5)] and all(torch.isfinite(v) for v in losses.values())
+
+
 def test_losses_decrease_when_fitting_two_images(world):
     model = _model().train()
     imgs, sizes, targets = _batch(world, model)
@@ -128,6 +145,26 @@ def test_train_checkpoint_round_trip_resume_and_evaluate(world, tmp_path):
     assert saved["map50"] == m["map50"] and "attr_colour_acc" in saved and "attr_size_acc" in saved
 
 
+@pytest.mark.parametrize("asked", ["bf16", "auto"])
+def test_reduced_precision_training_is_recorded_and_keeps_float32_weights(world, tmp_path, asked):
+    from glied.extractors.precision import resolve_precision
+
+    run = tmp_path / asked
+    ann, img = world / "instances.json", world / "images"
+    logs = []
+    s = train_detector(ann, img, run, epochs=1, batch_size=3, split=None, model_overrides=TINY,
+                       overrides={"precision": asked}, log=logs.append)
+    expected = resolve_precision(asked, "cpu").precision
+    assert s["history"][0]["precision"] == expected and any(f"precision {expected}" in m for m in logs)
+    assert json.loads((run / "config.json").read_text())["train"]["precision"] == asked
+    raw = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in raw["model"].values())
+    assert all(torch.isfinite(v).all() for v in raw["model"].values() if v.is_floating_point())
+    from glied.errors import ConfigError
+    with pytest.raises(ConfigError, match="precision"):
+        DetectorTrainConfig(precision="fp16").validate()
+
+
 def test_detect_returns_boxes_in_original_pixels(world):
     model = _model().eval()
     img = np.random.default_rng(0).integers(0, 255, (90, 150, 3), dtype=np.uint8)
@@ -162,3 +199,13 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     code, err = _cli(["evaluate-detector", "--run", str(bad), "--annotations", ann, "--images", img], capsys)
     assert code == 2 and "bad.pt" in err and "Traceback" not in err
+
+
+def test_cli_precision_is_recorded_and_checked_on_resume(world, tmp_path, capsys):
+    ann, img, run = str(world / "instances.json"), str(world / "images"), tmp_path / "r"
+    args = ["train-detector", "--annotations", ann, "--images", img, "--out", str(run), "--split", "all",
+            "--epochs", "1", "--input-size", "64", "--threads", "1"]
+    main(args + ["--precision", "fp32"])
+    assert "precision fp32" in capsys.readouterr().out and json.loads((run / "config.json").read_text())["train"]["precision"] == "fp32"
+    code, err = _cli(args + ["--resume", "--epochs", "2", "--precision", "bf16"], capsys)
+    assert code == 2 and "--precision bf16 conflicts" in err

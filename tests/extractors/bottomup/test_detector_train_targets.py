@@ -114,3 +114,11 @@ def test_train_config_round_trip_and_unknown_keys():
     from glied.errors import ConfigError
     with pytest.raises(ConfigError, match="unknown"):
         DetectorTrainConfig.from_dict({"epochs": 1, "bogus": 2})
+
+
+def test_training_proposal_counts_are_validated():
+    from glied.errors import ConfigError
+    DetectorTrainConfig(rpn_train_pre_nms_topk=300, rpn_train_post_nms_topk=50).validate()
+    for bad in ({"rpn_train_pre_nms_topk": 0}, {"rpn_train_post_nms_topk": -1}):
+        with pytest.raises(ConfigError, match="rpn_train"):
+            DetectorTrainConfig(**bad).validate()
