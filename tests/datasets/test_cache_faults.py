@@ -18,6 +18,7 @@ from glied.datasets import cache_store as cs
 from glied.datasets.cache import (CacheWriter, DamagedEntryError, FeatureCache, check_cache, make_manifest)
 from glied.errors import GliedError, InputError
 from glied.pipeline.features_io import export_tsv, merge_caches
+from tests.cache_checks import assert_same_regions
 from glied.records import RegionFeatures
 
 IDENT = {"name": "faults", "config": {}, "weights_fingerprint": "f", "feature_dim": 24}
@@ -47,11 +48,6 @@ def _build(root: Path, data: dict) -> dict[str, list]:
     return entries
 
 
-def _same(a: RegionFeatures, b: RegionFeatures) -> None:
-    for f in ("boxes", "features", "obj_ids", "obj_scores", "attr_ids", "attr_scores"):
-        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
-
-
 def _check_served(root: Path, data: dict, damaged: set[str]) -> None:
     """Every undamaged entry reads back identical; every damaged one is refused (never served)."""
     c = FeatureCache.open(root)
@@ -61,7 +57,7 @@ def _check_served(root: Path, data: dict, damaged: set[str]) -> None:
             with pytest.raises(InputError):
                 c.regions(k)
         else:
-            _same(r, c.regions(k))
+            assert_same_regions(r, c.regions(k))
     assert c.verify() == []                     # what is left is intact
     assert set(c.ids()) == set(data) - damaged
 
@@ -79,7 +75,7 @@ def _resume(root: Path, data: dict, damaged: set[str]) -> None:
     c = FeatureCache.open(root)
     assert set(c.ids()) == set(data) and c.damaged == {} and c.verify() == []
     for k, r in data.items():
-        _same(r, c.regions(k))
+        assert_same_regions(r, c.regions(k))
 
 
 def _flip(path: Path, positions, mask: int | None = None, seed: int = 0) -> None:
@@ -387,7 +383,7 @@ def test_extract_resume_after_data_loss_equals_clean_run(tmp_path):
         b = FeatureCache.open(c)
         assert sorted(clean.ids()) == sorted(b.ids()) and b.verify() == []
         for i in clean.ids():
-            _same(clean.regions(i), b.regions(i))
+            assert_same_regions(clean.regions(i), b.regions(i))
 
 
 def test_a_forked_child_does_not_keep_the_writer_lock(tmp_path):

@@ -22,6 +22,7 @@ from glied.errors import ConfigError
 from glied.pipeline.data import make_shapes_world
 from glied.pipeline.extract import extract
 from glied.pipeline.features_io import merge_caches
+from tests.cache_checks import assert_same_cache
 
 _spec = importlib.util.spec_from_file_location("grid_extractor",
                                                Path(__file__).with_name("grid_extractor.py"))
@@ -61,15 +62,6 @@ def _bad_folder(world: Path, dst: Path) -> dict[str, str]:
     Image.fromarray(rgba, "RGBA").save(odd / "rgba.png")
     return {"bad/truncated.jpg": "truncated", "bad/empty.jpg": "empty", "bad/text.jpg": "not_image",
             "bad/tiny.png": "too_small"}
-
-
-def _equal(c1: FeatureCache, c2: FeatureCache) -> None:
-    assert sorted(c1.ids()) == sorted(c2.ids())
-    for i in c1.ids():
-        a, b = c1.regions(i), c2.regions(i)
-        for f in ("boxes", "features", "obj_ids", "obj_scores", "attr_ids", "attr_scores"):
-            np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f"{i} {f}")
-        assert (a.image_w, a.image_h) == (b.image_w, b.image_h)
 
 
 def test_shapes_world_and_bad_files(world, tmp_path, capsys):
@@ -142,7 +134,7 @@ def test_shards_merge_equal_single_run(world, tmp_path):
     assert 0 < len(FeatureCache.open(tmp_path / "s0")) < 10
     full = FeatureCache.open(tmp_path / "all")
     assert sorted(full.ids()) == sorted(str(i) for i in range(10))        # Karpathy json: ids are cocoids
-    _equal(full, FeatureCache.open(tmp_path / "m"))
+    assert_same_cache(full, FeatureCache.open(tmp_path / "m"))
     extract(cj, str(tmp_path / "other"), region_extractor=ge.GridRegionExtractor(dim=8), progress=False)
     with pytest.raises(ConfigError, match="feature_dim"):
         merge_caches(str(tmp_path / "m2"), [str(tmp_path / "s0"), str(tmp_path / "other")])

@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from glied.datasets.cache import FeatureCache
 from glied.datasets.cache_store import INDEX_NAME
 from glied.pipeline.data import make_shapes_world
+from tests.cache_checks import assert_same_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 FACTORY = f"{Path(__file__).with_name('grid_extractor.py')}:make_extractor"
@@ -64,16 +64,6 @@ def _kill_midway(images: Path, out: Path, n_total: int, rng: random.Random) -> i
     return n
 
 
-def _check_equal(clean: FeatureCache, got: FeatureCache) -> None:
-    assert sorted(got.ids()) == sorted(clean.ids())
-    assert got.verify() == []
-    for i in clean.ids():
-        a, b = clean.regions(i), got.regions(i)
-        for f in ("boxes", "features", "obj_ids", "obj_scores", "attr_ids", "attr_scores"):
-            np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f"{i} {f}")
-        assert (a.image_w, a.image_h) == (b.image_w, b.image_h)
-
-
 def _run(images: Path, out: Path) -> None:
     r = subprocess.run(_cmd(images, out), env=_env(0.0), cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
@@ -110,7 +100,7 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path):
     out = tmp_path / "killed"
     _kill_midway(images, out, 40, random.Random(0))
     _run(images, out)                        # resume: repairs the torn tail, extracts the rest
-    _check_equal(_clean_in_process(images, tmp_path / "clean"), FeatureCache.open(out))
+    assert_same_cache(_clean_in_process(images, tmp_path / "clean"), FeatureCache.open(out))
 
 
 @pytest.mark.slow
@@ -122,4 +112,4 @@ def test_repeated_sigkills_at_random_moments(tmp_path):
     assert counts == sorted(counts)          # committed work is never lost
     _run(images, out)
     _run(images, tmp_path / "clean")
-    _check_equal(FeatureCache.open(tmp_path / "clean"), FeatureCache.open(out))
+    assert_same_cache(FeatureCache.open(tmp_path / "clean"), FeatureCache.open(out))

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from glied.datasets.cache import FeatureCache
@@ -17,6 +16,7 @@ from glied.datasets.inputs import enumerate_inputs, shard
 from glied.pipeline.data import make_shapes_world
 from glied.pipeline.extract import extract
 from glied.pipeline.extract_ranks import rank_cache
+from tests.cache_checks import assert_same_cache
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,16 +43,6 @@ def _subset(world: Path, dst: Path, keep) -> str:
     d["images"] = [im for im in d["images"] if str(im["cocoid"]) in keep]
     dst.write_text(json.dumps(d))
     return str(dst)
-
-
-def _equal(ref: FeatureCache, got: FeatureCache) -> None:
-    assert sorted(got.ids()) == sorted(ref.ids()) and len(set(got.ids())) == len(got.ids())
-    assert got.verify() == []
-    for i in ref.ids():
-        a, b = ref.regions(i), got.regions(i)
-        for f in ("boxes", "features", "obj_ids", "obj_scores", "attr_ids", "attr_scores"):
-            np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f"{i} {f}")
-        assert (a.image_w, a.image_h) == (b.image_w, b.image_h)
 
 
 def test_two_gloo_ranks_merge_to_the_single_process_cache_and_resume(setup, tmp_path, one_thread):
@@ -94,7 +84,7 @@ def test_two_gloo_ranks_merge_to_the_single_process_cache_and_resume(setup, tmp_
     assert "extracted 4 images" in p.stdout and "3 already in" in p.stdout and "1 failed" in p.stdout
     assert "merged 5 entries of 2 rank caches" in p.stderr
     assert p.stderr.count(f"skipped {bad.id}: truncated") == 1
-    _equal(ref, FeatureCache.open(out))
+    assert_same_cache(ref, FeatureCache.open(out))
     assert not (out / "ranks").exists()
     fails = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     assert [(f["id"], f["kind"]) for f in fails] == [(bad.id, "truncated")]

@@ -16,6 +16,7 @@ from glied.datasets.cache import FeatureCache
 from glied.datasets.images import load_image
 from glied.pipeline.data import make_shapes_world
 from glied.pipeline.extract import extract
+from tests.cache_checks import REGION_ARRAYS, assert_same_regions
 
 _spec = importlib.util.spec_from_file_location("grid_extractor", Path(__file__).with_name("grid_extractor.py"))
 ge = importlib.util.module_from_spec(_spec)
@@ -53,8 +54,7 @@ def _entries(path: Path) -> dict:
     out = {}
     for i in c.ids():
         r, w = c.regions(i), c.attributes(i)
-        out[i] = ([getattr(r, f).tobytes() for f in ("boxes", "features", "obj_ids", "obj_scores", "attr_ids",
-                                                      "attr_scores")], (r.image_w, r.image_h),
+        out[i] = ([getattr(r, f).tobytes() for f in REGION_ARRAYS], (r.image_w, r.image_h),
                   None if w is None else (w.word_ids.tobytes(), w.probs.tobytes()))
     return out
 
@@ -93,8 +93,7 @@ def test_prepared_inputs_equal_plain_extract(photos, one_thread):
     for name in ("000000.jpg", "000003.jpg", "big.png"):
         im = load_image(photos["folder"] / name)
         a, b = ext.extract([im])[0], ext.extract_prepared([prepare(im, "image 0")])[0]
-        for f in ("boxes", "features", "obj_ids", "obj_scores", "attr_ids", "attr_scores"):
-            np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f"{name} {f}")
+        assert_same_regions(a, b, name)
 
 
 @pytest.mark.gpu
