@@ -2,9 +2,12 @@
 
 For every photo of a split, matches the cached regions to the ground-truth boxes of instances.json (IoU):
 objects found (a region with IoU >= 0.5), objects found twice or more (duplicate regions), regions on no
-object (IoU < 0.3 with all), the class of the best region of each object, and the number of regions.
+object (IoU < 0.3 with all), the class of the best region of each object (and the photos where every
+object's best region has its class), and the number of regions.
 
-    python benchmarks/region_coverage.py WORLD CACHE [--split test]
+    python benchmarks/region_coverage.py WORLD CACHE [--split test] [--detector RUN]
+
+The class names come from the cache manifest or, where it has none, from the detector run (--detector).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ def main() -> None:
     ap.add_argument("world")
     ap.add_argument("cache")
     ap.add_argument("--split", default="test")
+    ap.add_argument("--detector", help="the detector run or checkpoint that made the cache (for its class names)")
     a = ap.parse_args()
     inst = json.loads((Path(a.world) / "instances.json").read_text())
     cats = {c["id"]: c["name"] for c in inst["categories"]}
@@ -43,6 +47,10 @@ def main() -> None:
         gts.setdefault(ann["image_id"], []).append(([x, y, x + w, y + h], cats[ann["category_id"]]))
     cache = FeatureCache.open(a.cache)
     names = list((cache.manifest.get("extractor") or {}).get("classes") or [])
+    if not names and a.detector:
+        from glied.extractors.bottomup.weights import checkpoint_vocab, load_checkpoint
+        det = Path(a.detector)
+        names = checkpoint_vocab(load_checkpoint(det / "checkpoint.pt" if det.is_dir() else det))["class_names"]
     stats = Counter()
     n_regions = []
     per_n = {}
@@ -60,9 +68,12 @@ def main() -> None:
         stats["duplicated"] += int((hits >= 2).sum())
         stats["background_regions"] += int((m.max(0) < 0.3).sum())
         best = m.argmax(1)
+        all_right = bool(names)
         for k, (_, cls) in enumerate(gts[im["id"]]):
-            if hits[k] and names:
-                stats["class_right"] += int(names[int(reg.obj_ids[best[k]])] == cls)
+            right = bool(hits[k]) and bool(names) and names[int(reg.obj_ids[best[k]])] == cls
+            stats["class_right"] += int(right)
+            all_right &= right
+        stats["images_all_right"] += all_right
         all_found = bool((hits >= 1).all())
         row = per_n.setdefault(len(g), [0, 0])
         row[0] += all_found
@@ -77,7 +88,9 @@ def main() -> None:
     print(f"  objects with >= 2 regions: {stats['duplicated'] / stats['objects']:.3f}; "
           f"regions on no object (IoU<0.3): {stats['background_regions'] / sum(n_regions):.3f}")
     if names:
-        print(f"  best region's class right: {stats['class_right'] / max(stats['found'], 1):.3f}")
+        print(f"  best region's class right: {stats['class_right'] / max(stats['found'], 1):.3f}; photos where every "
+              f"object is found and its best region has its class: {stats['images_all_right'] / stats['images']:.3f} "
+              f"(what the regions' own labels support for naming every shape)")
 
 
 if __name__ == "__main__":

@@ -179,9 +179,9 @@ def _jsonable(v) -> bool:
 
 
 def decoder_recipe(model: str, stage: str, seed: int, cfg: DemoConfig):
-    """The demo's decoder settings (DecoderTrainConfig) for one stage ("xe" or "scst"): a 256-wide model, ``captions_per_image``
-    references per image and XE epoch, box geometry with the region features, 2 SCST samples per image with
-    the greedy baseline."""
+    """The demo's decoder settings (DecoderTrainConfig) for one stage ("xe" or "scst"): a 256-wide model,
+    ``captions_per_image`` references per image and XE epoch, box geometry with the region features, 2 SCST
+    samples per image with the greedy baseline."""
     from glied.pipeline.train import DecoderTrainConfig
 
     return DecoderTrainConfig(model=model, stage=stage, epochs=cfg.xe_epochs if stage == "xe" else 0,

@@ -62,11 +62,16 @@ def score_caption(tokens: list[str], objects: list[tuple[str, str]]) -> dict:
 
 
 def scene_objects(world: Path) -> dict[int, list[tuple[str, str]]]:
-    """{image id: [(shape, colour), ...]} from a shapes world's instances.json."""
+    """{image id: [(shape, colour), ...]} from a shapes world's instances.json, each photo's objects in reading
+    order (left to right by box centre, as the captions name them)."""
     inst = json.loads((Path(world) / "instances.json").read_text())
     cats = {c["id"]: c["name"] for c in inst["categories"]}
     objs: dict[int, list[tuple[str, str]]] = {im["id"]: [] for im in inst["images"]}
-    for a in inst["annotations"]:
+    def centre(a: dict) -> tuple[float, float]:
+        x, y, w, h = a["bbox"]
+        return (x + w / 2, y + h / 2)
+
+    for a in sorted(inst["annotations"], key=centre):
         objs[a["image_id"]].append((cats[a["category_id"]], a["attributes"][0]))
     return objs
 
