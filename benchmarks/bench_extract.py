@@ -18,6 +18,10 @@ ResNet-18 with random weights: layer1..3 on the image resized to short side 600 
 of 16 grid boxes, layer4 per RoI, mean pool -> 512-d); ``grid`` = the tiny test extractor of the test suite
 (decode-bound, shows the stage's own overhead). ``auto`` = bottomup with --detector, else bottomup-small.
 The script prints which.
+
+Threads wait as the CLI makes them (``OMP_WAIT_POLICY=PASSIVE``, see ``glied/cli.py``) unless the environment
+says otherwise; ``OMP_WAIT_POLICY=ACTIVE python benchmarks/bench_extract.py`` measures spinning threads, faster
+on an idle machine but slower on a shared one.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# as `glied extract` runs: the CLI sets OMP_WAIT_POLICY=PASSIVE unless the user set it (before torch loads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from glied.datasets.images import load_image  # noqa: E402
 from glied.pipeline.extract import extract  # noqa: E402
@@ -160,7 +166,8 @@ def main() -> None:
             shutil.rmtree(out)
         n = a.images
         print(f"extractor: {name}; {n} JPEGs 640x480; batch {a.batch_size}, {a.workers} decoding processes, "
-              f"torch {torch.__version__} with {torch.get_num_threads()} threads; {a.runs} runs, alternating")
+              f"torch {torch.__version__} with {torch.get_num_threads()} threads, OMP_WAIT_POLICY "
+              f"{os.environ['OMP_WAIT_POLICY']}; {a.runs} runs, alternating")
         print(f"detector alone : min {n / max(alone):.2f}..{n / min(alone):.2f} images/s, "
               f"median {n / statistics.median(alone):.2f} images/s "
               f"({statistics.median(alone) / n:.3f} s/image)")
