@@ -19,9 +19,9 @@ of 16 grid boxes, layer4 per RoI, mean pool -> 512-d); ``grid`` = the tiny test 
 (decode-bound, shows the stage's own overhead). ``auto`` = bottomup with --detector, else bottomup-small.
 The script prints which.
 
-Threads wait as the CLI makes them (``OMP_WAIT_POLICY=PASSIVE``, see ``glied/cli.py``) unless the environment
-says otherwise; ``OMP_WAIT_POLICY=ACTIVE python benchmarks/bench_extract.py`` measures spinning threads, faster
-on an idle machine but slower on a shared one.
+Threads wait as the CLI makes them (``glied.cli.omp_wait_policy``: ACTIVE on an idle machine, PASSIVE on a busy
+one) unless the environment says otherwise (``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_extract.py``);
+the header line prints which.
 """
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# as `glied extract` runs: the CLI sets OMP_WAIT_POLICY=PASSIVE unless the user set it (before torch loads)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# threads wait as under `glied extract`: the CLI's choice (before torch loads)
+from glied.cli import omp_wait_policy  # noqa: E402
+
+os.environ["OMP_WAIT_POLICY"] = omp_wait_policy(os.environ, os.getloadavg()[0], os.cpu_count() or 1)
 
 from glied.datasets.images import load_image  # noqa: E402
 from glied.pipeline.extract import extract  # noqa: E402

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the glied CLI does
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the glied CLI does on a busy machine
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

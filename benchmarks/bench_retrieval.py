@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the glied CLI does: spinning OpenMP threads are 20x slower here
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI on a busy machine: spinning threads were 20x slower
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

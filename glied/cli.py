@@ -51,11 +51,31 @@ def _device(ctx, param, value: str) -> str:
     return resolve_device(value)
 
 
+def omp_wait_policy(environ, load1: float | None, cores: int) -> str:
+    """How torch's OpenMP threads wait between parallel regions: the user's ``OMP_WAIT_POLICY`` when set;
+    else ACTIVE (spinning) on an idle machine running one glied process, PASSIVE (sleeping) when other work
+    holds the CPU (1-minute load average >= half the cores) or torchrun starts several processes
+    (WORLD_SIZE > 1). Measured on 2 cores: spinning threads made the demo's stages 1.4-1.7x faster on an idle
+    machine, but decoding 5x slower on a shared one (docs/architecture.md, "Threads")."""
+    if environ.get("OMP_WAIT_POLICY"):
+        return environ["OMP_WAIT_POLICY"]
+    try:
+        world = int(environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        world = 1
+    if world > 1 or load1 is None or load1 >= 0.5 * max(cores, 1):
+        return "PASSIVE"
+    return "ACTIVE"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI and turn GliedError into one line on stderr, exit 2."""
-    # OpenMP threads that spin while waiting dominate on a busy CPU (measured: 5x slower decoding); torch is
-    # imported inside the commands, after this, so the setting takes effect. A user's own value is kept.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # torch is imported inside the commands, after this, so the wait policy takes effect
+    try:
+        load1 = os.getloadavg()[0]
+    except (OSError, AttributeError):       # no load average on this platform
+        load1 = None
+    os.environ["OMP_WAIT_POLICY"] = omp_wait_policy(os.environ, load1, os.cpu_count() or 1)
     try:
         cli.main(args=argv, prog_name="glied", standalone_mode=False)
     except GliedError as e:

@@ -54,3 +54,22 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
     r = run("make-shapes", str(tmp_path / "w"), "--images", "0")  # the old name still works, hidden from --help
     assert r.returncode == 2 and "--count must be at least 1" in r.stderr
     assert "--images" not in run("make-shapes", "--help").stdout
+
+
+def test_omp_wait_policy_spins_only_on_an_idle_machine_with_one_process():
+    from glied.cli import omp_wait_policy
+
+    assert omp_wait_policy({}, 0.2, 2) == "ACTIVE"
+    assert omp_wait_policy({}, 1.0, 2) == "PASSIVE"               # half the cores busy with other work
+    assert omp_wait_policy({}, 3.5, 8) == "ACTIVE"
+    assert omp_wait_policy({"WORLD_SIZE": "2"}, 0.0, 16) == "PASSIVE"   # torchrun: several processes
+    assert omp_wait_policy({}, None, 2) == "PASSIVE"              # no load average: the safe choice
+    assert omp_wait_policy({"OMP_WAIT_POLICY": "active"}, 9.0, 2) == "active"   # the user's value is kept
+
+
+def test_the_cli_sets_the_policy_before_torch_loads():
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); from glied import cli\n"
+            "try:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] in ("ACTIVE", "PASSIVE")
