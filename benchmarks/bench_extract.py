@@ -19,7 +19,7 @@ of 16 grid boxes, layer4 per RoI, mean pool -> 512-d); ``grid`` = the tiny test 
 (decode-bound, shows the stage's own overhead). ``auto`` = bottomup with --detector, else bottomup-small.
 The script prints which.
 
-Threads wait as the CLI makes them (``glied.cli.omp_wait_policy``: ACTIVE on an idle machine, PASSIVE on a busy
+Threads wait as the CLI makes them (``glied.cli.set_omp_wait_policy``: ACTIVE on an idle machine, PASSIVE on a busy
 one) unless the environment says otherwise (``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_extract.py``);
 the header line prints which.
 """
@@ -39,9 +39,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # threads wait as under `glied extract`: the CLI's choice (before torch loads)
-from glied.cli import omp_wait_policy  # noqa: E402
+from glied.cli import set_omp_wait_policy  # noqa: E402
 
-os.environ["OMP_WAIT_POLICY"] = omp_wait_policy(os.environ, os.getloadavg()[0], os.cpu_count() or 1)
+set_omp_wait_policy()
 
 from glied.datasets.images import load_image  # noqa: E402
 from glied.pipeline.extract import extract  # noqa: E402

@@ -68,14 +68,20 @@ def omp_wait_policy(environ, load1: float | None, cores: int) -> str:
     return "ACTIVE"
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the CLI and turn GliedError into one line on stderr, exit 2."""
-    # torch is imported inside the commands, after this, so the wait policy takes effect
+def set_omp_wait_policy() -> str:
+    """Set ``OMP_WAIT_POLICY`` in this process's environment by :func:`omp_wait_policy` for this machine now;
+    it takes effect only when torch has not been imported yet. Returns the policy."""
     try:
         load1 = os.getloadavg()[0]
     except (OSError, AttributeError):       # no load average on this platform
         load1 = None
     os.environ["OMP_WAIT_POLICY"] = omp_wait_policy(os.environ, load1, os.cpu_count() or 1)
+    return os.environ["OMP_WAIT_POLICY"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the CLI and turn GliedError into one line on stderr, exit 2."""
+    set_omp_wait_policy()       # torch is imported inside the commands, after this, so the policy takes effect
     try:
         cli.main(args=argv, prog_name="glied", standalone_mode=False)
     except GliedError as e:
