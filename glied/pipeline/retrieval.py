@@ -722,14 +722,21 @@ class Index:
         return [{"caption": texts[j], "image_id": owners[j], "score": round(float(s), 5)} for s, j in zip(v, i)]
 
     def embed_cached(self, cache, image_id: str) -> Embedding:
-        self.check_cache(cache)
-        if str(image_id) not in cache:
-            raise InputError(f"image id {image_id!r} is not in feature cache {cache.root}")
-        return embed_images(self.model, cache, [str(image_id)], device=self.device)
+        """Embed one image of a feature cache (checked against the index's features) with the index's model."""
+        return embed_cached(self.model, self, cache, image_id)
 
     def embed_photo(self, regions) -> Embedding:
         """Embed the :class:`glied.records.RegionFeatures` a region extractor gave for one photo."""
         return embed_regions(self.model, regions, self.device)
+
+
+def embed_cached(model: RetrievalModel, index: "Index", cache, image_id: str) -> Embedding:
+    """Embed one image of ``cache`` with ``model`` on the index's device, after checking that the cache holds
+    the index's features and the image."""
+    index.check_cache(cache)
+    if str(image_id) not in cache:
+        raise InputError(f"image id {image_id!r} is not in feature cache {cache.root}")
+    return embed_images(model, cache, [str(image_id)], device=index.device)
 
 
 @torch.inference_mode()
@@ -814,8 +821,7 @@ class Reranker:
         return embed_regions(self.model, regions, self.index.device)
 
     def embed_cached(self, cache, image_id: str) -> Embedding:
-        self.index.check_cache(cache)
-        return embed_images(self.model, cache, [str(image_id)], device=self.index.device)
+        return embed_cached(self.model, self.index, cache, image_id)
 
     @torch.inference_mode()
     def image_to_captions(self, first_image: Embedding, image: Embedding, k: int = 5,
