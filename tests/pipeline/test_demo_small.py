@@ -9,7 +9,8 @@ import pytest
 from glied.pipeline.demo import DemoConfig, run_demo
 
 TINY = DemoConfig(images=48, detector_epochs=1, detector_input=128, attribute_epochs=1, xe_epochs=1,
-                  scst_epochs=1, batch_size=16, unseen_images=6, pictures=1, decoder_seeds=(0,))
+                  scst_epochs=1, batch_size=16, unseen_images=6, pictures=1, decoder_seeds=(0,),
+                  decoder_width=64)
 
 
 def _paths_in(obj):
