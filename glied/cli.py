@@ -636,7 +636,7 @@ def bundle_cmd(detector: str, attributes: str, decoder: str, out: str, beam: int
 @cli.command("demo")
 @click.option("--out", default="glied-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every stage's outputs; a second run reuses what exists.")
-@click.option("--count", "images", type=int, default=None, help="Size of the shapes world (default 3000).")
+@click.option("--count", "images", type=int, default=None, help="Size of the shapes world (default: DemoConfig.images).")
 @click.option("--images", "images_old", type=int, default=None, hidden=True)  # the old name of --count
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--decoder-seeds", type=click.IntRange(1, 10), default=1, show_default=True,
@@ -645,7 +645,7 @@ def demo_cmd(out: str, images: int | None, images_old: int | None, seed: int, de
     """The main job: the whole pipeline on the embedded synthetic shapes world."""
     from glied.pipeline.demo import DemoConfig, run_demo
 
-    images = _one_of("--count", images, "--images", images_old, 3000)
+    images = _one_of("--count", images, "--images", images_old, DemoConfig.images)
     run_demo(out, DemoConfig(images=images, seed=seed, decoder_seeds=tuple(range(seed, seed + decoder_seeds))))
 
 
