@@ -636,7 +636,8 @@ def bundle_cmd(detector: str, attributes: str, decoder: str, out: str, beam: int
 @cli.command("demo")
 @click.option("--out", default="glied-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for every stage's outputs; a second run reuses what exists.")
-@click.option("--count", "images", type=int, default=None, help="Size of the shapes world (default: DemoConfig.images).")
+@click.option("--count", "images", type=int, default=None,
+              help="Size of the shapes world (default: DemoConfig.images).")
 @click.option("--images", "images_old", type=int, default=None, hidden=True)  # the old name of --count
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--decoder-seeds", type=click.IntRange(1, 10), default=1, show_default=True,
