@@ -67,8 +67,9 @@ class DemoConfig:
     xe_epochs: int = 15
     scst_epochs: int = 1
     captions_per_image: int = 1  # XE: references drawn per image and epoch
-    # model width d_model (word embeddings half as wide); the paper's decoder is 512 wide
-    decoder_width: int = 512
+    # model width d_model (word embeddings half as wide). The paper's 512 named 73.5% / 72.5% (XE, seeds 0 / 1)
+    # against 69% at 256 (seed 0), but trains ~2.4x as long: over the 20-minute budget on 2 cores
+    decoder_width: int = 256
     box_geometry: bool = True  # the decoder reads each region's box position and size
     decoder_seeds: tuple[int, ...] = (0,)
     batch_size: int = 50
