@@ -11,11 +11,18 @@ steps.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+#: from this many (batch x heads) rows on, attention of up to 8 queries per row runs as matmul-softmax-matmul instead
+#: of the fused kernel (2 threads, fp32, 36 keys: equal at 8 x 8 rows, 6-15% faster at 50 x 8 and 150 x 8 rows with
+#: 1-5 queries; slower below 8 x 8)
+MATMUL_ATTENTION_ROWS = 128
 
 
 class MultiHeadAttention(nn.Module):
@@ -52,13 +59,21 @@ class MultiHeadAttention(nn.Module):
         Args:
             q: (B, h, Tq, d_k) queries already multiplied by 1/sqrt(d_k).
             k, v: (B, h, N, d_k), any strides (e.g. views of a fused projection, or a prefix of a buffer).
-            bias: additive float mask broadcastable to (B, h, Tq, N) (0 = attend, -inf = masked) or None.
+            bias: mask broadcastable to (B, h, Tq, N): bool (True = attend) or additive float (0 or -inf), or None.
         Returns:
             (B, Tq, h * d_k) heads concatenated, before the output projection.
         """
         p = self.attn_dropout.p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)  # (B, h, Tq, d_k)
-        b, h, tq, dk = out.shape
+        b, h, tq, dk = q.shape
+        if p == 0.0 and tq <= 8 and b * h >= MATMUL_ATTENTION_ROWS:
+            # a decoding step (one query per row, or per beam) over many rows: two batched GEMMs beat the fused
+            # kernel
+            scores = torch.matmul(q, k.transpose(-1, -2))  # (B, h, Tq, N)
+            if bias is not None:
+                scores = scores.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else scores + bias
+            out = torch.matmul(torch.softmax(scores, -1), v)  # (B, h, Tq, d_k)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)  # (B, h, Tq, d_k)
         return out.transpose(1, 2).reshape(b, tq, h * dk)
 
     def weights(self, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -149,6 +164,47 @@ def derived(owner: nn.Module, key: Any, sources: Sequence[nn.Module], build: Cal
     if hit[1] is None and hit[2] >= reuses_first:
         hit[1] = build()
     return hit[1]
+
+
+#: low-precision GEMMs pay a fixed cost per call that a small one does not win back: a linear layer runs in the
+#: low precision only when (rows x output features) reaches this (bf16 on a CPU with AMX, 2 threads: the
+#: 512 -> 10,001 word layer gains from 2 rows, a 512 -> 1,536 projection from 8; smaller ones lose)
+LOW_PRECISION_MIN_OUTPUTS = 12_288
+
+
+class LowPrecisionLinear:
+    """Linear layers with their weights copied once to a low precision (e.g. bf16) for inference.
+
+    ``__call__(x, weight, bias)`` is ``F.linear`` in fp32 when autograd is on or the GEMM is small (see
+    :data:`LOW_PRECISION_MIN_OUTPUTS`), else the same product computed from the low-precision copies (made on
+    first use and remade when the weight changes in place or is replaced) and returned in ``x``'s dtype.
+    The bias is added in ``x``'s dtype. Results differ from fp32 by the rounding of the inputs, the weights
+    and the product to the low precision.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._copies: dict[int, tuple[Any, int, torch.Tensor]] = {}
+
+    def _low(self, w: torch.Tensor) -> torch.Tensor:
+        try:
+            version = w._version
+        except RuntimeError:  # made under torch.inference_mode (a fused weight): never updated in place
+            version = -1
+        hit = self._copies.get(id(w))
+        if hit is not None and hit[0]() is w and hit[1] == version:
+            return hit[2]
+        low = w.detach().to(self.dtype)
+        self._copies = {k: v for k, v in self._copies.items() if v[0]() is not None}  # forget freed weights
+        self._copies[id(w)] = (weakref.ref(w), version, low)
+        return low
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if torch.is_grad_enabled() or rows * weight.shape[0] < LOW_PRECISION_MIN_OUTPUTS:
+            return F.linear(x, weight, bias)
+        out = F.linear(x.to(self.dtype), self._low(weight)).to(x.dtype)
+        return out if bias is None else out.add_(bias)
 
 
 def sinusoid_table(n_positions: int, d_model: int) -> torch.Tensor:

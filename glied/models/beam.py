@@ -75,7 +75,7 @@ def greedy_uncached(model: GliedDecoder, mem: Memory, max_len: int = 16) -> tupl
 def sample(model: GliedDecoder, mem: Memory, n_samples: int, max_len: int = 16,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Multinomial samples: each of the B images gets n_samples consecutive rows -> (B*n, T)."""
-    mem = mem.repeat(n_samples)
+    mem = mem.shared(n_samples)  # the samples of an image read one copy of its memory
     n = mem.batch_size
     token = torch.full((n,), BOS, dtype=torch.long, device=mem.region_mask.device)
     done = torch.zeros(n, dtype=torch.bool, device=token.device)
@@ -105,7 +105,7 @@ def beam_search(model: GliedDecoder, mem: Memory, beam_size: int = 3,
     """
     b, k = mem.batch_size, beam_size
     device = mem.region_mask.device
-    mem = mem.repeat(k)  # (B*k, ...)
+    mem = mem.shared(k)  # B*k rows; the beams of an image read one copy of its memory
     token = torch.full((b * k,), BOS, dtype=torch.long, device=device)
     scores = torch.zeros(b, k, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: keep only the first alive at step 0
@@ -115,16 +115,18 @@ def beam_search(model: GliedDecoder, mem: Memory, beam_size: int = 3,
     offsets = (torch.arange(b, device=device) * k)[:, None]  # (B, 1)
     for t in range(max_len + 1):
         logits, state = model.step(mem, token, state)  # (B*k, V)
-        logp = model.word_logprobs(logits)  # (B*k, V)
+        logp = model.word_logprobs(logits, inplace=True)  # (B*k, V)
         v = logp.shape[1]
         if t == max_len:  # force the end
             forced = torch.full_like(logp, float("-inf"))
             forced[:, EOS] = logp[:, EOS]  # only <eos> allowed, at its own probability
             logp = forced
-        # finished beams only extend with <pad> at no cost
-        finished_row = torch.full((v,), float("-inf"), device=device)
-        finished_row[PAD] = 0.0
-        logp = torch.where(done[:, None], finished_row[None], logp)
+        # finished beams only extend with <pad> at no cost (rewriting their rows only: most rows go on)
+        if t > 0 and (device.type != "cpu" or bool(done.any())):
+            finished_row = torch.full((v,), float("-inf"), device=device)
+            finished_row[PAD] = 0.0
+            logp = torch.where(done[:, None], finished_row[None], logp) if device.type != "cpu" else \
+                logp.index_put_((done.nonzero()[:, 0],), finished_row)
         cand = (scores.view(b * k, 1) + logp).view(b, k * v)  # (B, k*V)
         scores, flat = cand.topk(k, dim=1)  # (B, k)
         beam_idx = flat // v  # (B, k)

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glied.errors import ConfigError
-from glied.models.attention import MultiHeadAttention, Residual, derived, fused_linear, sinusoid_table, split_heads
+from glied.models.attention import (LowPrecisionLinear, MultiHeadAttention, Residual, derived, fused_linear,
+                                    sinusoid_table, split_heads)
 from glied.models.presets import MODEL_PRESETS  # noqa: F401 - the named ablations, re-exported here
 from glied.tokens import BOS, EOS, PAD, UNK  # noqa: F401 - the special token ids, re-exported here
 
@@ -119,13 +120,30 @@ class Memory:
     attr_mask: torch.Tensor
     region_keys: Optional[torch.Tensor] = None
     attr_keys: Optional[torch.Tensor] = None
+    group: int = 1  # decoding rows per image (beams, samples) sharing these tensors: see :meth:`shared`
 
     @property
     def batch_size(self) -> int:
-        return int(self.region_mask.shape[0])
+        """Decoding rows: images x ``group``."""
+        return int(self.region_mask.shape[0]) * self.group
+
+    def shared(self, n: int) -> "Memory":
+        """Each image's memory serving n consecutive decoding rows (B images -> B*n rows) without copying it:
+        :meth:`GliedDecoder.step` attends with the n rows' queries together over the one copy (beam search and
+        sampling read the memory n times less). Use :meth:`repeat` for a memory with B*n rows of its own."""
+        m = self.materialized()
+        return m if n == 1 else Memory(m.kv, m.region_mask, m.attr_mask, m.region_keys, m.attr_keys, group=n)
+
+    def materialized(self) -> "Memory":
+        """The same memory with one row per decoding row (a copy when ``group`` > 1)."""
+        if self.group == 1:
+            return self
+        return Memory(self.kv, self.region_mask, self.attr_mask, self.region_keys, self.attr_keys).repeat(self.group)
 
     def index_select(self, index: torch.Tensor) -> "Memory":
         """Rows ``index`` (e.g. ``arange(B).repeat_interleave(k)`` to expand for k beams/captions)."""
+        if self.group != 1:
+            return self.materialized().index_select(index)
         kv = {n: (k.index_select(0, index), v.index_select(0, index)) for n, (k, v) in self.kv.items()}
 
         def rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -144,8 +162,9 @@ class Memory:
 class KVCache:
     """Decoding state: the causal context-attention keys and values of the steps so far.
 
-    One preallocated buffer ``kv`` (N, 2, h, capacity, d_k) (keys at [:, 0], values at [:, 1]); each step
-    writes its keys/values in place at position ``length``, so nothing grows by concatenation.
+    One preallocated buffer ``kv`` (2, N, h, capacity, d_k) (keys at [0], values at [1]); each step writes its
+    keys/values in place at position ``length``, so nothing grows by concatenation. Keys and values so far are
+    views whose (N, h) dimensions merge into one, so attention reads them without copying.
     """
 
     def __init__(self, kv: torch.Tensor, length: int = 0) -> None:
@@ -153,24 +172,24 @@ class KVCache:
 
     @classmethod
     def empty(cls, n: int, n_heads: int, d_k: int, capacity: int, like: torch.Tensor) -> "KVCache":
-        return cls(like.new_empty(n, 2, n_heads, capacity, d_k))
+        return cls(like.new_empty(2, n, n_heads, capacity, d_k))
 
     @property
     def capacity(self) -> int:
         return int(self.kv.shape[3])
 
     def append(self, kv_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one step's (N, 2, h, d_k) keys/values; returns all keys and values so far, each (N, h, t, d_k)."""
+        """Write one step's keys/values (N, 2, h, d_k); returns all keys and values so far, each (N, h, t, d_k)."""
         t = self.length
         if t >= self.capacity:
             raise ValueError(f"decoding state holds {self.capacity} steps; step {t + 1} does not fit")
-        self.kv[:, :, :, t] = kv_new
+        self.kv[:, :, :, t] = kv_new.transpose(0, 1)  # (2, N, h, d_k)
         self.length = t + 1
-        return self.kv[:, 0, :, :t + 1], self.kv[:, 1, :, :t + 1]
+        return self.kv[0, :, :, :t + 1], self.kv[1, :, :, :t + 1]
 
     def index_select(self, index: torch.Tensor) -> "KVCache":
         """The state of rows ``index`` (beam search reordering)."""
-        return KVCache(self.kv.index_select(0, index), self.length)
+        return KVCache(self.kv.index_select(1, index), self.length)
 
 
 #: decoding state passed between steps
@@ -226,6 +245,22 @@ class GliedDecoder(nn.Module):
             self.h_a = MultiHeadAttention(d, h, p)
         self.g_c = Residual(d, p)
         self.word = nn.Linear(d, c.vocab_size)  # W^c
+        self._low: Optional[LowPrecisionLinear] = None  # see set_decoding_precision
+
+    def set_decoding_precision(self, dtype: Optional[torch.dtype]) -> "GliedDecoder":
+        """Run the large GEMMs of inference (encoding and decoding steps, never under autograd) with weights
+        copied to ``dtype`` (e.g. torch.bfloat16 on a CPU with native bf16: docs/performance.md), or in fp32
+        (None, the default). Attention, layer norms and decoding state stay fp32. Returns self."""
+        self._low = None if dtype in (None, torch.float32) else LowPrecisionLinear(dtype)
+        return self
+
+    @property
+    def decoding_precision(self) -> torch.dtype:
+        return torch.float32 if self._low is None else self._low.dtype
+
+    def _lin(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """F.linear, or its low-precision form after :meth:`set_decoding_precision`."""
+        return F.linear(x, weight, bias) if self._low is None else self._low(x, weight, bias)
 
     # ----------------------------------------------------------------------------------------- encoding
     def encode(self, regions: torch.Tensor, region_mask: torch.Tensor, attr_ids: torch.Tensor,
@@ -242,7 +277,8 @@ class GliedDecoder(nn.Module):
         region_mask, attr_mask = region_mask.bool(), attr_mask.bool()
         region_keys, has_region = _key_mask(region_mask)
         attr_keys, has_attr = _key_mask(attr_mask)
-        I = self.drop(F.relu(self.region_proj(regions.float())))  # (B, R, D)
+        I = self.drop(F.relu(self._lin(regions.to(self.region_proj.weight.dtype), self.region_proj.weight,
+                                       self.region_proj.bias)))  # (B, R, D)
         # every projection of I in one GEMM: [queries, keys, values of H_vd] + [keys, values of H_vl]
         from_I = ([self.h_vd.w_q, self.h_vd.w_k, self.h_vd.w_v] if c.global_visual else []) + (
             [self.h_vl.w_k, self.h_vl.w_v] if c.local_distilling else [])
@@ -250,16 +286,16 @@ class GliedDecoder(nn.Module):
         if from_I:
             scales = (self.h_vd.d_k ** -0.5, 1.0, 1.0) if c.global_visual else ()
             scales += (1.0, 1.0) if c.local_distilling else ()
-            parts = split_heads(F.linear(I, *fused_linear(*from_I, scales=scales)), len(from_I), h)  # (B, h, R, dk)
+            parts = split_heads(self._lin(I, *fused_linear(*from_I, scales=scales)), len(from_I), h)  # (B, h, R, dk)
             if c.local_distilling:
                 kv["vl"] = (parts[-2], _zero_rows(parts[-1], has_region, region_keys))
         if c.global_visual:
             q, k, v = parts[:3]
             ctx = self.h_vd.attend_one(q, k, _zero_rows(v, has_region, region_keys), region_keys)  # (B, R, D)
-            I_tilde = self.g_vd(self.h_vd.w_o(ctx), I)  # (B, R, D)
+            I_tilde = self.g_vd(self._lin(ctx, self.h_vd.w_o.weight, self.h_vd.w_o.bias), I)  # (B, R, D)
         else:
             I_tilde = I
-        k, v = self.h_v.project_kv(I_tilde)  # (B, h, R, dk)
+        k, v = split_heads(self._lin(I_tilde, *fused_linear(self.h_v.w_k, self.h_v.w_v)), 2, h)  # (B, h, R, dk)
         kv["v"] = (k, _zero_rows(v, has_region, region_keys))
         # attribute keys/values: H_ad and H_al (GLIED) or H_a (base)
         names = (["ad"] if c.global_attribute else []) + (["al"] if c.local_distilling else ["a"])
@@ -273,7 +309,7 @@ class GliedDecoder(nn.Module):
                  attr_probs: torch.Tensor) -> torch.Tensor:
         """Keys and values of A = W_e E[a] + W_p p for the attention blocks ``heads``: (B, K, 2 * len(heads) * D)."""
         layers = [lin for m in heads for lin in (m.w_k, m.w_v)]
-        p = attr_probs.float().unsqueeze(-1)  # (B, K, 1)
+        p = attr_probs.to(self.embed_proj.weight.dtype).unsqueeze(-1)  # (B, K, 1)
         if torch.is_grad_enabled() or self.training:  # dropout on A, or gradients: the plain form
             A = self.embed_proj(self.embed(attr_ids))  # (B, K, D)
             if self.prob_proj is not None:
@@ -296,7 +332,7 @@ class GliedDecoder(nn.Module):
         if table is not None:
             out = F.embedding(attr_ids, table)  # (B, K, n*D)
         else:
-            out = F.linear(self.embed(attr_ids), w, b)  # (B, K, n*D)
+            out = self._lin(self.embed(attr_ids), w, b)  # (B, K, n*D)
         return out if w_p is None else out.addcmul_(p, w_p)
 
     # ----------------------------------------------------------------------------------------- decoding
@@ -306,8 +342,15 @@ class GliedDecoder(nn.Module):
         if start + t > self.config.max_positions:
             raise ValueError(f"caption position {start + t} exceeds max_positions "
                              f"{self.config.max_positions}")
-        x = self.embed_proj(self.embed(tokens)) + self.pos_table[start:start + t]
-        return self.drop(x)
+        pos = self.pos_table[start:start + t]  # (T, D)
+        if not (torch.is_grad_enabled() or self.training):
+            # decoding batch after batch with the same weights: W_e E[w] of every word as one table (V, D)
+            table = derived(self.embed_proj, ("word_table",), [self.embed, self.embed_proj],
+                            lambda: F.linear(self.embed.weight, self.embed_proj.weight, self.embed_proj.bias),
+                            reuses_first=1)
+            if table is not None:
+                return F.embedding(tokens, table) + pos
+        return self.drop(self.embed_proj(self.embed(tokens)) + pos)
 
     def _after_context(self, t_tilde: torch.Tensor, ctx: torch.Tensor, mem: Memory) -> torch.Tensor:
         """From the context-attention output to logits: (N, T, D) -> (N, T, V)."""
@@ -333,6 +376,7 @@ class GliedDecoder(nn.Module):
     def decode(self, mem: Memory, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forced (uncached) decoding of whole sequences: tokens (N, T) starting with <bos>, mem for N
         rows. Returns logits (N, T, V); position t sees tokens 0..t only."""
+        mem = mem.materialized()
         t = tokens.shape[1]
         t_tilde = self._pivot(self._embed_words(tokens, 0), mem)  # (N, T, D)
         causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()  # (T, T)
@@ -366,27 +410,42 @@ class GliedDecoder(nn.Module):
             state = self.init_state(n, c.max_positions, x)
         t_tilde = x
         if c.global_attribute:
-            q = F.linear(x, *fused_linear(self.h_ad.w_q, scales=(scale,))).view(n, h, 1, dk)
-            ctx = self.h_ad.attend_one(q, *mem.kv["ad"], mem.attr_keys)  # (N, 1, D)
-            t_tilde = self.g_ad(self.h_ad.w_o(ctx), x)  # (N, 1, D)
-        qkv = F.linear(t_tilde, *fused_linear(self.h_x.w_q, self.h_x.w_k, self.h_x.w_v, scales=(scale, 1.0, 1.0)))
+            q = self._lin(x, *fused_linear(self.h_ad.w_q, scales=(scale,))).view(n, h, 1, dk)
+            ctx = self._attend_memory(self.h_ad, q, mem, "ad", mem.attr_keys)  # (N, 1, D)
+            t_tilde = self.g_ad(self._lin(ctx, self.h_ad.w_o.weight, self.h_ad.w_o.bias), x)  # (N, 1, D)
+        qkv = self._lin(t_tilde, *fused_linear(self.h_x.w_q, self.h_x.w_k, self.h_x.w_v, scales=(scale, 1.0, 1.0)))
         qkv = qkv.view(n, 3, h, dk)  # (N, 3, h, dk)
         keys, values = state.append(qkv[:, 1:])  # (N, h, t+1, dk) each
         ctx = self.h_x.attend_one(qkv[:, 0, :, None], keys, values)  # (N, 1, D)
-        x_tilde = self.g_x(self.h_x.w_o(ctx), t_tilde)  # (N, 1, D)
+        x_tilde = self.g_x(self._lin(ctx, self.h_x.w_o.weight, self.h_x.w_o.bias), t_tilde)  # (N, 1, D)
         if c.local_distilling:
-            q = F.linear(x_tilde, *fused_linear(self.h_v.w_q, scales=(scale,))).view(n, h, 1, dk)
-            c_g = self.g_v(self.h_v.w_o(self.h_v.attend_one(q, *mem.kv["v"], mem.region_keys)), x_tilde)
+            q = self._lin(x_tilde, *fused_linear(self.h_v.w_q, scales=(scale,))).view(n, h, 1, dk)
+            ctx = self._attend_memory(self.h_v, q, mem, "v", mem.region_keys)  # (N, 1, D)
+            c_g = self.g_v(self._lin(ctx, self.h_v.w_o.weight, self.h_v.w_o.bias), x_tilde)
             query, pair = c_g, (("vl", self.h_vl, mem.region_keys), ("al", self.h_al, mem.attr_keys))
         else:
             query, pair = x_tilde, (("v", self.h_v, mem.region_keys), ("a", self.h_a, mem.attr_keys))
         # H_1(query, ...) + H_2(query, ...) as one query GEMM and one output GEMM over both heads' outputs
         (n1, m1, keys1), (n2, m2, keys2) = pair
-        q = F.linear(query, *fused_linear(m1.w_q, m2.w_q, scales=(scale, scale))).view(n, 2, h, 1, dk)
-        both = torch.cat([m1.attend_one(q[:, 0], *mem.kv[n1], keys1),
-                          m2.attend_one(q[:, 1], *mem.kv[n2], keys2)], -1)  # (N, 1, 2D)
-        c_tilde = self.g_c(F.linear(both, *self._sum_of_outputs(m1, m2)), query)  # (N, 1, D)
-        return self.word(c_tilde[:, 0]), state  # (N, V)
+        q = self._lin(query, *fused_linear(m1.w_q, m2.w_q, scales=(scale, scale))).view(n, 2, h, 1, dk)
+        both = torch.cat([self._attend_memory(m1, q[:, 0], mem, n1, keys1),
+                          self._attend_memory(m2, q[:, 1], mem, n2, keys2)], -1)  # (N, 1, 2D)
+        c_tilde = self.g_c(self._lin(both, *self._sum_of_outputs(m1, m2)), query)  # (N, 1, D)
+        return self._lin(c_tilde[:, 0], self.word.weight, self.word.bias), state  # (N, V)
+
+    @staticmethod
+    def _attend_memory(module: MultiHeadAttention, q: torch.Tensor, mem: Memory, name: str,
+                       keys: Optional[torch.Tensor]) -> torch.Tensor:
+        """One step's pre-scaled queries q (N, h, 1, d_k) over the memory's keys/values ``name`` -> (N, 1, D).
+        With a shared memory (``mem.group`` = g rows per image) the g rows of an image attend as g queries of
+        one row over its single copy."""
+        k, v = mem.kv[name]
+        g = mem.group
+        if g == 1:
+            return module.attend_one(q, k, v, keys)
+        n, h, _, dk = q.shape
+        qg = q.reshape(n // g, g, h, dk).transpose(1, 2)  # (B, h, g, dk)
+        return module.attend_one(qg, k, v, keys).reshape(n, 1, h * dk)  # (B, g, D) -> (N, 1, D)
 
     def _sum_of_outputs(self, m1: MultiHeadAttention, m2: MultiHeadAttention) -> tuple[torch.Tensor, torch.Tensor]:
         """W, b with [o1, o2] W^T + b = m1.w_o(o1) + m2.w_o(o2)."""
@@ -401,6 +460,7 @@ class GliedDecoder(nn.Module):
         weights of the local visual distilling H_vl(c_g, I, I) (GLIED), or of the visual attention H_v (base).
         """
         c = self.config
+        mem = mem.materialized()
         tokens = torch.cat([torch.full_like(seqs[:, :1], BOS), seqs[:, :-1]], 1)  # (N, T) inputs
         t = tokens.shape[1]
         t_tilde = self._pivot(self._embed_words(tokens, 0), mem)  # (N, T, D)
@@ -440,12 +500,13 @@ class GliedDecoder(nn.Module):
         return logits, loss
 
     @staticmethod
-    def word_logprobs(logits: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities over words for decoding: <pad> and <bos> can never be generated. (..., V)."""
-        logits = logits.float().clone()
+    def word_logprobs(logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Log-probabilities over words for decoding: <pad> and <bos> can never be generated. (..., V).
+        ``inplace``: fp32 ``logits`` no longer needed by the caller are overwritten instead of copied."""
+        logits = logits.float() if inplace else logits.float().clone()
         logits[..., PAD] = float("-inf")
         logits[..., BOS] = float("-inf")
-        return F.log_softmax(logits, -1)
+        return torch.log_softmax(logits, -1, out=logits) if inplace else F.log_softmax(logits, -1)
 
     @staticmethod
     def greedy_words(logits: torch.Tensor) -> torch.Tensor:

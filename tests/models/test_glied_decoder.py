@@ -227,3 +227,46 @@ def test_greedy_without_logits_chooses_the_same_words():
     s1, _ = greedy(m, mem, 10)
     s2, none = greedy(m, mem, 10, keep_logits=False)
     assert none is None and torch.equal(s1, s2)
+
+
+@pytest.mark.parametrize("name", ["glied", "base"])
+def test_cached_decoding_equals_uncached_over_many_rows(name):
+    # 40 images x 4 heads: one-query attention takes its matmul path (MATMUL_ATTENTION_ROWS), with padded
+    # regions and an image without attribute words among the rows
+    from glied.models.attention import MATMUL_ATTENTION_ROWS
+
+    m = tiny(name)
+    assert 40 * m.config.n_heads >= MATMUL_ATTENTION_ROWS
+    mem = m.encode(*inputs(b=40))
+    s1, l1 = greedy(m, mem, 10)
+    s2, l2 = greedy_uncached(m, mem, 10)
+    assert torch.equal(s1, s2)
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-5)
+
+
+def test_low_precision_decoding_rounds_only_inference_gemms(monkeypatch):
+    import glied.models.attention as attention
+
+    monkeypatch.setattr(attention, "LOW_PRECISION_MIN_OUTPUTS", 0)  # the tiny model's GEMMs count as large
+    m = tiny("glied")
+    x = inputs()
+    caps = torch.randint(4, V, (3, 1, 6))
+    with torch.no_grad():
+        ref_logits = m.step(m.encode(*x), torch.full((3,), 1), None)[0]
+    ref_loss = m(*x, caps)[1]
+    assert m.set_decoding_precision(torch.bfloat16) is m and m.decoding_precision == torch.bfloat16
+    with torch.no_grad():
+        mem = m.encode(*x)
+        logits = m.step(mem, torch.full((3,), 1), None)[0]
+    assert logits.dtype == torch.float32 and mem.kv["v"][0].dtype == torch.float32  # state stays fp32
+    assert not torch.equal(logits, ref_logits)  # rounded ...
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0.05)  # ... by bf16's 3 significant digits
+    assert torch.equal(m(*x, caps)[1], ref_loss)  # training (autograd) never rounds
+    with torch.no_grad():  # an in-place update of the weights: the bf16 copies follow
+        m.word.weight.mul_(2)
+        m.word.bias.zero_()
+        again = m.step(m.encode(*x), torch.full((3,), 1), None)[0]
+        m.set_decoding_precision(None)
+        exact = m.step(m.encode(*x), torch.full((3,), 1), None)[0]
+    assert m.decoding_precision == torch.float32
+    torch.testing.assert_close(again, exact, rtol=0, atol=0.1)
