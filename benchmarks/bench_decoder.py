@@ -8,9 +8,10 @@ score of a setting is the fastest of ``--repeats`` runs (min time); the median i
 ``--peer PATH`` times ImageCaptioning.pytorch's ``cachedTransformer`` from a checkout at PATH in the same process
 (1 encoder + 1 decoder layer, d_model 512, d_ff 2048, 8 heads: 18.7M parameters), interleaved run by run with
 GLIED, and prints the ratio per setting. Nothing of the peer is part of this repository; the checkout is only
-imported.
+imported. ``--decode-precision fp32,bf16`` times GLIED with its inference GEMMs in each precision side by side
+(bf16 pays only where the CPU has native bf16; the line at the top says whether this one has).
 
-    python benchmarks/bench_decoder.py [--threads 2] [--repeats 5] [--peer PATH]
+    python benchmarks/bench_decoder.py [--threads 2] [--repeats 5] [--peer PATH] [--decode-precision fp32,bf16]
     python benchmarks/bench_decoder.py --scst [--memory]       # SCST vs XE training step at batch 50
     python benchmarks/bench_decoder.py --device cuda            # fp32 and bf16 at batch 1 and 500 (GPU)
 """
@@ -63,9 +64,12 @@ def make_inputs(b: int, seed: int = 0, device: str = "cpu"):
     return tuple(t.to(device) for t in x)
 
 
-def glied_model(device: str = "cpu") -> GliedDecoder:
+def glied_model(device: str = "cpu", precision: str = "fp32") -> GliedDecoder:
+    """The protocol's GLIED (same weights every call); ``precision`` "bf16": its inference GEMMs in bf16
+    (:meth:`GliedDecoder.set_decoding_precision`)."""
     torch.manual_seed(0)
-    return NoEos(GliedConfig.preset("glied", vocab_size=VOCAB)).to(device).eval()
+    model = NoEos(GliedConfig.preset("glied", vocab_size=VOCAB)).to(device).eval()
+    return model.set_decoding_precision(torch.bfloat16 if precision == "bf16" else None)
 
 
 def glied_runner(model: GliedDecoder, batch: int, beam: int, device: str = "cpu") -> Callable[[], torch.Tensor]:
@@ -154,11 +158,12 @@ def compare(runners: dict[str, dict[tuple[int, int], Callable]], repeats: int,
 
 
 def table(times: dict[str, dict[tuple[int, int], list[float]]], label: str = "") -> None:
+    """One row per setting: captions/s of every model, then each model's ratio to the last one (the peer)."""
     names = list(times)
+    ratios = names[:-1] if len(names) >= 2 else []
     head = "| setting | " + " | ".join(f"{n} cap/s (min-time / median)" for n in names)
-    if len(names) == 2:
-        head += f" | ratio {names[0]}/{names[1]} (best / median)"
-    print(f"\n{label}\n{head} |\n" + "|---" * (len(names) + 1 + (len(names) == 2)) + "|")
+    head += "".join(f" | ratio {n}/{names[-1]} (best / median)" for n in ratios)
+    print(f"\n{label}\n{head} |\n" + "|---" * (len(names) + 1 + len(ratios)) + "|")
     for setting in times[names[0]]:
         batch, beam = setting
         cells, best, med = [], [], []
@@ -168,8 +173,7 @@ def table(times: dict[str, dict[tuple[int, int], list[float]]], label: str = "")
             med.append(1 / statistics.median(ts))
             cells.append(f"{best[-1]:.1f} / {med[-1]:.1f}")
         row = f"| batch {batch}, beam {beam} | " + " | ".join(cells)
-        if len(names) == 2:
-            row += f" | {best[0] / best[1]:.2f}x / {med[0] / med[1]:.2f}x"
+        row += "".join(f" | {best[i] / best[-1]:.2f}x / {med[i] / med[-1]:.2f}x" for i in range(len(ratios)))
         print(row + " |")
 
 
@@ -263,6 +267,9 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="with --scst: also their peak memory")
     ap.add_argument("--gpu-batches", default="1,500", help="batch sizes of the accelerator tables")
     ap.add_argument("--skip-decoding", action="store_true")
+    ap.add_argument("--decode-precision", default="fp32",
+                    help="comma-separated GEMM precisions of GLIED to time side by side on CPU: fp32, bf16 "
+                         "(GliedDecoder.set_decoding_precision; fast only where the CPU has native bf16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
@@ -273,9 +280,12 @@ def main() -> None:
     if args.settings:
         settings = tuple(tuple(int(v) for v in s.split("x")) for s in args.settings.split(","))
     if not args.skip_decoding and args.device == "cpu" and not args.dtypes:
-        model = glied_model()
-        runners = {"glied": {s: glied_runner(model, *s) for s in settings}}
-        print(f"glied: {count_parameters(model) / 1e6:.2f}M parameters")
+        runners = {}
+        for prec in args.decode_precision.split(","):
+            model = glied_model(precision=prec)
+            runners["glied" if prec == "fp32" else f"glied {prec}"] = {s: glied_runner(model, *s) for s in settings}
+        print(f"glied: {count_parameters(model) / 1e6:.2f}M parameters; GEMMs in {args.decode_precision}; "
+              f"{native_bf16_line()}")
         if args.peer:
             peer = load_peer(args.peer)
             print(f"peer cachedTransformer: {count_parameters(peer) / 1e6:.2f}M parameters")
@@ -286,6 +296,12 @@ def main() -> None:
     if args.scst:
         scst_vs_xe(50, args.repeats, args.memory)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+def native_bf16_line() -> str:
+    from glied.extractors.precision import resolve_precision
+
+    return resolve_precision("auto", "cpu").reason
 
 
 def gpu_tables(args) -> None:

@@ -44,6 +44,23 @@ def predict_split(model: GliedDecoder, dataset: CaptionDataset, beam_size: int, 
     return out
 
 
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def decoding_precision(requested: str, device: str):
+    """``requested`` ("fp32" | "bf16" | "auto") -> a PrecisionChoice for the decoder's inference GEMMs, by the
+    same rule as the extractors' (glied.extractors.precision: "auto" is bf16 only where the CPU or GPU does
+    bf16 natively). Reduced precision changes scores by rounding; docs/decoding.md has the measured speeds."""
+    from glied.extractors.precision import resolve_precision
+
+    if requested not in ("fp32", "bf16", "auto"):
+        raise ConfigError(f"decode precision must be fp32, bf16 or auto, not {requested!r}")
+    choice = resolve_precision(requested, device)
+    if choice.precision == "fp16":  # a GPU without bf16: keep the decoder exact
+        return type(choice)("fp32", f"{choice.reason}; the decoder stays fp32 without native bf16")
+    return choice
+
+
 def spice_available() -> bool:
     """True when pycocoevalcap's SPICE has its CoreNLP jars (it would otherwise try to download them)."""
     try:
@@ -88,9 +105,12 @@ def coco_metrics(refs: dict[str, list[str]], preds: dict[str, str]) -> dict[str,
 
 def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | FeatureSource,
              data: str | os.PathLike, split: str = "test", beam_size: int = 3, batch_size: int = 50,
-             out: Optional[str | os.PathLike] = None, device: str = "cpu",
+             out: Optional[str | os.PathLike] = None, device: str = "cpu", decode_precision: str = "fp32",
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Caption ``split`` and score it; returns {"metrics": {...}, "predictions": path, "n_images", ...}.
+
+    ``decode_precision``: "fp32" (exact), "bf16" or "auto" (bf16 where the CPU/GPU has it natively): the
+    precision of the decoder's large inference GEMMs (:func:`decoding_precision`); it is recorded in the result.
 
     ``out`` defaults to the checkpoint's run directory. Raises ConfigError if the feature cache is not the one
     the model was trained on (naming what differs) and InputError if images of the split are missing from it.
@@ -112,7 +132,10 @@ def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | Featur
     refs_file = Path(data) / f"refs_{split}.json"
     if not refs_file.is_file():
         raise InputError(f"{refs_file}: no references for split {split!r} (prepared data has val and test)")
-    model = build_model(ckpt).to(device)
+    choice = decoding_precision(decode_precision, device)
+    if decode_precision != "fp32":
+        log(f"decoder {choice.describe()}")
+    model = build_model(ckpt).to(device).set_decoding_precision(DTYPES[choice.precision])
     max_attrs = (ckpt.get("train_config") or {}).get("max_attrs")
     ds = CaptionDataset(prep, source, split, max_attrs, where=source_name,
                         box_geometry=model.config.box_geometry)
@@ -132,7 +155,7 @@ def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | Featur
                          f"(e.g. {missing[:3]})")
     metrics = coco_metrics(refs, {k: preds[k] for k in refs})
     result = {"checkpoint": ckpt["path"], "split": split, "beam_size": beam_size, "n_images": len(refs),
-              "metrics": metrics, "predictions": str(pred_path)}
+              "decode_precision": choice.precision, "metrics": metrics, "predictions": str(pred_path)}
     write_json_atomic(out_dir / f"metrics_{split}.json", result, indent=1)
     for k, v in metrics.items():
         log(f"{k:8s} {v if isinstance(v, str) else f'{v:.4f}'}")

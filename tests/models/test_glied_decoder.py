@@ -270,3 +270,20 @@ def test_low_precision_decoding_rounds_only_inference_gemms(monkeypatch):
         exact = m.step(m.encode(*x), torch.full((3,), 1), None)[0]
     assert m.decoding_precision == torch.float32
     torch.testing.assert_close(again, exact, rtol=0, atol=0.1)
+
+
+def test_draw_samples_the_given_distribution():
+    from glied.models.beam import draw
+
+    p = torch.tensor([0.0, 0.5, 0.2, 0.0, 0.25, 0.05])
+    rows = p.expand(200_000, -1).contiguous()
+    got = draw(rows, torch.Generator().manual_seed(0))
+    assert got.shape == (200_000,) and got.dtype == torch.long
+    freq = torch.bincount(got, minlength=6).double() / got.numel()
+    assert freq[0] == 0 and freq[3] == 0  # words of probability 0 never come
+    torch.testing.assert_close(freq, p.double(), rtol=0, atol=0.005)  # 200k draws: std <= 0.0012
+    again = draw(rows[:100], torch.Generator().manual_seed(0))
+    assert torch.equal(again, got[:100])  # the generator decides
+    one_hot = torch.zeros(4, 6)
+    one_hot[torch.arange(4), torch.tensor([5, 0, 2, 1])] = 1.0  # certain words, first and last included
+    assert draw(one_hot).tolist() == [5, 0, 2, 1]

@@ -104,6 +104,31 @@ def test_evaluate_tiny_split(world, tmp_path):
     refs = json.loads((Path(prep) / "refs_test.json").read_text())
     assert sorted(p["image_id"] for p in preds) == sorted(im["id"] for im in refs["images"])
     assert all(isinstance(p["caption"], str) and p["caption"] for p in preds)
+    assert r["decode_precision"] == "fp32"
+
+
+def test_evaluate_with_bf16_decoding_gemms(world, tmp_path, monkeypatch):
+    import glied.models.attention as attention
+    from glied.pipeline.evaluate import evaluate
+
+    monkeypatch.setattr(attention, "LOW_PRECISION_MIN_OUTPUTS", 0)  # the tiny model's GEMMs count as large
+    root, prep = world
+    feats = fx.MemoryFeatures(root)
+    train(prep, feats, tmp_path / "run", fx.tiny_config(epochs=12, lr=1e-2), log=lambda *_: None)
+    exact = evaluate(tmp_path / "run", feats, prep, "test", beam_size=2, out=tmp_path / "fp32", log=lambda *_: None)
+    said = []
+    low = evaluate(tmp_path / "run", feats, prep, "test", beam_size=2, out=tmp_path / "bf16",
+                   decode_precision="bf16", log=said.append)
+    assert low["decode_precision"] == "bf16" and any("precision bf16" in s for s in said)
+    a, b = (json.loads(Path(r["predictions"]).read_text()) for r in (exact, low))
+    assert [p["image_id"] for p in a] == [p["image_id"] for p in b]
+    assert all(p["caption"] for p in b)
+    assert abs(low["metrics"]["CIDEr"] - exact["metrics"]["CIDEr"]) < 0.5  # rounding, not another model
+    auto = evaluate(tmp_path / "run", feats, prep, "test", beam_size=2, out=tmp_path / "auto",
+                    decode_precision="auto", log=lambda *_: None)
+    assert auto["decode_precision"] in ("fp32", "bf16")
+    with pytest.raises(ConfigError, match="decode precision"):
+        evaluate(tmp_path / "run", feats, prep, "test", decode_precision="int8", log=lambda *_: None)
 
 
 def test_scst_stage_from_an_xe_checkpoint(world, tmp_path):
