@@ -249,7 +249,7 @@ class GliedDecoder(nn.Module):
 
     def set_decoding_precision(self, dtype: Optional[torch.dtype]) -> "GliedDecoder":
         """Run the large GEMMs of inference (encoding and decoding steps, never under autograd) with weights
-        copied to ``dtype`` (e.g. torch.bfloat16 on a CPU with native bf16: docs/performance.md), or in fp32
+        copied to ``dtype`` (e.g. torch.bfloat16 on a CPU with native bf16: docs/decoding.md), or in fp32
         (None, the default). Attention, layer norms and decoding state stay fp32. Returns self."""
         self._low = None if dtype in (None, torch.float32) else LowPrecisionLinear(dtype)
         return self
