@@ -287,3 +287,25 @@ def test_draw_samples_the_given_distribution():
     one_hot = torch.zeros(4, 6)
     one_hot[torch.arange(4), torch.tensor([5, 0, 2, 1])] = 1.0  # certain words, first and last included
     assert draw(one_hot).tolist() == [5, 0, 2, 1]
+
+
+def test_shared_memory_serves_rows_like_a_repeated_one():
+    m = tiny("glied")
+    with torch.no_grad():
+        mem = m.encode(*inputs())
+        shared, repeated = mem.shared(3), mem.repeat(3)
+        assert shared.batch_size == repeated.batch_size == 9
+        assert shared.kv["v"][0].shape[0] == 3  # one copy per image
+        tokens = torch.randint(4, V, (9,))
+        a, _ = m.step(shared, tokens, None)
+        b, _ = m.step(repeated, tokens, None)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        seqs = torch.randint(4, V, (9, 5))
+        torch.testing.assert_close(m.decode(shared, seqs), m.decode(repeated, seqs), rtol=0, atol=1e-5)
+        rows = torch.tensor([8, 0, 4])
+        picked = shared.index_select(rows)
+        assert picked.group == 1 and picked.batch_size == 3
+        for n in mem.kv:
+            assert torch.equal(picked.kv[n][0], repeated.kv[n][0][rows])
+        assert shared.repeat(2).batch_size == 18
+        assert shared.shared(1).group == 1 and shared.shared(1).batch_size == 9  # materialized
