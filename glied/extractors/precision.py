@@ -53,6 +53,13 @@ class PrecisionChoice:
         return f"precision {self.precision} ({self.reason})"
 
 
+def torch_dtype(precision: str):
+    """The torch dtype of a concrete precision ("fp32" | "bf16" | "fp16")."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def cpu_isa_flags() -> dict:
     """What torch's cpuinfo reports about this CPU: {avx2, avx512, avx512_bf16, amx_tile} as bools, or {} when
     torch does not report x86 flags (another architecture or an older torch)."""
@@ -158,7 +165,7 @@ def time_low_vs_fp32(precision: str = "bf16", budget_s: float = 0.5) -> float:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 512, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(512, 512, 3, 3, generator=g) * 0.02).contiguous(memory_format=torch.channels_last)
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    low = torch_dtype(precision)
     best = {}
     with torch.inference_mode():
         for dt in (torch.float32, low):

@@ -132,11 +132,12 @@ def beam_search(model: GliedDecoder, mem: Memory, beam_size: int = 3,
             forced[:, EOS] = logp[:, EOS]  # only <eos> allowed, at its own probability
             logp = forced
         # finished beams only extend with <pad> at no cost (rewriting their rows only: most rows go on)
-        if t > 0 and (device.type != "cpu" or bool(done.any())):
-            finished_row = torch.full((v,), float("-inf"), device=device)
-            finished_row[PAD] = 0.0
-            logp = torch.where(done[:, None], finished_row[None], logp) if device.type != "cpu" else \
-                logp.index_put_((done.nonzero()[:, 0],), finished_row)
+        finished_row = torch.full((v,), float("-inf"), device=device)
+        finished_row[PAD] = 0.0
+        if device.type != "cpu":  # no host sync on an accelerator
+            logp = torch.where(done[:, None], finished_row[None], logp)
+        elif bool(done.any()):
+            logp.index_put_((done.nonzero()[:, 0],), finished_row)
         cand = (scores.view(b * k, 1) + logp).view(b, k * v)  # (B, k*V)
         scores, flat = cand.topk(k, dim=1)  # (B, k)
         beam_idx = flat // v  # (B, k)

@@ -295,7 +295,7 @@ class GliedDecoder(nn.Module):
             I_tilde = self.g_vd(self._lin(ctx, self.h_vd.w_o.weight, self.h_vd.w_o.bias), I)  # (B, R, D)
         else:
             I_tilde = I
-        k, v = split_heads(self._lin(I_tilde, *fused_linear(self.h_v.w_k, self.h_v.w_v)), 2, h)  # (B, h, R, dk)
+        k, v = self.h_v.project_kv(I_tilde, self._lin)  # (B, h, R, dk)
         kv["v"] = (k, _zero_rows(v, has_region, region_keys))
         # attribute keys/values: H_ad and H_al (GLIED) or H_a (base)
         names = (["ad"] if c.global_attribute else []) + (["al"] if c.local_distilling else ["a"])

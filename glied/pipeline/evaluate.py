@@ -44,20 +44,17 @@ def predict_split(model: GliedDecoder, dataset: CaptionDataset, beam_size: int, 
     return out
 
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def decoding_precision(requested: str, device: str):
     """``requested`` ("fp32" | "bf16" | "auto") -> a PrecisionChoice for the decoder's inference GEMMs, by the
     same rule as the extractors' (glied.extractors.precision: "auto" is bf16 only where the CPU or GPU does
     bf16 natively). Reduced precision changes scores by rounding; docs/decoding.md has the measured speeds."""
-    from glied.extractors.precision import resolve_precision
+    from glied.extractors.precision import PrecisionChoice, resolve_precision
 
     if requested not in ("fp32", "bf16", "auto"):
         raise ConfigError(f"decode precision must be fp32, bf16 or auto, not {requested!r}")
     choice = resolve_precision(requested, device)
     if choice.precision == "fp16":  # a GPU without bf16: keep the decoder exact
-        return type(choice)("fp32", f"{choice.reason}; the decoder stays fp32 without native bf16")
+        return PrecisionChoice("fp32", f"{choice.reason}; the decoder stays fp32 without native bf16")
     return choice
 
 
@@ -116,6 +113,7 @@ def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | Featur
     the model was trained on (naming what differs) and InputError if images of the split are missing from it.
     """
     from glied.datasets.prepared import PreparedData
+    from glied.extractors.precision import torch_dtype
     from glied.models.checkpoint import build_model, load_checkpoint
     from glied.pipeline.train import _open_features
 
@@ -135,7 +133,7 @@ def evaluate(checkpoint: str | os.PathLike, features: str | os.PathLike | Featur
     choice = decoding_precision(decode_precision, device)
     if decode_precision != "fp32":
         log(f"decoder {choice.describe()}")
-    model = build_model(ckpt).to(device).set_decoding_precision(DTYPES[choice.precision])
+    model = build_model(ckpt).to(device).set_decoding_precision(torch_dtype(choice.precision))
     max_attrs = (ckpt.get("train_config") or {}).get("max_attrs")
     ds = CaptionDataset(prep, source, split, max_attrs, where=source_name,
                         box_geometry=model.config.box_geometry)

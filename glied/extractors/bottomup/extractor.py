@@ -21,6 +21,7 @@ from glied import checkpoint as ck
 from glied.errors import ConfigError, InputError, WeightsError
 from glied.extractors.bottomup import selection as sel
 from glied.extractors.bottomup.config import BottomUpConfig
+from glied.extractors.precision import torch_dtype
 from glied.extractors.bottomup.model import BottomUpDetector, RawOutputs, prepare_input
 from glied.extractors.bottomup.weights import (DETECTOR, load_checkpoint, load_detectron2_state,
                                                missing_weights_message, model_from_checkpoint,
@@ -80,7 +81,7 @@ class RegionExtractor:
         # fp32 "fast" / "gemm": res5 (nine tenths of the FLOPs; per RoI, after the proposals are fixed) folded and
         # channels-last, or as GEMMs; its outputs then differ from the port's by float32 rounding only.
         res5_fast = self.fp32_mode in ("fast", "gemm")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        dtype = torch_dtype(precision)
         # the extractor owns the model: BN folding and the dtype/memory-format changes happen in place
         self.model.optimise_for_inference(dtype=dtype, channels_last=channels_last, fuse_frozen_bn=fuse_frozen_bn,
                                           res5_channels_last=True if res5_fast else None,
