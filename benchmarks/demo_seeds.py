@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--scst-epochs", type=int, default=None)
     ap.add_argument("--captions-per-image", type=int, default=None)
     ap.add_argument("--no-box-geometry", action="store_true")
+    ap.add_argument("--no-region-sum", action="store_true", help="decoders without the summed regions per word")
+    ap.add_argument("--layers", type=int, default=None, help="decoder passes (the demo's: 1)")
     a = ap.parse_args()
     from glied.pipeline.evaluate import evaluate
     from glied.pipeline.train import train
@@ -96,6 +98,10 @@ def main() -> None:
                                  ("captions_per_image", a.captions_per_image)) if v is not None}
     if a.no_box_geometry:
         changes["box_geometry"] = False
+    if a.no_region_sum:
+        changes["region_sum"] = False
+    if a.layers is not None:
+        changes["decoder_layers"] = a.layers
     cfg = replace(cfg, **changes)
     demo, out = Path(a.demo), Path(a.out)
     prep, cache = demo / "prep", demo / "features" / "cache"

@@ -511,6 +511,10 @@ _MODELS = list(MODEL_PRESETS)
 @click.option("--d-model", type=int, default=512, show_default=True, help="Model width (paper: 512).")
 @click.option("--d-embed", type=int, default=256, show_default=True, help="Shared embedding size (paper: 256).")
 @click.option("--heads", type=int, default=8, show_default=True, help="Attention heads (paper: 8).")
+@click.option("--layers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Decoder passes; 2 lets each step see where earlier steps looked (docs/architecture.md).")
+@click.option("--region-sum", is_flag=True,
+              help="Add the summed region vectors to every input word, so the decoder can count objects.")
 @click.option("--box-geometry", is_flag=True, help="Give the decoder each region's box position and size.")
 @click.option("--init", type=click.Path(), default=None, help="Start from this checkpoint's weights.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
@@ -520,7 +524,8 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, model_
               scst_epochs: int,
               batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
               scst_samples: int, captions_per_image: int | None, d_model: int, d_embed: int, heads: int,
-              box_geometry: bool, init: str | None, resume: bool, seed: int, device: str) -> None:
+              layers: int, region_sum: bool, box_geometry: bool, init: str | None, resume: bool, seed: int,
+              device: str) -> None:
     """Train the GLIED decoder on cached features: cross-entropy, then SCST with a CIDEr-D reward.
 
     Runs under `torchrun --nproc_per_node N glied train ...` with DistributedDataParallel.
@@ -531,7 +536,8 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, model_
     settings = dict(model=model, stage=stage, epochs=epochs, scst_epochs=scst_epochs, batch_size=batch_size,
                     lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
                     scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model,
-                    d_embed=d_embed, n_heads=heads, seed=seed, box_geometry=box_geometry)
+                    d_embed=d_embed, n_heads=heads, layers=layers, region_sum=region_sum, seed=seed,
+                    box_geometry=box_geometry)
     # only the settings typed on the command line: the others are the defaults, or the run's own on --resume
     given = _given({"n_heads": "heads"}) | ({"model"} if model_old is not None else set())
     s = train(data, features, out, {k: v for k, v in settings.items() if k in given}, resume=resume, init=init,

@@ -13,6 +13,11 @@ G(y; z) = LayerNorm(z + Dropout(y)) with no FFN.
       c̃  = G(H_vl(c_g, I, I) + H_al(c_g, A, A), c_g)         local cross-modal distilling
     base:  Ĩ = I, t̃ = x, c̃ = G(H_v(x̃, I, I) + H_a(x̃, A, A), x̃)
     y ~ softmax(W^c c̃)
+    ``layers`` = L > 1 (not in the slides): passes 2..L repeat context attention and the cross-modal part with
+    their own weights, each on the c̃ of the pass before (x̃ = G(H_x(c̃, C̃, C̃), c̃), then c_g and c̃ as above);
+    y ~ softmax(W^c c̃ of pass L).
+    ``region_sum`` (not in the slides): x = W_e E[w] + PE(t) + W_s sum_r I_r, the regions' sum telling every step
+    how many regions there are (attention's weighted means cannot count).
 
 Each of the three distilling parts has its own switch in :class:`GliedConfig`, so base, single additions and
 full GLIED are the same code. Choices the paper leaves open (docs/architecture.md), made here:
@@ -58,10 +63,16 @@ class GliedConfig:
     attr_probs: bool = True
     label_smoothing: float = 0.0
     box_geometry: bool = False  # region rows end with 5 box-geometry columns (glied.datasets.captions)
+    # passes of context attention + cross-modal attention (the slides show one); pass n >= 2 reads the c~ of
+    # pass n-1, so a step can see where earlier steps looked (docs/architecture.md, "Decoder depth")
+    layers: int = 1
+    # add W_s sum_r I_r, the sum of the projected regions, to every input word: unlike attention's weighted
+    # means it grows with the number of regions, so the decoder can tell how many objects there are
+    region_sum: bool = False
 
     def __post_init__(self) -> None:
         """ConfigError (one line for the CLI) on sizes the model cannot be built with."""
-        for k in ("vocab_size", "d_model", "d_embed", "n_heads", "feature_dim", "max_positions"):
+        for k in ("vocab_size", "d_model", "d_embed", "n_heads", "feature_dim", "max_positions", "layers"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"model config: {k} must be a positive integer, not {v!r}")
@@ -121,6 +132,7 @@ class Memory:
     region_keys: Optional[torch.Tensor] = None
     attr_keys: Optional[torch.Tensor] = None
     group: int = 1  # decoding rows per image (beams, samples) sharing these tensors: see :meth:`shared`
+    words: Optional[torch.Tensor] = None  # (B, 1, D) added to every input word (GliedConfig.region_sum)
 
     @property
     def batch_size(self) -> int:
@@ -132,13 +144,19 @@ class Memory:
         :meth:`GliedDecoder.step` attends with the n rows' queries together over the one copy (beam search and
         sampling read the memory n times less). Use :meth:`repeat` for a memory with B*n rows of its own."""
         m = self.materialized()
-        return m if n == 1 else Memory(m.kv, m.region_mask, m.attr_mask, m.region_keys, m.attr_keys, group=n)
+        return m if n == 1 else replace(m, group=n)
 
     def materialized(self) -> "Memory":
         """The same memory with one row per decoding row (a copy when ``group`` > 1)."""
         if self.group == 1:
             return self
-        return Memory(self.kv, self.region_mask, self.attr_mask, self.region_keys, self.attr_keys).repeat(self.group)
+        return replace(self, group=1).repeat(self.group)
+
+    def word_bias(self) -> Optional[torch.Tensor]:
+        """``words`` for every decoding row, (N, 1, D), or None."""
+        if self.words is None or self.group == 1:
+            return self.words
+        return self.words.repeat_interleave(self.group, 0)  # (B*g, 1, D)
 
     def index_select(self, index: torch.Tensor) -> "Memory":
         """Rows ``index`` (e.g. ``arange(B).repeat_interleave(k)`` to expand for k beams/captions)."""
@@ -149,7 +167,7 @@ class Memory:
         def rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.index_select(0, index)
         return Memory(kv, self.region_mask.index_select(0, index), self.attr_mask.index_select(0, index),
-                      rows(self.region_keys), rows(self.attr_keys))
+                      rows(self.region_keys), rows(self.attr_keys), words=rows(self.words))
 
     def repeat(self, n: int) -> "Memory":
         """Each image repeated n times in a row: (B, ...) -> (B*n, ...)."""
@@ -160,32 +178,39 @@ class Memory:
 
 
 class KVCache:
-    """Decoding state: the causal context-attention keys and values of the steps so far.
+    """Decoding state: the causal context-attention keys and values of the steps so far, for every pass.
 
-    One preallocated buffer ``kv`` (2, N, h, capacity, d_k) (keys at [0], values at [1]); each step writes its
-    keys/values in place at position ``length``, so nothing grows by concatenation. Keys and values so far are
-    views whose (N, h) dimensions merge into one, so attention reads them without copying.
+    One preallocated buffer ``kv`` (2 L, N, h, capacity, d_k) (pass l's keys at [2l], values at [2l + 1]); each
+    step writes its keys/values in place at position ``length``, so nothing grows by concatenation. Keys and
+    values so far are views whose (N, h) dimensions merge into one, so attention reads them without copying.
     """
 
     def __init__(self, kv: torch.Tensor, length: int = 0) -> None:
         self.kv, self.length = kv, length
 
     @classmethod
-    def empty(cls, n: int, n_heads: int, d_k: int, capacity: int, like: torch.Tensor) -> "KVCache":
-        return cls(like.new_empty(2, n, n_heads, capacity, d_k))
+    def empty(cls, n: int, n_heads: int, d_k: int, capacity: int, like: torch.Tensor,
+              layers: int = 1) -> "KVCache":
+        return cls(like.new_empty(2 * layers, n, n_heads, capacity, d_k))
+
+    @property
+    def layers(self) -> int:
+        return int(self.kv.shape[0]) // 2
 
     @property
     def capacity(self) -> int:
         return int(self.kv.shape[3])
 
-    def append(self, kv_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one step's keys/values (N, 2, h, d_k); returns all keys and values so far, each (N, h, t, d_k)."""
+    def append(self, kv_new: torch.Tensor, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one step's keys/values (N, 2, h, d_k) of pass ``layer``; returns that pass's keys and values so
+        far, each (N, h, t, d_k). A step appends every pass in order; the last pass's append completes it."""
         t = self.length
         if t >= self.capacity:
             raise ValueError(f"decoding state holds {self.capacity} steps; step {t + 1} does not fit")
-        self.kv[:, :, :, t] = kv_new.transpose(0, 1)  # (2, N, h, d_k)
-        self.length = t + 1
-        return self.kv[0, :, :, :t + 1], self.kv[1, :, :, :t + 1]
+        self.kv[2 * layer:2 * layer + 2, :, :, t] = kv_new.transpose(0, 1)  # (2, N, h, d_k)
+        if layer == self.layers - 1:
+            self.length = t + 1
+        return self.kv[2 * layer, :, :, :t + 1], self.kv[2 * layer + 1, :, :, :t + 1]
 
     def index_select(self, index: torch.Tensor) -> "KVCache":
         """The state of rows ``index`` (beam search reordering)."""
@@ -212,6 +237,25 @@ def _zero_rows(v: torch.Tensor, has_key: torch.Tensor, keys: Optional[torch.Tens
     return v if keys is None else v * has_key[:, None, None, None].to(v.dtype)
 
 
+class DecoderPass(nn.Module):
+    """Pass n >= 2 of a decoder with ``layers`` > 1: context attention over the previous pass's outputs and the
+    cross-modal part, with weights of its own (the same module names as the first pass's, which live on
+    :class:`GliedDecoder` itself); its cross attentions read the memory entries named with ``suffix``."""
+
+    def __init__(self, c: GliedConfig, index: int) -> None:
+        super().__init__()
+        d, h, p = c.d_model, c.n_heads, c.dropout
+        self.suffix = str(index)
+        self.h_x, self.g_x = MultiHeadAttention(d, h, p), Residual(d, p)
+        self.h_v = MultiHeadAttention(d, h, p)
+        if c.local_distilling:
+            self.g_v = Residual(d, p)
+            self.h_vl, self.h_al = MultiHeadAttention(d, h, p), MultiHeadAttention(d, h, p)
+        else:
+            self.h_a = MultiHeadAttention(d, h, p)
+        self.g_c = Residual(d, p)
+
+
 class GliedDecoder(nn.Module):
     """GLIED (or an ablation) over cached region features and attribute words.
 
@@ -230,6 +274,7 @@ class GliedDecoder(nn.Module):
         self.embed_proj = nn.Linear(c.d_embed, d)
         self.prob_proj = nn.Linear(1, d) if c.attr_probs else None
         self.region_proj = nn.Linear(c.feature_dim, d)
+        self.sum_proj = nn.Linear(d, d) if c.region_sum else None  # W_s
         self.drop = nn.Dropout(p)
         self.register_buffer("pos_table", sinusoid_table(c.max_positions, d), persistent=False)
         if c.global_visual:
@@ -244,6 +289,8 @@ class GliedDecoder(nn.Module):
         else:
             self.h_a = MultiHeadAttention(d, h, p)
         self.g_c = Residual(d, p)
+        self.suffix = ""  # memory names of this pass's cross attentions: "v", "vl", "al" / "a"
+        self.stack = nn.ModuleList(DecoderPass(c, i) for i in range(2, c.layers + 1))  # passes 2..L
         self.word = nn.Linear(d, c.vocab_size)  # W^c
         self._low: Optional[LowPrecisionLinear] = None  # see set_decoding_precision
 
@@ -253,6 +300,11 @@ class GliedDecoder(nn.Module):
         (None, the default). Attention, layer norms and decoding state stay fp32. Returns self."""
         self._low = None if dtype in (None, torch.float32) else LowPrecisionLinear(dtype)
         return self
+
+    @property
+    def passes(self) -> list[nn.Module]:
+        """The decoder's passes in order: itself (the first pass's modules) and then ``stack``."""
+        return [self, *self.stack]
 
     @property
     def decoding_precision(self) -> torch.dtype:
@@ -279,31 +331,46 @@ class GliedDecoder(nn.Module):
         attr_keys, has_attr = _key_mask(attr_mask)
         I = self.drop(F.relu(self._lin(regions.to(self.region_proj.weight.dtype), self.region_proj.weight,
                                        self.region_proj.bias)))  # (B, R, D)
-        # every projection of I in one GEMM: [queries, keys, values of H_vd] + [keys, values of H_vl]
+        # every projection of I in one GEMM: [queries, keys, values of H_vd] + [keys, values of H_vl] per pass
+        passes = self.passes
         from_I = ([self.h_vd.w_q, self.h_vd.w_k, self.h_vd.w_v] if c.global_visual else []) + (
-            [self.h_vl.w_k, self.h_vl.w_v] if c.local_distilling else [])
+            [lin for p in passes for lin in (p.h_vl.w_k, p.h_vl.w_v)] if c.local_distilling else [])
         kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if from_I:
             scales = (self.h_vd.d_k ** -0.5, 1.0, 1.0) if c.global_visual else ()
-            scales += (1.0, 1.0) if c.local_distilling else ()
+            scales += (1.0, 1.0) * len(passes) if c.local_distilling else ()
             parts = split_heads(self._lin(I, *fused_linear(*from_I, scales=scales)), len(from_I), h)  # (B, h, R, dk)
             if c.local_distilling:
-                kv["vl"] = (parts[-2], _zero_rows(parts[-1], has_region, region_keys))
+                vl = parts[len(parts) - 2 * len(passes):]
+                for i, p in enumerate(passes):
+                    kv["vl" + p.suffix] = (vl[2 * i], _zero_rows(vl[2 * i + 1], has_region, region_keys))
         if c.global_visual:
             q, k, v = parts[:3]
             ctx = self.h_vd.attend_one(q, k, _zero_rows(v, has_region, region_keys), region_keys)  # (B, R, D)
             I_tilde = self.g_vd(self._lin(ctx, self.h_vd.w_o.weight, self.h_vd.w_o.bias), I)  # (B, R, D)
         else:
             I_tilde = I
-        k, v = self.h_v.project_kv(I_tilde, self._lin)  # (B, h, R, dk)
-        kv["v"] = (k, _zero_rows(v, has_region, region_keys))
-        # attribute keys/values: H_ad and H_al (GLIED) or H_a (base)
-        names = (["ad"] if c.global_attribute else []) + (["al"] if c.local_distilling else ["a"])
-        heads = [getattr(self, f"h_{n}") for n in names]
+        if len(passes) == 1:
+            k, v = self.h_v.project_kv(I_tilde, self._lin)  # (B, h, R, dk)
+            kv["v"] = (k, _zero_rows(v, has_region, region_keys))
+        else:  # every pass's H_v keys/values in one GEMM
+            w, b = fused_linear(*[lin for p in passes for lin in (p.h_v.w_k, p.h_v.w_v)])
+            parts = split_heads(self._lin(I_tilde, w, b), 2 * len(passes), h)  # (B, h, R, dk) each
+            for i, p in enumerate(passes):
+                kv["v" + p.suffix] = (parts[2 * i], _zero_rows(parts[2 * i + 1], has_region, region_keys))
+        # attribute keys/values: H_ad and H_al of every pass (GLIED) or H_a of every pass (base)
+        names = (["ad"] if c.global_attribute else []) + [
+            ("al" if c.local_distilling else "a") + p.suffix for p in passes]
+        heads = ([self.h_ad] if c.global_attribute else []) + [
+            p.h_al if c.local_distilling else p.h_a for p in passes]
         parts = split_heads(self._attr_kv(heads, attr_ids, attr_probs), 2 * len(heads), h)  # (B, h, K, dk)
         for i, n in enumerate(names):
             kv[n] = (parts[2 * i], _zero_rows(parts[2 * i + 1], has_attr, attr_keys))
-        return Memory(kv, region_mask, attr_mask, region_keys, attr_keys)
+        words = None
+        if self.sum_proj is not None:
+            total = (I * region_mask[..., None].to(I.dtype)).sum(1, keepdim=True)  # (B, 1, D)
+            words = self._lin(total, self.sum_proj.weight, self.sum_proj.bias)  # (B, 1, D)
+        return Memory(kv, region_mask, attr_mask, region_keys, attr_keys, words=words)
 
     def _attr_kv(self, heads: list[MultiHeadAttention], attr_ids: torch.Tensor,
                  attr_probs: torch.Tensor) -> torch.Tensor:
@@ -336,13 +403,15 @@ class GliedDecoder(nn.Module):
         return out if w_p is None else out.addcmul_(p, w_p)
 
     # ----------------------------------------------------------------------------------------- decoding
-    def _embed_words(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """tokens (N, T) -> (N, T, D) with positions start..start+T-1."""
+    def _embed_words(self, tokens: torch.Tensor, start: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (N, T) -> (N, T, D) with positions start..start+T-1, plus ``bias`` (N, 1, D) when given."""
         t = tokens.shape[1]
         if start + t > self.config.max_positions:
             raise ValueError(f"caption position {start + t} exceeds max_positions "
                              f"{self.config.max_positions}")
         pos = self.pos_table[start:start + t]  # (T, D)
+        if bias is not None:
+            pos = pos + bias  # (N, T, D)
         if not (torch.is_grad_enabled() or self.training):
             # decoding batch after batch with the same weights: W_e E[w] of every word as one table (V, D)
             table = derived(self.embed_proj, ("word_table",), [self.embed, self.embed_proj],
@@ -352,20 +421,19 @@ class GliedDecoder(nn.Module):
                 return F.embedding(tokens, table) + pos
         return self.drop(self.embed_proj(self.embed(tokens)) + pos)
 
-    def _after_context(self, t_tilde: torch.Tensor, ctx: torch.Tensor, mem: Memory) -> torch.Tensor:
-        """From the context-attention output to logits: (N, T, D) -> (N, T, V)."""
-        c = self.config
+    def _pass(self, p: nn.Module, y: torch.Tensor, causal: torch.Tensor, mem: Memory) -> torch.Tensor:
+        """One pass over whole sequences: its input y (N, T, D) (t̃, or the c̃ of the pass before) -> c̃ (N, T, D)."""
+        c, s = self.config, p.suffix
         rmask, amask = mem.region_mask[:, None, :], mem.attr_mask[:, None, :]
-        x_tilde = self.g_x(ctx, t_tilde)
+        x_tilde = p.g_x(p.h_x(y, y, causal), y)
         if c.local_distilling:
-            c_g = self.g_v(self.h_v.attend(x_tilde, *mem.kv["v"], rmask), x_tilde)
-            local = self.h_vl.attend(c_g, *mem.kv["vl"], rmask) + self.h_al.attend(c_g, *mem.kv["al"], amask)
-            c_tilde = self.g_c(local, c_g)
-        else:
-            both = (self.h_v.attend(x_tilde, *mem.kv["v"], rmask)
-                    + self.h_a.attend(x_tilde, *mem.kv["a"], amask))
-            c_tilde = self.g_c(both, x_tilde)
-        return self.word(c_tilde)
+            c_g = p.g_v(p.h_v.attend(x_tilde, *mem.kv["v" + s], rmask), x_tilde)
+            local = (p.h_vl.attend(c_g, *mem.kv["vl" + s], rmask)
+                     + p.h_al.attend(c_g, *mem.kv["al" + s], amask))
+            return p.g_c(local, c_g)
+        both = (p.h_v.attend(x_tilde, *mem.kv["v" + s], rmask)
+                + p.h_a.attend(x_tilde, *mem.kv["a" + s], amask))
+        return p.g_c(both, x_tilde)
 
     def _pivot(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
         """Global attribute distilling t̃ = G(H_ad(x, A, A), x), or x itself when switched off."""
@@ -378,15 +446,16 @@ class GliedDecoder(nn.Module):
         rows. Returns logits (N, T, V); position t sees tokens 0..t only."""
         mem = mem.materialized()
         t = tokens.shape[1]
-        t_tilde = self._pivot(self._embed_words(tokens, 0), mem)  # (N, T, D)
+        y = self._pivot(self._embed_words(tokens, 0, mem.words), mem)  # t̃ (N, T, D)
         causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()  # (T, T)
-        ctx = self.h_x(t_tilde, t_tilde, causal)
-        return self._after_context(t_tilde, ctx, mem)
+        for p in self.passes:
+            y = self._pass(p, y, causal, mem)  # c̃ (N, T, D)
+        return self.word(y)
 
     def init_state(self, n: int, capacity: int, like: torch.Tensor) -> KVCache:
         """An empty decoding state for n rows and up to ``capacity`` steps (dtype/device of ``like``)."""
         c = self.config
-        return KVCache.empty(n, c.n_heads, c.d_model // c.n_heads, capacity, like)
+        return KVCache.empty(n, c.n_heads, c.d_model // c.n_heads, capacity, like, layers=c.layers)
 
     def step(self, mem: Memory, token: torch.Tensor, state: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]:
         """One incremental decoding step.
@@ -405,7 +474,7 @@ class GliedDecoder(nn.Module):
         c = self.config
         n, h, dk = token.shape[0], c.n_heads, c.d_model // c.n_heads
         scale = dk ** -0.5
-        x = self._embed_words(token[:, None], 0 if state is None else state.length)  # (N, 1, D)
+        x = self._embed_words(token[:, None], 0 if state is None else state.length, mem.word_bias())  # (N, 1, D)
         if state is None:
             state = self.init_state(n, c.max_positions, x)
         t_tilde = x
@@ -413,25 +482,35 @@ class GliedDecoder(nn.Module):
             q = self._lin(x, *fused_linear(self.h_ad.w_q, scales=(scale,))).view(n, h, 1, dk)
             ctx = self._attend_memory(self.h_ad, q, mem, "ad", mem.attr_keys)  # (N, 1, D)
             t_tilde = self.g_ad(self._lin(ctx, self.h_ad.w_o.weight, self.h_ad.w_o.bias), x)  # (N, 1, D)
-        qkv = self._lin(t_tilde, *fused_linear(self.h_x.w_q, self.h_x.w_k, self.h_x.w_v, scales=(scale, 1.0, 1.0)))
-        qkv = qkv.view(n, 3, h, dk)  # (N, 3, h, dk)
-        keys, values = state.append(qkv[:, 1:])  # (N, h, t+1, dk) each
-        ctx = self.h_x.attend_one(qkv[:, 0, :, None], keys, values)  # (N, 1, D)
-        x_tilde = self.g_x(self._lin(ctx, self.h_x.w_o.weight, self.h_x.w_o.bias), t_tilde)  # (N, 1, D)
+        y = t_tilde
+        for i, p in enumerate(self.passes):
+            qkv = self._lin(y, *fused_linear(p.h_x.w_q, p.h_x.w_k, p.h_x.w_v, scales=(scale, 1.0, 1.0)))
+            qkv = qkv.view(n, 3, h, dk)  # (N, 3, h, dk)
+            keys, values = state.append(qkv[:, 1:], i)  # (N, h, t+1, dk) each
+            ctx = p.h_x.attend_one(qkv[:, 0, :, None], keys, values)  # (N, 1, D)
+            x_tilde = p.g_x(self._lin(ctx, p.h_x.w_o.weight, p.h_x.w_o.bias), y)  # (N, 1, D)
+            y = self._step_cross(p, x_tilde, mem)  # c̃ (N, 1, D)
+        return self._lin(y[:, 0], self.word.weight, self.word.bias), state  # (N, V)
+
+    def _step_cross(self, p: nn.Module, x_tilde: torch.Tensor, mem: Memory) -> torch.Tensor:
+        """The cross-modal part of one pass at one decoding step: x̃ (N, 1, D) -> c̃ (N, 1, D)."""
+        c, s = self.config, p.suffix
+        n, h = x_tilde.shape[0], c.n_heads
+        dk = c.d_model // h
+        scale = dk ** -0.5
         if c.local_distilling:
-            q = self._lin(x_tilde, *fused_linear(self.h_v.w_q, scales=(scale,))).view(n, h, 1, dk)
-            ctx = self._attend_memory(self.h_v, q, mem, "v", mem.region_keys)  # (N, 1, D)
-            c_g = self.g_v(self._lin(ctx, self.h_v.w_o.weight, self.h_v.w_o.bias), x_tilde)
-            query, pair = c_g, (("vl", self.h_vl, mem.region_keys), ("al", self.h_al, mem.attr_keys))
+            q = self._lin(x_tilde, *fused_linear(p.h_v.w_q, scales=(scale,))).view(n, h, 1, dk)
+            ctx = self._attend_memory(p.h_v, q, mem, "v" + s, mem.region_keys)  # (N, 1, D)
+            c_g = p.g_v(self._lin(ctx, p.h_v.w_o.weight, p.h_v.w_o.bias), x_tilde)
+            query, pair = c_g, (("vl" + s, p.h_vl, mem.region_keys), ("al" + s, p.h_al, mem.attr_keys))
         else:
-            query, pair = x_tilde, (("v", self.h_v, mem.region_keys), ("a", self.h_a, mem.attr_keys))
+            query, pair = x_tilde, (("v" + s, p.h_v, mem.region_keys), ("a" + s, p.h_a, mem.attr_keys))
         # H_1(query, ...) + H_2(query, ...) as one query GEMM and one output GEMM over both heads' outputs
         (n1, m1, keys1), (n2, m2, keys2) = pair
         q = self._lin(query, *fused_linear(m1.w_q, m2.w_q, scales=(scale, scale))).view(n, 2, h, 1, dk)
         both = torch.cat([self._attend_memory(m1, q[:, 0], mem, n1, keys1),
                           self._attend_memory(m2, q[:, 1], mem, n2, keys2)], -1)  # (N, 1, 2D)
-        c_tilde = self.g_c(self._lin(both, *self._sum_of_outputs(m1, m2)), query)  # (N, 1, D)
-        return self._lin(c_tilde[:, 0], self.word.weight, self.word.bias), state  # (N, V)
+        return p.g_c(self._lin(both, *self._sum_of_outputs(m1, m2)), query)  # (N, 1, D)
 
     @staticmethod
     def _attend_memory(module: MultiHeadAttention, q: torch.Tensor, mem: Memory, name: str,
@@ -457,21 +536,25 @@ class GliedDecoder(nn.Module):
         """Head-averaged attention over the raw regions I while writing given sequences, for pictures.
 
         seqs (N, T) generated words (as from :meth:`generate`); mem for N rows. Returns (N, T, R): at step t the
-        weights of the local visual distilling H_vl(c_g, I, I) (GLIED), or of the visual attention H_v (base).
+        weights of the local visual distilling H_vl(c_g, I, I) (GLIED), or of the visual attention H_v (base), of
+        the last pass.
         """
         c = self.config
         mem = mem.materialized()
         tokens = torch.cat([torch.full_like(seqs[:, :1], BOS), seqs[:, :-1]], 1)  # (N, T) inputs
         t = tokens.shape[1]
-        t_tilde = self._pivot(self._embed_words(tokens, 0), mem)  # (N, T, D)
+        y = self._pivot(self._embed_words(tokens, 0, mem.words), mem)  # (N, T, D)
         causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()  # (T, T)
-        x_tilde = self.g_x(self.h_x(t_tilde, t_tilde, causal), t_tilde)
+        *before, p = self.passes
+        for q in before:
+            y = self._pass(q, y, causal, mem)
+        x_tilde, s = p.g_x(p.h_x(y, y, causal), y), p.suffix
         rmask = mem.region_mask[:, None, :]  # (N, 1, R)
         if c.local_distilling:
-            c_g = self.g_v(self.h_v.attend(x_tilde, *mem.kv["v"], rmask), x_tilde)
-            w = self.h_vl.weights(c_g, mem.kv["vl"][0], rmask)  # (N, h, T, R)
+            c_g = p.g_v(p.h_v.attend(x_tilde, *mem.kv["v" + s], rmask), x_tilde)
+            w = p.h_vl.weights(c_g, mem.kv["vl" + s][0], rmask)  # (N, h, T, R)
         else:
-            w = self.h_v.weights(x_tilde, mem.kv["v"][0], rmask)  # (N, h, T, R)
+            w = p.h_v.weights(x_tilde, mem.kv["v" + s][0], rmask)  # (N, h, T, R)
         return w.mean(1)  # (N, T, R)
 
     # ----------------------------------------------------------------------------------------- training

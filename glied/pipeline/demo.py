@@ -74,6 +74,10 @@ class DemoConfig:
     # against 69% at 256 (seed 0), but trains ~2.4x as long: over the 20-minute budget on 2 cores
     decoder_width: int = 256
     box_geometry: bool = True  # the decoder reads each region's box position and size
+    # the decoder adds the sum of its region vectors to every word, so it can tell 3 objects from 4 (attention
+    # takes weighted means, which do not grow with the number of regions)
+    region_sum: bool = True
+    decoder_layers: int = 1  # decoder passes (GliedConfig.layers)
     decoder_seeds: tuple[int, ...] = (0,)
     batch_size: int = 50
     beam_size: int = 3
@@ -189,8 +193,8 @@ def _jsonable(v) -> bool:
 
 def decoder_recipe(model: str, stage: str, seed: int, cfg: DemoConfig):
     """The demo's decoder settings (DecoderTrainConfig) for one stage ("xe" or "scst"): a ``decoder_width`` model,
-    ``captions_per_image`` references per image and XE epoch, box geometry with the region features, 2 SCST
-    samples per image with the greedy baseline."""
+    ``captions_per_image`` references per image and XE epoch, box geometry with the region features, the summed
+    regions added to every word (``region_sum``), 2 SCST samples per image with the greedy baseline."""
     from glied.pipeline.train import DecoderTrainConfig
 
     return DecoderTrainConfig(model=model, stage=stage, epochs=cfg.xe_epochs if stage == "xe" else 0,
@@ -198,7 +202,8 @@ def decoder_recipe(model: str, stage: str, seed: int, cfg: DemoConfig):
                               seed=seed, d_model=cfg.decoder_width,
                               d_embed=cfg.decoder_width // 2, lr=1e-3, warmup_steps=100,
                               captions_per_image=cfg.captions_per_image, scst_samples=2,
-                              box_geometry=cfg.box_geometry)
+                              box_geometry=cfg.box_geometry, region_sum=cfg.region_sum,
+                              layers=cfg.decoder_layers)
 
 
 def _decoder_stage(prep: Path, cache: Path, model: str, stage: str, seed: int, cfg: DemoConfig,
@@ -300,7 +305,8 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
     retrieval = runner.run("retrieval", {"epochs": 3}, _retrieval_stage(prep, str(cache), quiet),
                            after=("prep", "features"))
     recipe = {"batch": cfg.batch_size, "captions_per_image": cfg.captions_per_image,
-              "box_geometry": cfg.box_geometry, "width": cfg.decoder_width}
+              "box_geometry": cfg.box_geometry, "width": cfg.decoder_width, "region_sum": cfg.region_sum,
+              **({"layers": cfg.decoder_layers} if cfg.decoder_layers != 1 else {})}
     runs: dict[str, list[Path]] = {}
     for model in ("base", "glied"):
         for seed in cfg.decoder_seeds:

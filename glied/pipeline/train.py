@@ -65,6 +65,8 @@ class DecoderTrainConfig:
     d_model: int = 512
     d_embed: int = 256
     n_heads: int = 8
+    layers: int = 1  # decoder passes (GliedConfig.layers)
+    region_sum: bool = False  # add the summed projected regions to every input word (GliedConfig.region_sum)
     dropout: float = 0.1
     label_smoothing: float = 0.0
     max_attrs: Optional[int] = None
@@ -255,6 +257,7 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
         feature_dim = int(train_ds[0]["regions"].shape[1])
         mcfg = GliedConfig.preset(cfg.model, vocab_size=len(prep.vocab), feature_dim=feature_dim,
                                   d_model=cfg.d_model, d_embed=cfg.d_embed, n_heads=cfg.n_heads,
+                                  layers=cfg.layers, region_sum=cfg.region_sum,
                                   dropout=cfg.dropout, label_smoothing=cfg.label_smoothing,
                                   max_positions=max(64, max_len + 2), box_geometry=geometry)
     torch.manual_seed(cfg.seed)  # initial weights are a function of the seed

@@ -39,9 +39,10 @@ def inputs(b=3, r=6, k=4, seed=1):
     return regions, rmask, ids, probs, amask
 
 
+@pytest.mark.parametrize("layers,region_sum", [(1, False), (2, True)])
 @pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
-def test_padding_does_not_change_outputs(name):
-    m = tiny(name)
+def test_padding_does_not_change_outputs(name, layers, region_sum):
+    m = tiny(name, layers=layers, region_sum=region_sum)
     reg, rm, ai, ap, am = inputs()
     caps = torch.randint(4, V, (3, 2, 7))
     caps[:, 1, 4:] = 0
@@ -60,9 +61,10 @@ def test_padding_does_not_change_outputs(name):
     torch.testing.assert_close(loss2, loss, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["glied", "base"])
-def test_cached_decoding_equals_uncached(name):
-    m = tiny(name)
+@pytest.mark.parametrize("name,layers,region_sum", [("glied", 1, False), ("base", 1, False), ("glied", 2, False),
+                                                    ("base", 3, False), ("glied", 1, True), ("base", 2, True)])
+def test_cached_decoding_equals_uncached(name, layers, region_sum):
+    m = tiny(name, layers=layers, region_sum=region_sum)
     mem = m.encode(*inputs())
     s1, l1 = greedy(m, mem, 10)
     s2, l2 = greedy_uncached(m, mem, 10)
@@ -131,6 +133,51 @@ def test_config_and_checkpoint_round_trip(tmp_path):
         GliedConfig.from_dict({**m.config.to_dict(), "extra": 1})
 
 
+def test_stacked_passes_train_read_their_own_memory_and_round_trip(tmp_path):
+    one, two = tiny("glied"), tiny("glied", layers=2)
+    # a one-pass model keeps the first pass's parameter names (older checkpoints load) and has no stack
+    assert not any(k.startswith("stack.") for k in one.state_dict())
+    assert set(one.state_dict()) < set(two.state_dict())
+    assert GliedConfig.from_dict({k: v for k, v in one.config.to_dict().items() if k != "layers"}).layers == 1
+    mem = two.encode(*inputs())
+    assert {"v2", "vl2", "al2"} <= set(mem.kv) and "ad2" not in mem.kv  # global distilling runs once
+    state = two.init_state(3, 4, mem.kv["v"][0])
+    assert state.layers == 2 and state.kv.shape[0] == 4
+    # the second pass is trained: every one of its parameters gets a gradient
+    two.train()
+    reg, rm, ai, ap, am = inputs()
+    _, loss = two(reg, rm, ai, ap, am, torch.randint(4, V, (3, 2, 5)))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in two.stack.parameters())
+    two.eval()
+    save_checkpoint({"format": FORMAT, "version": VERSION, "config": two.config.to_dict(), "vocab": ["a"] * V,
+                     "feature_identity": {"extractor": None, "attributes": None}, "model": two.state_dict()},
+                    tmp_path / "x.pt")
+    again = build_model(load_checkpoint(tmp_path / "x.pt"))
+    assert again.config.layers == 2
+    assert torch.equal(two.generate(reg, rm, ai, ap, am, 2, 6), again.generate(reg, rm, ai, ap, am, 2, 6))
+    assert again.region_attention(again.encode(reg, rm, ai, ap, am), torch.randint(4, V, (3, 5))).shape == (3, 5, 6)
+    with pytest.raises(ConfigError, match="layers must be a positive integer"):
+        GliedConfig.preset("glied", vocab_size=5, layers=0)
+
+
+def test_region_sum_grows_with_the_regions_and_follows_the_rows():
+    m = tiny("glied", region_sum=True)
+    reg, rm, ai, ap, am = inputs()
+    rm[:] = True
+    mem = m.encode(reg, rm, ai, ap, am)
+    # the same region twice is not the same as once (an attention mean could not tell them apart)
+    twice = m.encode(torch.cat([reg[:, :1], reg[:, :1]], 1), rm[:, :2], ai, ap, am)
+    once = m.encode(reg[:, :1], rm[:, :1], ai, ap, am)
+    assert mem.words.shape == (3, 1, 32)
+    assert not torch.allclose(twice.words, once.words)
+    torch.testing.assert_close(twice.words - m.sum_proj.bias, 2 * (once.words - m.sum_proj.bias))
+    # beams sharing one copy of the memory see their own image's vector
+    rows = torch.arange(3).repeat_interleave(2)
+    assert torch.equal(mem.shared(2).word_bias(), mem.index_select(rows).words)
+    assert tiny("glied").encode(reg, rm, ai, ap, am).words is None
+
+
 def _reference_beam(m, mem, k, max_len):
     """Plain beam search over the uncached teacher-forced decoder: every step re-decodes every prefix."""
     from glied.models.glied import BOS, PAD
@@ -160,9 +207,10 @@ def _reference_beam(m, mem, k, max_len):
     return seqs[:, 1:].view(b, k, -1)[torch.arange(b), best], scores.max(1).values
 
 
-@pytest.mark.parametrize("name", ["glied", "base"])
-def test_cached_beam_search_equals_uncached_reference(name):
-    m = tiny(name)
+@pytest.mark.parametrize("name,layers,region_sum", [("glied", 1, False), ("base", 1, False), ("glied", 2, False),
+                                                    ("base", 2, False), ("glied", 1, True), ("glied", 2, True)])
+def test_cached_beam_search_equals_uncached_reference(name, layers, region_sum):
+    m = tiny(name, layers=layers, region_sum=region_sum)
     with torch.no_grad():
         m.word.weight.mul_(4)  # sharper distributions: beams end at different steps
     mem = m.encode(*inputs())
@@ -229,13 +277,13 @@ def test_greedy_without_logits_chooses_the_same_words():
     assert none is None and torch.equal(s1, s2)
 
 
-@pytest.mark.parametrize("name", ["glied", "base"])
-def test_cached_decoding_equals_uncached_over_many_rows(name):
+@pytest.mark.parametrize("name,layers", [("glied", 1), ("base", 1), ("glied", 2)])
+def test_cached_decoding_equals_uncached_over_many_rows(name, layers):
     # 40 images x 4 heads: one-query attention takes its matmul path (MATMUL_ATTENTION_ROWS), with padded
     # regions and an image without attribute words among the rows
     from glied.models.attention import MATMUL_ATTENTION_ROWS
 
-    m = tiny(name)
+    m = tiny(name, layers=layers)
     assert 40 * m.config.n_heads >= MATMUL_ATTENTION_ROWS
     mem = m.encode(*inputs(b=40))
     s1, l1 = greedy(m, mem, 10)

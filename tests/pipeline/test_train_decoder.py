@@ -167,3 +167,22 @@ def test_cli_train_and_evaluate_on_a_real_cache(world, tmp_path, capsys):
         main(["train", "--data", str(prep), "--features", str(other), "--out", str(run), "--resume",
               "--d-model", "32", "--d-embed", "16", "--heads", "4"])
     assert "feature cache identity differs" in capsys.readouterr().err
+
+
+def test_cli_trains_a_decoder_with_two_passes_and_the_region_sum(world, tmp_path):
+    from glied.cli import main
+    from glied.models.checkpoint import build_model, load_checkpoint
+
+    root, prep = world
+    cache = _write_cache(tmp_path / "cache", fx.MemoryFeatures(root))
+    xe, rl = tmp_path / "xe", tmp_path / "rl"
+    main(["train", "--data", str(prep), "--features", str(cache), "--out", str(xe), "--stage", "xe",
+          "--epochs", "1", "--batch-size", "8", "--d-model", "32", "--d-embed", "16", "--heads", "4",
+          "--layers", "2", "--region-sum"])
+    ckpt = load_checkpoint(xe)
+    assert ckpt["config"]["layers"] == 2 and ckpt["config"]["region_sum"] is True
+    assert any(k.startswith("stack.0.") for k in ckpt["model"]) and "sum_proj.weight" in ckpt["model"]
+    # SCST continues the same model: the checkpoint's config wins over the flags' defaults
+    s = train(prep, cache, rl, fx.tiny_config(stage="scst", scst_epochs=1), init=str(xe), log=lambda *_: None)
+    assert s["progress"]["scst_done"] == 1
+    assert build_model(load_checkpoint(rl)).config == build_model(ckpt).config
