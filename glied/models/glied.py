@@ -64,7 +64,7 @@ class GliedConfig:
     label_smoothing: float = 0.0
     box_geometry: bool = False  # region rows end with 5 box-geometry columns (glied.datasets.captions)
     # passes of context attention + cross-modal attention (the slides show one); pass n >= 2 reads the c~ of
-    # pass n-1, so a step can see where earlier steps looked (docs/architecture.md, "Decoder depth")
+    # pass n-1, so a step can see where earlier steps looked (docs/architecture.md, "The GLIED decoder")
     layers: int = 1
     # add W_s sum_r I_r, the sum of the projected regions, to every input word: unlike attention's weighted
     # means it grows with the number of regions, so the decoder can tell how many objects there are
@@ -237,23 +237,30 @@ def _zero_rows(v: torch.Tensor, has_key: torch.Tensor, keys: Optional[torch.Tens
     return v if keys is None else v * has_key[:, None, None, None].to(v.dtype)
 
 
+def _add_pass_modules(m: nn.Module, c: GliedConfig, suffix: str) -> None:
+    """The modules of one decoder pass, set on ``m``: context attention H_x with its G, then H_v, and G_v, H_vl,
+    H_al (local distilling) or H_a (base), and G_c; its cross attentions read the memory entries named with
+    ``suffix`` ("v" + suffix, ...)."""
+    d, h, p = c.d_model, c.n_heads, c.dropout
+    m.suffix = suffix
+    m.h_x, m.g_x = MultiHeadAttention(d, h, p), Residual(d, p)
+    m.h_v = MultiHeadAttention(d, h, p)
+    if c.local_distilling:
+        m.g_v = Residual(d, p)
+        m.h_vl, m.h_al = MultiHeadAttention(d, h, p), MultiHeadAttention(d, h, p)
+    else:
+        m.h_a = MultiHeadAttention(d, h, p)
+    m.g_c = Residual(d, p)
+
+
 class DecoderPass(nn.Module):
     """Pass n >= 2 of a decoder with ``layers`` > 1: context attention over the previous pass's outputs and the
-    cross-modal part, with weights of its own (the same module names as the first pass's, which live on
-    :class:`GliedDecoder` itself); its cross attentions read the memory entries named with ``suffix``."""
+    cross-modal part, with weights of its own (the first pass's modules live on :class:`GliedDecoder` itself,
+    under the same names)."""
 
     def __init__(self, c: GliedConfig, index: int) -> None:
         super().__init__()
-        d, h, p = c.d_model, c.n_heads, c.dropout
-        self.suffix = str(index)
-        self.h_x, self.g_x = MultiHeadAttention(d, h, p), Residual(d, p)
-        self.h_v = MultiHeadAttention(d, h, p)
-        if c.local_distilling:
-            self.g_v = Residual(d, p)
-            self.h_vl, self.h_al = MultiHeadAttention(d, h, p), MultiHeadAttention(d, h, p)
-        else:
-            self.h_a = MultiHeadAttention(d, h, p)
-        self.g_c = Residual(d, p)
+        _add_pass_modules(self, c, str(index))
 
 
 class GliedDecoder(nn.Module):
@@ -281,15 +288,7 @@ class GliedDecoder(nn.Module):
             self.h_vd, self.g_vd = MultiHeadAttention(d, h, p), Residual(d, p)
         if c.global_attribute:
             self.h_ad, self.g_ad = MultiHeadAttention(d, h, p), Residual(d, p)
-        self.h_x, self.g_x = MultiHeadAttention(d, h, p), Residual(d, p)
-        self.h_v = MultiHeadAttention(d, h, p)
-        if c.local_distilling:
-            self.g_v = Residual(d, p)
-            self.h_vl, self.h_al = MultiHeadAttention(d, h, p), MultiHeadAttention(d, h, p)
-        else:
-            self.h_a = MultiHeadAttention(d, h, p)
-        self.g_c = Residual(d, p)
-        self.suffix = ""  # memory names of this pass's cross attentions: "v", "vl", "al" / "a"
+        _add_pass_modules(self, c, "")  # the first pass; its memory entries: "v", "vl", "al" / "a"
         self.stack = nn.ModuleList(DecoderPass(c, i) for i in range(2, c.layers + 1))  # passes 2..L
         self.word = nn.Linear(d, c.vocab_size)  # W^c
         self._low: Optional[LowPrecisionLinear] = None  # see set_decoding_precision
@@ -422,7 +421,7 @@ class GliedDecoder(nn.Module):
         return self.drop(self.embed_proj(self.embed(tokens)) + pos)
 
     def _pass(self, p: nn.Module, y: torch.Tensor, causal: torch.Tensor, mem: Memory) -> torch.Tensor:
-        """One pass over whole sequences: its input y (N, T, D) (t̃, or the c̃ of the pass before) -> c̃ (N, T, D)."""
+        """One pass over whole sequences: its input y (N, T, D) (t̃, or the previous pass's c̃) -> c̃ (N, T, D)."""
         c, s = self.config, p.suffix
         rmask, amask = mem.region_mask[:, None, :], mem.attr_mask[:, None, :]
         x_tilde = p.g_x(p.h_x(y, y, causal), y)
