@@ -47,12 +47,10 @@ class MultiHeadAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.n_heads, self.d_k).transpose(1, 2)  # (B, h, N, d_k)
 
-    def project_kv(self, kv: torch.Tensor, linear: Callable[..., torch.Tensor] = F.linear
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, d_model) -> keys, values each (B, h, N, d_k) (one fused projection, computed by ``linear``,
-        an ``F.linear``-like function)."""
+    def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, d_model) -> keys, values each (B, h, N, d_k) (one fused projection)."""
         w, b = fused_linear(self.w_k, self.w_v)
-        return split_heads(linear(kv, w, b), 2, self.n_heads)
+        return split_heads(F.linear(kv, w, b), 2, self.n_heads)
 
     def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -349,14 +349,11 @@ class GliedDecoder(nn.Module):
             I_tilde = self.g_vd(self._lin(ctx, self.h_vd.w_o.weight, self.h_vd.w_o.bias), I)  # (B, R, D)
         else:
             I_tilde = I
-        if len(passes) == 1:
-            k, v = self.h_v.project_kv(I_tilde, self._lin)  # (B, h, R, dk)
-            kv["v"] = (k, _zero_rows(v, has_region, region_keys))
-        else:  # every pass's H_v keys/values in one GEMM
-            w, b = fused_linear(*[lin for p in passes for lin in (p.h_v.w_k, p.h_v.w_v)])
-            parts = split_heads(self._lin(I_tilde, w, b), 2 * len(passes), h)  # (B, h, R, dk) each
-            for i, p in enumerate(passes):
-                kv["v" + p.suffix] = (parts[2 * i], _zero_rows(parts[2 * i + 1], has_region, region_keys))
+        # every pass's H_v keys/values in one GEMM
+        w, b = fused_linear(*[lin for p in passes for lin in (p.h_v.w_k, p.h_v.w_v)])
+        parts = split_heads(self._lin(I_tilde, w, b), 2 * len(passes), h)  # (B, h, R, dk) each
+        for i, p in enumerate(passes):
+            kv["v" + p.suffix] = (parts[2 * i], _zero_rows(parts[2 * i + 1], has_region, region_keys))
         # attribute keys/values: H_ad and H_al of every pass (GLIED) or H_a of every pass (base)
         names = (["ad"] if c.global_attribute else []) + [
             ("al" if c.local_distilling else "a") + p.suffix for p in passes]

@@ -306,7 +306,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
                            after=("prep", "features"))
     recipe = {"batch": cfg.batch_size, "captions_per_image": cfg.captions_per_image,
               "box_geometry": cfg.box_geometry, "width": cfg.decoder_width, "region_sum": cfg.region_sum,
-              **({"layers": cfg.decoder_layers} if cfg.decoder_layers != 1 else {})}
+              "layers": cfg.decoder_layers}
     runs: dict[str, list[Path]] = {}
     for model in ("base", "glied"):
         for seed in cfg.decoder_seeds:
