@@ -32,6 +32,7 @@ full GLIED are the same code. Choices the paper leaves open (docs/architecture.m
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional
 
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glied.datasets.captions import GEOMETRY_DIMS
 from glied.errors import ConfigError
 from glied.models.attention import (LowPrecisionLinear, MultiHeadAttention, Residual, derived, fused_linear,
                                     sinusoid_table, split_heads)
@@ -69,6 +71,10 @@ class GliedConfig:
     # add W_s sum_r I_r, the sum of the projected regions, to every input word: unlike attention's weighted
     # means it grows with the number of regions, so the decoder can tell how many objects there are
     region_sum: bool = False
+    # > 0: also encode each region's box centre and size as sin/cos at this many octave frequencies, projected
+    # and added to W_r r before the ReLU, so attention can single out a position ("the next object to the
+    # right"), which keys linear in the box coordinates cannot; needs ``box_geometry``
+    box_fourier: int = 0
 
     def __post_init__(self) -> None:
         """ConfigError (one line for the CLI) on sizes the model cannot be built with."""
@@ -76,6 +82,11 @@ class GliedConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"model config: {k} must be a positive integer, not {v!r}")
+        if not isinstance(self.box_fourier, int) or isinstance(self.box_fourier, bool) or self.box_fourier < 0:
+            raise ConfigError(f"model config: box_fourier must be a non-negative integer, not {self.box_fourier!r}")
+        if self.box_fourier and not self.box_geometry:
+            raise ConfigError("model config: box_fourier encodes the box geometry columns; it needs box_geometry "
+                              "(--box-geometry)")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model config: {self.n_heads} heads do not divide d_model {self.d_model} "
                               f"(choose --heads among the divisors of --d-model, e.g. 8 for 512)")
@@ -114,6 +125,16 @@ class GliedConfig:
 
     def replace(self, **kw: Any) -> "GliedConfig":
         return replace(self, **kw)
+
+
+def box_fourier_features(geometry: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., 5) box-geometry columns (:func:`glied.datasets.captions.region_matrix`) -> (..., 8n): sin and cos of the box centre x, y and width, height (each
+    in [0, 1]) at the frequencies pi * 2^k, k = 0..n-1."""
+    x1, y1, x2, y2 = geometry[..., :4].unbind(-1)
+    v = torch.stack([(x1 + x2) * 0.5, (y1 + y2) * 0.5, x2 - x1, y2 - y1], -1)  # (..., 4)
+    freqs = math.pi * 2.0 ** torch.arange(n, dtype=v.dtype, device=v.device)  # (n,)
+    angles = (v[..., None] * freqs).flatten(-2)  # (..., 4n)
+    return torch.cat([angles.sin(), angles.cos()], -1)  # (..., 8n)
 
 
 @dataclass
@@ -291,6 +312,8 @@ class GliedDecoder(nn.Module):
         _add_pass_modules(self, c, "")  # the first pass; its memory entries: "v", "vl", "al" / "a"
         self.stack = nn.ModuleList(DecoderPass(c, i) for i in range(2, c.layers + 1))  # passes 2..L
         self.word = nn.Linear(d, c.vocab_size)  # W^c
+        # W_b (built last, so the other layers' initial weights do not depend on it)
+        self.box_proj = nn.Linear(8 * c.box_fourier, d) if c.box_fourier else None
         self._low: Optional[LowPrecisionLinear] = None  # see set_decoding_precision
 
     def set_decoding_precision(self, dtype: Optional[torch.dtype]) -> "GliedDecoder":
@@ -328,8 +351,12 @@ class GliedDecoder(nn.Module):
         region_mask, attr_mask = region_mask.bool(), attr_mask.bool()
         region_keys, has_region = _key_mask(region_mask)
         attr_keys, has_attr = _key_mask(attr_mask)
-        I = self.drop(F.relu(self._lin(regions.to(self.region_proj.weight.dtype), self.region_proj.weight,
-                                       self.region_proj.bias)))  # (B, R, D)
+        regions = regions.to(self.region_proj.weight.dtype)
+        I = self._lin(regions, self.region_proj.weight, self.region_proj.bias)  # (B, R, D)
+        if self.box_proj is not None:
+            boxes = box_fourier_features(regions[..., -GEOMETRY_DIMS:], c.box_fourier)  # (B, R, 8F)
+            I = I + self._lin(boxes, self.box_proj.weight, self.box_proj.bias)
+        I = self.drop(F.relu(I))  # (B, R, D)
         # every projection of I in one GEMM: [queries, keys, values of H_vd] + [keys, values of H_vl] per pass
         passes = self.passes
         from_I = ([self.h_vd.w_q, self.h_vd.w_k, self.h_vd.w_v] if c.global_visual else []) + (

@@ -71,6 +71,7 @@ class DecoderTrainConfig:
     label_smoothing: float = 0.0
     max_attrs: Optional[int] = None
     box_geometry: bool = False  # give the decoder each region's box position and size (new models only)
+    box_fourier: int = 0  # frequencies of the sin/cos box encoding (GliedConfig.box_fourier; needs box_geometry)
     val_beam: int = 1
     seed: int = 0
 
@@ -94,6 +95,8 @@ class DecoderTrainConfig:
         if self.d_model % self.n_heads:
             raise ConfigError(f"{self.n_heads} attention heads do not divide d_model {self.d_model}; choose "
                               f"--heads among the divisors of --d-model (e.g. 8 for 512)")
+        if self.box_fourier and not self.box_geometry:
+            raise ConfigError("--box-fourier encodes the box geometry: give --box-geometry as well")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,7 +262,8 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
                                   d_model=cfg.d_model, d_embed=cfg.d_embed, n_heads=cfg.n_heads,
                                   layers=cfg.layers, region_sum=cfg.region_sum,
                                   dropout=cfg.dropout, label_smoothing=cfg.label_smoothing,
-                                  max_positions=max(64, max_len + 2), box_geometry=geometry)
+                                  max_positions=max(64, max_len + 2), box_geometry=geometry,
+                                  box_fourier=cfg.box_fourier)
     torch.manual_seed(cfg.seed)  # initial weights are a function of the seed
     model = GliedDecoder(mcfg).to(device)
     progress = {"xe_done": 0, "scst_done": 0, "step": 0}

@@ -357,3 +357,34 @@ def test_shared_memory_serves_rows_like_a_repeated_one():
             assert torch.equal(picked.kv[n][0], repeated.kv[n][0][rows])
         assert shared.repeat(2).batch_size == 18
         assert shared.shared(1).group == 1 and shared.shared(1).batch_size == 9  # materialized
+
+
+def test_box_fourier_encodes_box_positions():
+    from glied.models.glied import box_fourier_features
+    geo = torch.tensor([[0.0, 0.5, 1.0, 1.0, 0.5]])  # x1 y1 x2 y2 area: centre (0.5, 0.75), size (1, 0.5)
+    f = box_fourier_features(geo, 2)  # (1, 16): sin of (cx, cy, w, h) x 2 frequencies each, then their cos
+    assert f.shape == (1, 16)
+    expected = torch.tensor([0.5, 0.75, 1.0, 0.5])[:, None] * torch.tensor([torch.pi, 2 * torch.pi])  # (4, 2)
+    torch.testing.assert_close(f[0], torch.cat([expected.flatten().sin(), expected.flatten().cos()]))
+    torch.testing.assert_close(f[0, 0], torch.tensor(1.0))  # sin(pi * cx)
+    torch.testing.assert_close(f[0, 8 + 4], torch.tensor(-1.0))  # cos(pi * w)
+    with pytest.raises(ConfigError, match="needs box_geometry"):
+        GliedConfig.preset("glied", vocab_size=V, feature_dim=D_FEAT, box_fourier=4)
+
+    m = tiny("glied", box_geometry=True, box_fourier=3, region_sum=True)
+    reg, rm, ai, ap, am = inputs()
+    reg[..., -5:] = torch.rand(3, 6, 5)  # box columns in [0, 1]
+    mem = m.encode(reg, rm, ai, ap, am)
+    # the same features at another position are another region to the decoder
+    moved = reg.clone()
+    moved[0, 0, -5:-1] = torch.tensor([0.7, 0.1, 0.9, 0.3])
+    assert not torch.allclose(m.encode(moved, rm, ai, ap, am).kv["v"][0][0], mem.kv["v"][0][0])
+    # padding stays invisible, and cached decoding is exact
+    reg2 = torch.cat([reg, 100 * torch.randn(3, 2, D_FEAT)], 1)
+    rm2 = torch.cat([rm, torch.zeros(3, 2, dtype=torch.bool)], 1)
+    caps = torch.randint(4, V, (3, 2, 7))
+    torch.testing.assert_close(m(reg2, rm2, ai, ap, am, caps)[0], m(reg, rm, ai, ap, am, caps)[0], rtol=0, atol=1e-5)
+    s1, l1 = greedy(m, mem, 10)
+    s2, l2 = greedy_uncached(m, mem, 10)
+    assert torch.equal(s1, s2)
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-5)

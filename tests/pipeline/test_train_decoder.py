@@ -169,7 +169,7 @@ def test_cli_train_and_evaluate_on_a_real_cache(world, tmp_path, capsys):
     assert "feature cache identity differs" in capsys.readouterr().err
 
 
-def test_cli_trains_a_decoder_with_two_passes_and_the_region_sum(world, tmp_path):
+def test_cli_trains_a_decoder_with_two_passes_the_region_sum_and_box_encoding(world, tmp_path, capsys):
     from glied.cli import main
     from glied.models.checkpoint import build_model, load_checkpoint
 
@@ -178,11 +178,19 @@ def test_cli_trains_a_decoder_with_two_passes_and_the_region_sum(world, tmp_path
     xe, rl = tmp_path / "xe", tmp_path / "rl"
     main(["train", "--data", str(prep), "--features", str(cache), "--out", str(xe), "--stage", "xe",
           "--epochs", "1", "--batch-size", "8", "--d-model", "32", "--d-embed", "16", "--heads", "4",
-          "--layers", "2", "--region-sum"])
+          "--layers", "2", "--region-sum", "--box-geometry", "--box-fourier", "3"])
     ckpt = load_checkpoint(xe)
     assert ckpt["config"]["layers"] == 2 and ckpt["config"]["region_sum"] is True
+    assert ckpt["config"]["box_geometry"] is True and ckpt["config"]["box_fourier"] == 3
     assert any(k.startswith("stack.0.") for k in ckpt["model"]) and "sum_proj.weight" in ckpt["model"]
+    assert ckpt["model"]["box_proj.weight"].shape == (32, 24)
     # SCST continues the same model: the checkpoint's config wins over the flags' defaults
     s = train(prep, cache, rl, fx.tiny_config(stage="scst", scst_epochs=1), init=str(xe), log=lambda *_: None)
     assert s["progress"]["scst_done"] == 1
     assert build_model(load_checkpoint(rl)).config == build_model(ckpt).config
+    # the box encoding reads the box columns: without them, a one-line error before any data is read
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(prep), "--features", str(cache), "--out", str(tmp_path / "bad"),
+              "--box-fourier", "3"])
+    assert "--box-fourier encodes the box geometry: give --box-geometry as well" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
