@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--no-region-sum", action="store_true", help="decoders without the summed regions per word")
     ap.add_argument("--layers", type=int, default=None, help="decoder passes (the demo's: 1)")
     ap.add_argument("--box-fourier", type=int, default=None, help="sin/cos box frequencies (0: none)")
+    ap.add_argument("--coverage", type=int, choices=(0, 1), default=None, help="decoders with coverage (1) or not")
     a = ap.parse_args()
     from glied.pipeline.evaluate import evaluate
     from glied.pipeline.train import train
@@ -105,6 +106,8 @@ def main() -> None:
         changes["decoder_layers"] = a.layers
     if a.box_fourier is not None:
         changes["box_fourier"] = a.box_fourier
+    if a.coverage is not None:
+        changes["coverage"] = bool(a.coverage)
     cfg = replace(cfg, **changes)
     demo, out = Path(a.demo), Path(a.out)
     prep, cache = demo / "prep", demo / "features" / "cache"

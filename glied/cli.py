@@ -515,6 +515,8 @@ _MODELS = list(MODEL_PRESETS)
               help="Decoder passes; 2 lets each step see where earlier steps looked (docs/architecture.md).")
 @click.option("--region-sum", is_flag=True,
               help="Add the summed region vectors to every input word, so the decoder can count objects.")
+@click.option("--coverage", is_flag=True,
+              help="Mark the regions the caption has named so far in the region attentions (docs/architecture.md).")
 @click.option("--box-geometry", is_flag=True, help="Give the decoder each region's box position and size.")
 @click.option("--box-fourier", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --box-geometry: also encode box centres and sizes as sin/cos at N frequencies.")
@@ -526,7 +528,7 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, model_
               scst_epochs: int,
               batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
               scst_samples: int, captions_per_image: int | None, d_model: int, d_embed: int, heads: int,
-              layers: int, region_sum: bool, box_geometry: bool, box_fourier: int, init: str | None, resume: bool,
+              layers: int, region_sum: bool, coverage: bool, box_geometry: bool, box_fourier: int, init: str | None, resume: bool,
               seed: int, device: str) -> None:
     """Train the GLIED decoder on cached features: cross-entropy, then SCST with a CIDEr-D reward.
 
@@ -539,7 +541,7 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, model_
                     lr=lr, scst_lr=scst_lr, warmup_steps=warmup_steps, scst_baseline=scst_baseline,
                     scst_samples=scst_samples, captions_per_image=captions_per_image, d_model=d_model,
                     d_embed=d_embed, n_heads=heads, layers=layers, region_sum=region_sum, seed=seed,
-                    box_geometry=box_geometry, box_fourier=box_fourier)
+                    box_geometry=box_geometry, box_fourier=box_fourier, coverage=coverage)
     # only the settings typed on the command line: the others are the defaults, or the run's own on --resume
     given = _given({"n_heads": "heads"}) | ({"model"} if model_old is not None else set())
     s = train(data, features, out, {k: v for k, v in settings.items() if k in given}, resume=resume, init=init,

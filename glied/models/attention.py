@@ -76,11 +76,15 @@ class MultiHeadAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=1.0)  # (B, h, Tq, d_k)
         return out.transpose(1, 2).reshape(b, tq, h * dk)
 
-    def weights(self, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def weights(self, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention weights (B, h, Tq, N) of raw queries q (B, Tq, d_model) over pre-projected keys k; masked
-        keys get 0, and a query with no key gets all zeros (never NaN)."""
+        keys get 0, and a query with no key gets all zeros (never NaN). ``bias`` (broadcastable to
+        (B, h, Tq, N)), when given, is added to the scores."""
         qh = self._split(self.w_q(q))  # (B, h, Tq, d_k)
         scores = torch.matmul(qh, k.transpose(-1, -2)) / math.sqrt(self.d_k)  # (B, h, Tq, N)
+        if bias is not None:
+            scores = scores + bias
         if mask is None:
             return F.softmax(scores, dim=-1)
         m = mask.unsqueeze(-3) if mask.dim() == 3 else mask  # (B, 1, Tq, N) or (Tq, N)
@@ -88,18 +92,19 @@ class MultiHeadAttention(nn.Module):
         return F.softmax(scores, dim=-1).masked_fill(~m, 0.0)  # rows with no key -> zeros, not NaN
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+               mask: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention with pre-projected keys/values.
 
         Args:
             q: (B, Tq, d_model) raw queries (projected here).
             k, v: (B, h, N, d_k) from :meth:`project_kv`.
             mask: bool, broadcastable to (B, Tq, N) (e.g. (B, 1, N) padding or (Tq, N) causal); True = attend.
+            bias: float added to the scores, broadcastable to (B, h, Tq, N), or None.
         Returns:
             (B, Tq, d_model).
         """
         b, tq, _ = q.shape
-        attn = self.attn_dropout(self.weights(q, k, mask))  # (B, h, Tq, N)
+        attn = self.attn_dropout(self.weights(q, k, mask, bias))  # (B, h, Tq, N)
         out = torch.matmul(attn, v)  # (B, h, Tq, d_k)
         out = out.transpose(1, 2).reshape(b, tq, self.d_model)  # (B, Tq, d_model)
         return self.w_o(out)

@@ -75,6 +75,10 @@ class GliedConfig:
     # and added to W_r r before the ReLU, so attention can single out a position ("the next object to the
     # right"), which keys linear in the box coordinates cannot; needs ``box_geometry``
     box_fourier: int = 0
+    # coverage (not in the slides): a pointer marks, at every step, the regions the words so far have named
+    # (sigmoid(q_t . k_r), summed over the steps: kappa_t(r)); every head of the region attentions adds
+    # w_h kappa_t(r) to its scores, so the decoder can tell named objects from the ones still to name
+    coverage: bool = False
 
     def __post_init__(self) -> None:
         """ConfigError (one line for the CLI) on sizes the model cannot be built with."""
@@ -87,6 +91,8 @@ class GliedConfig:
         if self.box_fourier and not self.box_geometry:
             raise ConfigError("model config: box_fourier encodes the box geometry columns; it needs box_geometry "
                               "(--box-geometry)")
+        if self.coverage and self.layers != 1:
+            raise ConfigError(f"model config: coverage works with one decoder pass, not layers={self.layers}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model config: {self.n_heads} heads do not divide d_model {self.d_model} "
                               f"(choose --heads among the divisors of --d-model, e.g. 8 for 512)")
@@ -154,6 +160,7 @@ class Memory:
     attr_keys: Optional[torch.Tensor] = None
     group: int = 1  # decoding rows per image (beams, samples) sharing these tensors: see :meth:`shared`
     words: Optional[torch.Tensor] = None  # (B, 1, D) added to every input word (GliedConfig.region_sum)
+    pointer_keys: Optional[torch.Tensor] = None  # (B, R, d_k) coverage pointer keys, pre-scaled (coverage)
 
     @property
     def batch_size(self) -> int:
@@ -188,7 +195,8 @@ class Memory:
         def rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.index_select(0, index)
         return Memory(kv, self.region_mask.index_select(0, index), self.attr_mask.index_select(0, index),
-                      rows(self.region_keys), rows(self.attr_keys), words=rows(self.words))
+                      rows(self.region_keys), rows(self.attr_keys), words=rows(self.words),
+                      pointer_keys=rows(self.pointer_keys))
 
     def repeat(self, n: int) -> "Memory":
         """Each image repeated n times in a row: (B, ...) -> (B*n, ...)."""
@@ -204,10 +212,11 @@ class KVCache:
     One preallocated buffer ``kv`` (2 L, N, h, capacity, d_k) (pass l's keys at [2l], values at [2l + 1]); each
     step writes its keys/values in place at position ``length``, so nothing grows by concatenation. Keys and
     values so far are views whose (N, h) dimensions merge into one, so attention reads them without copying.
+    ``coverage`` (N, R) is the summed pointer weights of the steps so far (``GliedConfig.coverage``), or None.
     """
 
-    def __init__(self, kv: torch.Tensor, length: int = 0) -> None:
-        self.kv, self.length = kv, length
+    def __init__(self, kv: torch.Tensor, length: int = 0, coverage: Optional[torch.Tensor] = None) -> None:
+        self.kv, self.length, self.coverage = kv, length, coverage
 
     @classmethod
     def empty(cls, n: int, n_heads: int, d_k: int, capacity: int, like: torch.Tensor,
@@ -235,7 +244,8 @@ class KVCache:
 
     def index_select(self, index: torch.Tensor) -> "KVCache":
         """The state of rows ``index`` (beam search reordering)."""
-        return KVCache(self.kv.index_select(1, index), self.length)
+        cov = None if self.coverage is None else self.coverage.index_select(0, index)
+        return KVCache(self.kv.index_select(1, index), self.length, cov)
 
 
 #: decoding state passed between steps
@@ -314,6 +324,10 @@ class GliedDecoder(nn.Module):
         self.word = nn.Linear(d, c.vocab_size)  # W^c
         # W_b (built last, so the other layers' initial weights do not depend on it)
         self.box_proj = nn.Linear(8 * c.box_fourier, d) if c.box_fourier else None
+        if c.coverage:  # the pointer's query/key projections and each region attention's per-head weights w_h
+            self.ptr_q, self.ptr_k = nn.Linear(d, d // h), nn.Linear(d, d // h)
+            self.cov_v = nn.Parameter(torch.zeros(h))
+            self.cov_vl = nn.Parameter(torch.zeros(h)) if c.local_distilling else None
         self._low: Optional[LowPrecisionLinear] = None  # see set_decoding_precision
 
     def set_decoding_precision(self, dtype: Optional[torch.dtype]) -> "GliedDecoder":
@@ -389,11 +403,15 @@ class GliedDecoder(nn.Module):
         parts = split_heads(self._attr_kv(heads, attr_ids, attr_probs), 2 * len(heads), h)  # (B, h, K, dk)
         for i, n in enumerate(names):
             kv[n] = (parts[2 * i], _zero_rows(parts[2 * i + 1], has_attr, attr_keys))
+        pointer_keys = None
+        if c.coverage:
+            dp = self.ptr_k.out_features
+            pointer_keys = F.linear(I, self.ptr_k.weight * dp ** -0.5, self.ptr_k.bias * dp ** -0.5)  # (B, R, dp)
         words = None
         if self.sum_proj is not None:
             total = (I * region_mask[..., None].to(I.dtype)).sum(1, keepdim=True)  # (B, 1, D)
             words = self._lin(total, self.sum_proj.weight, self.sum_proj.bias)  # (B, 1, D)
-        return Memory(kv, region_mask, attr_mask, region_keys, attr_keys, words=words)
+        return Memory(kv, region_mask, attr_mask, region_keys, attr_keys, words=words, pointer_keys=pointer_keys)
 
     def _attr_kv(self, heads: list[MultiHeadAttention], attr_ids: torch.Tensor,
                  attr_probs: torch.Tensor) -> torch.Tensor:
@@ -449,14 +467,31 @@ class GliedDecoder(nn.Module):
         c, s = self.config, p.suffix
         rmask, amask = mem.region_mask[:, None, :], mem.attr_mask[:, None, :]
         x_tilde = p.g_x(p.h_x(y, y, causal), y)
+        kappa = self._coverage(x_tilde, mem).cumsum(1) if c.coverage else None  # (N, T, R)
+        bias_v, bias_vl = self._coverage_bias(kappa)
         if c.local_distilling:
-            c_g = p.g_v(p.h_v.attend(x_tilde, *mem.kv["v" + s], rmask), x_tilde)
-            local = (p.h_vl.attend(c_g, *mem.kv["vl" + s], rmask)
+            c_g = p.g_v(p.h_v.attend(x_tilde, *mem.kv["v" + s], rmask, bias_v), x_tilde)
+            local = (p.h_vl.attend(c_g, *mem.kv["vl" + s], rmask, bias_vl)
                      + p.h_al.attend(c_g, *mem.kv["al" + s], amask))
             return p.g_c(local, c_g)
-        both = (p.h_v.attend(x_tilde, *mem.kv["v" + s], rmask)
+        both = (p.h_v.attend(x_tilde, *mem.kv["v" + s], rmask, bias_v)
                 + p.h_a.attend(x_tilde, *mem.kv["a" + s], amask))
         return p.g_c(both, x_tilde)
+
+    def _coverage(self, x_tilde: torch.Tensor, mem: Memory) -> torch.Tensor:
+        """The pointer's weights beta_t(r) = sigmoid(q_t . k_r) of the regions the words up to each step name:
+        x̃ (N, T, D) -> (N, T, R), 0 on padding regions (mem with one row per decoding row)."""
+        q = self.ptr_q(x_tilde)  # (N, T, dp)
+        beta = torch.sigmoid(torch.matmul(q, mem.pointer_keys.transpose(1, 2)))  # (N, T, R)
+        return beta * mem.region_mask[:, None, :].to(beta.dtype)
+
+    def _coverage_bias(self, kappa: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Coverage kappa (N, T, R) -> the score biases w_h kappa (N, h, T, R) of H_v and of H_vl (None: none)."""
+        if kappa is None:
+            return None, None
+        k = kappa[:, None]  # (N, 1, T, R)
+        vl = None if self.cov_vl is None else k * self.cov_vl[:, None, None]
+        return k * self.cov_v[:, None, None], vl
 
     def _pivot(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
         """Global attribute distilling t̃ = G(H_ad(x, A, A), x), or x itself when switched off."""
@@ -512,22 +547,52 @@ class GliedDecoder(nn.Module):
             keys, values = state.append(qkv[:, 1:], i)  # (N, h, t+1, dk) each
             ctx = p.h_x.attend_one(qkv[:, 0, :, None], keys, values)  # (N, 1, D)
             x_tilde = p.g_x(self._lin(ctx, p.h_x.w_o.weight, p.h_x.w_o.bias), y)  # (N, 1, D)
-            y = self._step_cross(p, x_tilde, mem)  # c̃ (N, 1, D)
+            if c.coverage:  # kappa_t = kappa_{t-1} + beta_t
+                beta = self._step_coverage(x_tilde, mem)  # (N, R)
+                state.coverage = beta if state.coverage is None else state.coverage + beta
+            y = self._step_cross(p, x_tilde, mem, state.coverage)  # c̃ (N, 1, D)
         return self._lin(y[:, 0], self.word.weight, self.word.bias), state  # (N, V)
 
-    def _step_cross(self, p: nn.Module, x_tilde: torch.Tensor, mem: Memory) -> torch.Tensor:
-        """The cross-modal part of one pass at one decoding step: x̃ (N, 1, D) -> c̃ (N, 1, D)."""
+    def _step_coverage(self, x_tilde: torch.Tensor, mem: Memory) -> torch.Tensor:
+        """One step's pointer weights beta_t (N, R) from x̃ (N, 1, D) (:meth:`_coverage`), for a shared memory
+        too (``mem.group`` rows per image)."""
+        keys = mem.pointer_keys  # (B, R, dp)
+        q = F.linear(x_tilde[:, 0], self.ptr_q.weight, self.ptr_q.bias)  # (N, dp)
+        b, r, dp = keys.shape
+        beta = torch.sigmoid(torch.matmul(q.view(b, -1, dp), keys.transpose(1, 2)))  # (B, g, R)
+        return (beta * mem.region_mask[:, None, :].to(beta.dtype)).view(-1, r)  # (N, R)
+
+    @staticmethod
+    def _covered(keys: Optional[torch.Tensor], kappa: Optional[torch.Tensor], w: Optional[torch.Tensor],
+                 group: int) -> Optional[torch.Tensor]:
+        """The mask or bias of one step's region attention: the key mask ``keys`` (B, 1, 1, R) or None, plus
+        w_h kappa(r) when coverage (N, R) is given: (B, h, g, R) float, -inf on padding."""
+        if kappa is None or w is None:
+            return keys
+        n, r = kappa.shape
+        bias = kappa.view(n // group, 1, group, r) * w[:, None, None]  # (B, h, g, R)
+        return bias if keys is None else bias.masked_fill(~keys, float("-inf"))
+
+    def _step_cross(self, p: nn.Module, x_tilde: torch.Tensor, mem: Memory,
+                    kappa: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The cross-modal part of one pass at one decoding step: x̃ (N, 1, D) -> c̃ (N, 1, D); ``kappa`` (N, R)
+        the coverage so far (``GliedConfig.coverage``) or None."""
         c, s = self.config, p.suffix
         n, h = x_tilde.shape[0], c.n_heads
         dk = c.d_model // h
         scale = dk ** -0.5
+        g = mem.group
+        cov_v, cov_vl = (self.cov_v, self.cov_vl) if kappa is not None else (None, None)
         if c.local_distilling:
             q = self._lin(x_tilde, *fused_linear(p.h_v.w_q, scales=(scale,))).view(n, h, 1, dk)
-            ctx = self._attend_memory(p.h_v, q, mem, "v" + s, mem.region_keys)  # (N, 1, D)
+            ctx = self._attend_memory(p.h_v, q, mem, "v" + s,
+                                      self._covered(mem.region_keys, kappa, cov_v, g))  # (N, 1, D)
             c_g = p.g_v(self._lin(ctx, p.h_v.w_o.weight, p.h_v.w_o.bias), x_tilde)
-            query, pair = c_g, (("vl" + s, p.h_vl, mem.region_keys), ("al" + s, p.h_al, mem.attr_keys))
+            query, pair = c_g, (("vl" + s, p.h_vl, self._covered(mem.region_keys, kappa, cov_vl, g)),
+                                ("al" + s, p.h_al, mem.attr_keys))
         else:
-            query, pair = x_tilde, (("v" + s, p.h_v, mem.region_keys), ("a" + s, p.h_a, mem.attr_keys))
+            query, pair = x_tilde, (("v" + s, p.h_v, self._covered(mem.region_keys, kappa, cov_v, g)),
+                                    ("a" + s, p.h_a, mem.attr_keys))
         # H_1(query, ...) + H_2(query, ...) as one query GEMM and one output GEMM over both heads' outputs
         (n1, m1, keys1), (n2, m2, keys2) = pair
         q = self._lin(query, *fused_linear(m1.w_q, m2.w_q, scales=(scale, scale))).view(n, 2, h, 1, dk)
@@ -573,11 +638,12 @@ class GliedDecoder(nn.Module):
             y = self._pass(q, y, causal, mem)
         x_tilde, s = p.g_x(p.h_x(y, y, causal), y), p.suffix
         rmask = mem.region_mask[:, None, :]  # (N, 1, R)
+        bias_v, bias_vl = self._coverage_bias(self._coverage(x_tilde, mem).cumsum(1) if c.coverage else None)
         if c.local_distilling:
-            c_g = p.g_v(p.h_v.attend(x_tilde, *mem.kv["v" + s], rmask), x_tilde)
-            w = p.h_vl.weights(c_g, mem.kv["vl" + s][0], rmask)  # (N, h, T, R)
+            c_g = p.g_v(p.h_v.attend(x_tilde, *mem.kv["v" + s], rmask, bias_v), x_tilde)
+            w = p.h_vl.weights(c_g, mem.kv["vl" + s][0], rmask, bias_vl)  # (N, h, T, R)
         else:
-            w = p.h_v.weights(x_tilde, mem.kv["v" + s][0], rmask)  # (N, h, T, R)
+            w = p.h_v.weights(x_tilde, mem.kv["v" + s][0], rmask, bias_v)  # (N, h, T, R)
         return w.mean(1)  # (N, T, R)
 
     # ----------------------------------------------------------------------------------------- training

@@ -80,6 +80,8 @@ class DemoConfig:
     # box centres and sizes also as sin/cos at this many frequencies (GliedConfig.box_fourier), so attention can
     # pick the region at a given position, e.g. the next one to the right of the object just named
     box_fourier: int = 0
+    # the decoder marks the regions its caption has named so far (GliedConfig.coverage)
+    coverage: bool = False
     decoder_layers: int = 1  # decoder passes (GliedConfig.layers)
     decoder_seeds: tuple[int, ...] = (0,)
     batch_size: int = 50
@@ -205,7 +207,7 @@ def decoder_recipe(model: str, stage: str, seed: int, cfg: DemoConfig):
                               seed=seed, d_model=cfg.decoder_width,
                               d_embed=cfg.decoder_width // 2, lr=1e-3, warmup_steps=100,
                               captions_per_image=cfg.captions_per_image, scst_samples=2,
-                              box_geometry=cfg.box_geometry, box_fourier=cfg.box_fourier,
+                              box_geometry=cfg.box_geometry, box_fourier=cfg.box_fourier, coverage=cfg.coverage,
                               region_sum=cfg.region_sum, layers=cfg.decoder_layers)
 
 
@@ -309,7 +311,8 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Callable[[str
                            after=("prep", "features"))
     recipe = {"batch": cfg.batch_size, "captions_per_image": cfg.captions_per_image,
               "box_geometry": cfg.box_geometry, "width": cfg.decoder_width, "region_sum": cfg.region_sum,
-              "layers": cfg.decoder_layers, "box_fourier": cfg.box_fourier}
+              "layers": cfg.decoder_layers, "box_fourier": cfg.box_fourier,
+              "coverage": cfg.coverage}
     runs: dict[str, list[Path]] = {}
     for model in ("base", "glied"):
         for seed in cfg.decoder_seeds:

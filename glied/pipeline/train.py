@@ -71,6 +71,7 @@ class DecoderTrainConfig:
     label_smoothing: float = 0.0
     max_attrs: Optional[int] = None
     box_geometry: bool = False  # give the decoder each region's box position and size (new models only)
+    coverage: bool = False  # mark the regions named so far in the region attentions (GliedConfig.coverage)
     box_fourier: int = 0  # frequencies of the sin/cos box encoding (GliedConfig.box_fourier; needs box_geometry)
     val_beam: int = 1
     seed: int = 0
@@ -95,6 +96,8 @@ class DecoderTrainConfig:
         if self.d_model % self.n_heads:
             raise ConfigError(f"{self.n_heads} attention heads do not divide d_model {self.d_model}; choose "
                               f"--heads among the divisors of --d-model (e.g. 8 for 512)")
+        if self.coverage and self.layers != 1:
+            raise ConfigError(f"--coverage works with one decoder pass, not --layers {self.layers}")
         if self.box_fourier and not self.box_geometry:
             raise ConfigError("--box-fourier encodes the box geometry: give --box-geometry as well")
 
@@ -263,7 +266,7 @@ def train(data: str | os.PathLike, features: str | os.PathLike | FeatureSource, 
                                   layers=cfg.layers, region_sum=cfg.region_sum,
                                   dropout=cfg.dropout, label_smoothing=cfg.label_smoothing,
                                   max_positions=max(64, max_len + 2), box_geometry=geometry,
-                                  box_fourier=cfg.box_fourier)
+                                  box_fourier=cfg.box_fourier, coverage=cfg.coverage)
     torch.manual_seed(cfg.seed)  # initial weights are a function of the seed
     model = GliedDecoder(mcfg).to(device)
     progress = {"xe_done": 0, "scst_done": 0, "step": 0}

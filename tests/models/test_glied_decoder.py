@@ -388,3 +388,65 @@ def test_box_fourier_encodes_box_positions():
     s2, l2 = greedy_uncached(m, mem, 10)
     assert torch.equal(s1, s2)
     torch.testing.assert_close(l1, l2, rtol=0, atol=1e-5)
+
+
+def covered(name: str, **kw) -> GliedDecoder:
+    """A tiny model with coverage whose per-head coverage weights are not zero (they start at zero)."""
+    m = tiny(name, coverage=True, **kw)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for w in (m.cov_v, m.cov_vl):
+            if w is not None:
+                w.copy_(2 * torch.randn(w.shape, generator=g))
+    return m
+
+
+@pytest.mark.parametrize("name", ["glied", "base"])
+@pytest.mark.parametrize("b", [3, 40])  # 40 images x 4 heads: one-query attention takes its matmul path
+def test_coverage_decoding_is_exact(name, b):
+    m = covered(name, region_sum=True)
+    mem = m.encode(*inputs(b=b))
+    s1, l1 = greedy(m, mem, 10)
+    s2, l2 = greedy_uncached(m, mem, 10)
+    assert torch.equal(s1, s2)
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-5)
+    for k in (2, 3):  # beams share their image's memory, and carry their own coverage through reordering
+        seqs, scores = beam_search(m, mem, k, 8)
+        ref, ref_scores = _reference_beam(m, mem, k, 8)
+        n = min(seqs.shape[1], ref.shape[1])
+        assert torch.equal(seqs[:, :n], ref[:, :n])
+        torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+
+
+def test_coverage_marks_regions_step_by_step():
+    m = covered("glied")
+    reg, rm, ai, ap, am = inputs()
+    mem = m.encode(reg, rm, ai, ap, am)
+    _, state = m.step(mem, torch.full((3,), BOS), None)
+    first = state.coverage.clone()  # (N, R)
+    _, state = m.step(mem, torch.full((3,), 5), state)
+    assert first.shape == (3, 6) and (state.coverage >= first).all() and (state.coverage > first).any()
+    assert (state.coverage[0, 4:] == 0).all()  # padding regions are never marked
+    # padding stays invisible to the teacher-forced loss
+    caps = torch.randint(4, V, (3, 2, 7))
+    reg2 = torch.cat([reg, 100 * torch.randn(3, 2, D_FEAT)], 1)
+    rm2 = torch.cat([rm, torch.zeros(3, 2, dtype=torch.bool)], 1)
+    torch.testing.assert_close(m(reg2, rm2, ai, ap, am, caps)[0], m(reg, rm, ai, ap, am, caps)[0], rtol=0, atol=1e-5)
+    assert m.region_attention(mem, greedy(m, mem, 6)[0]).shape[2] == 6
+    with pytest.raises(ConfigError, match="coverage works with one decoder pass"):
+        GliedConfig.preset("glied", vocab_size=V, coverage=True, layers=2)
+
+
+def test_coverage_trains_from_zero_weights_and_round_trips(tmp_path):
+    m = tiny("glied", coverage=True).train()
+    reg, rm, ai, ap, am = inputs()
+    caps = torch.randint(4, V, (3, 2, 7))
+    m(reg, rm, ai, ap, am, caps)[1].backward()
+    # the coverage weights start at zero (the model starts as without coverage) and get gradients at once
+    assert (m.cov_v.detach() == 0).all() and m.cov_v.grad.abs().sum() > 0 and m.cov_vl.grad.abs().sum() > 0
+    m.eval()
+    save_checkpoint({"format": FORMAT, "version": VERSION, "config": m.config.to_dict(), "vocab": ["a"] * V,
+                     "feature_identity": {"extractor": None, "attributes": None}, "model": m.state_dict()},
+                    tmp_path / "x.pt")
+    m2 = build_model(load_checkpoint(tmp_path / "x.pt"))
+    assert m2.config.coverage and torch.equal(m.generate(reg, rm, ai, ap, am, 2, 6), m2.generate(reg, rm, ai, ap, am, 2, 6))

@@ -169,7 +169,7 @@ def test_cli_train_and_evaluate_on_a_real_cache(world, tmp_path, capsys):
     assert "feature cache identity differs" in capsys.readouterr().err
 
 
-def test_cli_trains_a_decoder_with_two_passes_the_region_sum_and_box_encoding(world, tmp_path, capsys):
+def test_cli_trains_decoders_with_passes_region_sum_box_encoding_and_coverage(world, tmp_path, capsys):
     from glied.cli import main
     from glied.models.checkpoint import build_model, load_checkpoint
 
@@ -194,3 +194,12 @@ def test_cli_trains_a_decoder_with_two_passes_the_region_sum_and_box_encoding(wo
               "--box-fourier", "3"])
     assert "--box-fourier encodes the box geometry: give --box-geometry as well" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(prep), "--features", str(cache), "--out", str(tmp_path / "bad"),
+              "--coverage", "--layers", "2"])
+    assert "--coverage works with one decoder pass, not --layers 2" in capsys.readouterr().err
+    cov = tmp_path / "cov"
+    main(["train", "--data", str(prep), "--features", str(cache), "--out", str(cov), "--stage", "xe",
+          "--epochs", "1", "--batch-size", "8", "--d-model", "32", "--d-embed", "16", "--heads", "4", "--coverage"])
+    ckpt = load_checkpoint(cov)
+    assert ckpt["config"]["coverage"] is True and "ptr_q.weight" in ckpt["model"] and "cov_vl" in ckpt["model"]
