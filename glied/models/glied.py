@@ -18,6 +18,10 @@ G(y; z) = LayerNorm(z + Dropout(y)) with no FFN.
     y ~ softmax(W^c c̃ of pass L).
     ``region_sum`` (not in the slides): x = W_e E[w] + PE(t) + W_s sum_r I_r, the regions' sum telling every step
     how many regions there are (attention's weighted means cannot count).
+    ``box_fourier`` = F > 0 (not in the slides): I = ReLU(W_r r + W_b [sin, cos](pi 2^k b)), b the box centre and
+    size, k < F, so attention can single out a position.
+    ``coverage`` (not in the slides): beta_t(r) = sigmoid(W_q x̃_t . W_k I_r) marks the regions the words up to t
+    name; kappa_t = sum_{s<=t} beta_s; head h of H_v (and H_vl) adds w_h kappa_t(r) to its scores.
 
 Each of the three distilling parts has its own switch in :class:`GliedConfig`, so base, single additions and
 full GLIED are the same code. Choices the paper leaves open (docs/architecture.md), made here:
