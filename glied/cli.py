@@ -528,8 +528,8 @@ def train_cmd(data: str, features: str, out: str, stage: str, model: str, model_
               scst_epochs: int,
               batch_size: int, lr: float, scst_lr: float, warmup_steps: int, scst_baseline: str,
               scst_samples: int, captions_per_image: int | None, d_model: int, d_embed: int, heads: int,
-              layers: int, region_sum: bool, coverage: bool, box_geometry: bool, box_fourier: int, init: str | None, resume: bool,
-              seed: int, device: str) -> None:
+              layers: int, region_sum: bool, coverage: bool, box_geometry: bool, box_fourier: int, init: str | None,
+              resume: bool, seed: int, device: str) -> None:
     """Train the GLIED decoder on cached features: cross-entropy, then SCST with a CIDEr-D reward.
 
     Runs under `torchrun --nproc_per_node N glied train ...` with DistributedDataParallel.

@@ -138,8 +138,8 @@ class GliedConfig:
 
 
 def box_fourier_features(geometry: torch.Tensor, n: int) -> torch.Tensor:
-    """(..., 5) box-geometry columns (:func:`glied.datasets.captions.region_matrix`) -> (..., 8n): sin and cos of the box centre x, y and width, height (each
-    in [0, 1]) at the frequencies pi * 2^k, k = 0..n-1."""
+    """(..., 5) box-geometry columns (:func:`glied.datasets.captions.region_matrix`) -> (..., 8n): sin and cos
+    of the box centre x, y and width, height (each in [0, 1]) at the frequencies pi * 2^k, k = 0..n-1."""
     x1, y1, x2, y2 = geometry[..., :4].unbind(-1)
     v = torch.stack([(x1 + x2) * 0.5, (y1 + y2) * 0.5, x2 - x1, y2 - y1], -1)  # (..., 4)
     freqs = math.pi * 2.0 ** torch.arange(n, dtype=v.dtype, device=v.device)  # (n,)

@@ -449,4 +449,5 @@ def test_coverage_trains_from_zero_weights_and_round_trips(tmp_path):
                      "feature_identity": {"extractor": None, "attributes": None}, "model": m.state_dict()},
                     tmp_path / "x.pt")
     m2 = build_model(load_checkpoint(tmp_path / "x.pt"))
-    assert m2.config.coverage and torch.equal(m.generate(reg, rm, ai, ap, am, 2, 6), m2.generate(reg, rm, ai, ap, am, 2, 6))
+    assert m2.config.coverage
+    assert torch.equal(m.generate(reg, rm, ai, ap, am, 2, 6), m2.generate(reg, rm, ai, ap, am, 2, 6))
