@@ -471,8 +471,7 @@ class GliedDecoder(nn.Module):
         c, s = self.config, p.suffix
         rmask, amask = mem.region_mask[:, None, :], mem.attr_mask[:, None, :]
         x_tilde = p.g_x(p.h_x(y, y, causal), y)
-        kappa = self._coverage(x_tilde, mem).cumsum(1) if c.coverage else None  # (N, T, R)
-        bias_v, bias_vl = self._coverage_bias(kappa)
+        bias_v, bias_vl = self._coverage_bias(x_tilde, mem)
         if c.local_distilling:
             c_g = p.g_v(p.h_v.attend(x_tilde, *mem.kv["v" + s], rmask, bias_v), x_tilde)
             local = (p.h_vl.attend(c_g, *mem.kv["vl" + s], rmask, bias_vl)
@@ -482,20 +481,20 @@ class GliedDecoder(nn.Module):
                 + p.h_a.attend(x_tilde, *mem.kv["a" + s], amask))
         return p.g_c(both, x_tilde)
 
-    def _coverage(self, x_tilde: torch.Tensor, mem: Memory) -> torch.Tensor:
-        """The pointer's weights beta_t(r) = sigmoid(q_t . k_r) of the regions the words up to each step name:
-        x̃ (N, T, D) -> (N, T, R), 0 on padding regions (mem with one row per decoding row)."""
+    def _coverage_bias(self, x_tilde: torch.Tensor, mem: Memory
+                       ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Teacher-forced coverage: the score biases w_h kappa_t(r) (N, h, T, R) of H_v and of H_vl from x̃
+        (N, T, D) (mem with one row per decoding row), or None where there is no coverage.
+
+        beta_t(r) = sigmoid(q_t . k_r) marks the regions the words up to step t name (0 on padding regions);
+        kappa_t = sum_{s<=t} beta_s, a cumulative sum over the steps, since x̃ depends on the words alone."""
+        if not self.config.coverage:
+            return None, None
         q = self.ptr_q(x_tilde)  # (N, T, dp)
         beta = torch.sigmoid(torch.matmul(q, mem.pointer_keys.transpose(1, 2)))  # (N, T, R)
-        return beta * mem.region_mask[:, None, :].to(beta.dtype)
-
-    def _coverage_bias(self, kappa: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Coverage kappa (N, T, R) -> the score biases w_h kappa (N, h, T, R) of H_v and of H_vl (None: none)."""
-        if kappa is None:
-            return None, None
-        k = kappa[:, None]  # (N, 1, T, R)
-        vl = None if self.cov_vl is None else k * self.cov_vl[:, None, None]
-        return k * self.cov_v[:, None, None], vl
+        kappa = (beta * mem.region_mask[:, None, :].to(beta.dtype)).cumsum(1)[:, None]  # (N, 1, T, R)
+        vl = None if self.cov_vl is None else kappa * self.cov_vl[:, None, None]
+        return kappa * self.cov_v[:, None, None], vl
 
     def _pivot(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
         """Global attribute distilling t̃ = G(H_ad(x, A, A), x), or x itself when switched off."""
@@ -558,7 +557,7 @@ class GliedDecoder(nn.Module):
         return self._lin(y[:, 0], self.word.weight, self.word.bias), state  # (N, V)
 
     def _step_coverage(self, x_tilde: torch.Tensor, mem: Memory) -> torch.Tensor:
-        """One step's pointer weights beta_t (N, R) from x̃ (N, 1, D) (:meth:`_coverage`), for a shared memory
+        """One step's pointer weights beta_t (N, R) from x̃ (N, 1, D) (:meth:`_coverage_bias`), for a shared memory
         too (``mem.group`` rows per image)."""
         keys = mem.pointer_keys  # (B, R, dp)
         q = F.linear(x_tilde[:, 0], self.ptr_q.weight, self.ptr_q.bias)  # (N, dp)
@@ -642,7 +641,7 @@ class GliedDecoder(nn.Module):
             y = self._pass(q, y, causal, mem)
         x_tilde, s = p.g_x(p.h_x(y, y, causal), y), p.suffix
         rmask = mem.region_mask[:, None, :]  # (N, 1, R)
-        bias_v, bias_vl = self._coverage_bias(self._coverage(x_tilde, mem).cumsum(1) if c.coverage else None)
+        bias_v, bias_vl = self._coverage_bias(x_tilde, mem)
         if c.local_distilling:
             c_g = p.g_v(p.h_v.attend(x_tilde, *mem.kv["v" + s], rmask, bias_v), x_tilde)
             w = p.h_vl.weights(c_g, mem.kv["vl" + s][0], rmask, bias_vl)  # (N, h, T, R)
