@@ -5,9 +5,13 @@ objects found (a region with IoU >= 0.5), objects found twice or more (duplicate
 object (IoU < 0.3 with all), the class of the best region of each object (and the photos where every
 object's best region has its class), and the number of regions.
 
-    python benchmarks/region_coverage.py WORLD CACHE [--split test] [--detector RUN]
+    python benchmarks/region_coverage.py WORLD CACHE [--split test|all] [--detector RUN] [--captions CAPTIONS.json]
 
 The class names come from the cache manifest or, where it has none, from the detector run (--detector).
+--captions (e.g. the demo's captions/unseen_captions.json, with WORLD its unseen_world and CACHE that world
+extracted by the same detector): the share of photos named exactly (benchmarks/score_naming.py's scorer),
+separately for the photos where every object's best region has its class and for the others, which tells the
+decoder's errors from those of the regions it was given.
 """
 from __future__ import annotations
 
@@ -36,8 +40,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("world")
     ap.add_argument("cache")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", default="test", help="train, val, test, or all")
     ap.add_argument("--detector", help="the detector run or checkpoint that made the cache (for its class names)")
+    ap.add_argument("--captions", help="captions of the photos (JSON [{file_name, caption}]): naming split by "
+                                       "whether the regions are right")
     a = ap.parse_args()
     inst = json.loads((Path(a.world) / "instances.json").read_text())
     cats = {c["id"]: c["name"] for c in inst["categories"]}
@@ -54,8 +60,9 @@ def main() -> None:
     stats = Counter()
     n_regions = []
     per_n = {}
+    regions_right: dict[int, bool] = {}
     for im in inst["images"]:
-        if im.get("split", a.split) != a.split:
+        if a.split != "all" and im.get("split", a.split) != a.split:
             continue
         reg = cache.regions(str(im["id"]))
         boxes = np.asarray(reg.boxes, np.float32)
@@ -74,6 +81,7 @@ def main() -> None:
             stats["class_right"] += int(right)
             all_right &= right
         stats["images_all_right"] += all_right
+        regions_right[im["id"]] = all_right
         all_found = bool((hits >= 1).all())
         row = per_n.setdefault(len(g), [0, 0])
         row[0] += all_found
@@ -91,6 +99,29 @@ def main() -> None:
         print(f"  best region's class right: {stats['class_right'] / max(stats['found'], 1):.3f}; photos where every "
               f"object is found and its best region has its class: {stats['images_all_right'] / stats['images']:.3f} "
               f"(what the regions' own labels support for naming every shape)")
+    if a.captions:
+        named_split(inst, a.captions, regions_right)
+
+
+def named_split(inst: dict, captions: str, regions_right: dict[int, bool]) -> None:
+    """Photos named exactly, among those whose regions are right (every object's best region has its class)
+    and among the others."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from score_naming import parse, truth_and_patterns
+
+    truth, pats = truth_and_patterns(inst)
+    caps = {r["file_name"]: r["caption"] for r in json.loads(Path(captions).read_text())}
+    counts = {True: [0, 0], False: [0, 0]}  # regions right -> [named, photos]
+    for im in inst["images"]:
+        if im["id"] not in regions_right or im["file_name"] not in caps:
+            continue
+        row = counts[regions_right[im["id"]]]
+        row[0] += parse(caps[im["file_name"]], pats) == truth[im["id"]]
+        row[1] += 1
+    (a, b), (c, d) = counts[True], counts[False]
+    print(f"  named exactly ({captions}): {a + c} of {b + d} photos; {a} of the {b} whose regions are right, "
+          f"{c} of the {d} others")
 
 
 if __name__ == "__main__":

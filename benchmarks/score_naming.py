@@ -44,13 +44,8 @@ def parse(caption: str, patterns) -> Counter:
     return got
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("world")
-    ap.add_argument("captions")
-    ap.add_argument("--compare", default=None)
-    a = ap.parse_args(argv)
-    inst = json.loads((Path(a.world) / "instances.json").read_text())
+def truth_and_patterns(inst: dict) -> tuple[dict[int, Counter], tuple]:
+    """Each photo's objects as a Counter of (shape, colour), and the caption patterns of the world's words."""
     shapes = [c["name"] for c in inst["categories"]]
     colours = [x["name"] for x in inst["attributes"] if x.get("type") == "colour"]
     cats = {c["id"]: c["name"] for c in inst["categories"]}
@@ -58,8 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     for ann in inst["annotations"]:
         colour = next(x for x in ann["attributes"] if x in colours)
         truth[ann["image_id"]][(cats[ann["category_id"]], colour)] += 1
+    return truth, build_patterns(shapes, colours)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("world")
+    ap.add_argument("captions")
+    ap.add_argument("--compare", default=None)
+    a = ap.parse_args(argv)
+    inst = json.loads((Path(a.world) / "instances.json").read_text())
+    truth, pats = truth_and_patterns(inst)
     caps = {r["file_name"]: r["caption"] for r in json.loads(Path(a.captions).read_text())}
-    pats = build_patterns(shapes, colours)
     ok, by_n = 0, {}
     for im in inst["images"]:
         if im["file_name"] not in caps:
