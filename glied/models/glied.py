@@ -409,8 +409,8 @@ class GliedDecoder(nn.Module):
             kv[n] = (parts[2 * i], _zero_rows(parts[2 * i + 1], has_attr, attr_keys))
         pointer_keys = None
         if c.coverage:
-            dp = self.ptr_k.out_features
-            pointer_keys = F.linear(I, self.ptr_k.weight * dp ** -0.5, self.ptr_k.bias * dp ** -0.5)  # (B, R, dp)
+            scale = self.ptr_k.out_features ** -0.5
+            pointer_keys = F.linear(I, *fused_linear(self.ptr_k, scales=(scale,)))  # (B, R, dp)
         words = None
         if self.sum_proj is not None:
             total = (I * region_mask[..., None].to(I.dtype)).sum(1, keepdim=True)  # (B, 1, D)
