@@ -27,6 +27,8 @@ COLOURS = {
 SIZES = ("small", "large")
 # object radius as a fraction of the image side, per size word
 SIZE_RADIUS = {"small": (0.08, 0.11), "large": (0.16, 0.21)}
+# the most of an object's box that the boxes drawn over it may cover (see sample_scene)
+MAX_COVER = 0.35
 
 
 @dataclass(frozen=True)
@@ -97,14 +99,27 @@ def _iou(a: tuple, b: tuple) -> float:
     return inter / area if area > 0 else 0.0
 
 
+def _intersection(a: tuple, b: tuple) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _area(a: tuple) -> float:
+    return (a[2] - a[0]) * (a[3] - a[1])
+
+
 def sample_scene(rng: np.random.Generator, size: int, max_objects: int = 4,
-                 max_overlap: float = 0.15) -> list[SceneObject]:
+                 max_overlap: float = 0.15, max_cover: float = MAX_COVER) -> list[SceneObject]:
     """Sample 1..max_objects objects fully inside the image whose boxes overlap at most ``max_overlap`` IoU.
 
-    Mild occlusion happens where boxes overlap; a placement that fails 60 times ends the scene early.
+    Objects are drawn in order, later ones on top, so only mild occlusion is allowed: the boxes of the objects
+    drawn over an object cover at most ``max_cover`` of its box (the sum of their intersections, an upper bound
+    of what they hide). IoU alone does not bound this: a small object under a large one has a small IoU however
+    much of it is hidden, and a caption would then name an object the photo does not show. A placement that
+    fails 60 times ends the scene early.
     """
     n = int(rng.integers(1, max_objects + 1))
     objects: list[SceneObject] = []
+    covered: list[float] = []  # per placed object: box area under the boxes drawn after it
     for _ in range(n):
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
@@ -124,8 +139,11 @@ def sample_scene(rng: np.random.Generator, size: int, max_objects: int = 4,
             cx = float(rng.uniform(margin, size - margin))
             cy = float(rng.uniform(margin, size - margin))
             box = _shape_box(shape, cx, cy, r, angle)
-            if all(_iou(box, o.box) <= max_overlap for o in objects):
+            under = [_intersection(o.box, box) for o in objects]
+            if all(_iou(box, o.box) <= max_overlap for o in objects) and all(
+                    c + u <= max_cover * _area(o.box) for o, c, u in zip(objects, covered, under)):
                 objects.append(SceneObject(shape, colour, size_word, cx, cy, r, angle, box))
+                covered = [c + u for c, u in zip(covered, under)] + [0.0]
                 break
     return objects
 

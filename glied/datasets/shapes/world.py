@@ -19,7 +19,7 @@ from glied.datasets.shapes.render import COLOURS, SHAPES, SIZES, render_scene, s
 from glied.errors import ConfigError
 from glied.fileio import write_atomic, write_json_atomic
 
-FORMAT_VERSION = 2  # 2: captions mention objects in reading order
+FORMAT_VERSION = 3  # 2: captions mention objects in reading order; 3: no object more than mildly hidden
 
 
 @dataclass(frozen=True)
