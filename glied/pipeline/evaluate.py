@@ -8,6 +8,7 @@ as a number.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from pathlib import Path
@@ -68,11 +69,50 @@ def spice_available() -> bool:
     return all((lib / f"stanford-corenlp-3.6.0{s}.jar").is_file() for s in ("", "-models"))
 
 
+_METEOR = None  # one METEOR process per Python process (see _meteor_score)
+
+
+def _meteor_score(gts: dict, res: dict) -> float:
+    """Corpus METEOR of PTB-tokenized ``res`` against ``gts``, from one METEOR process kept for the life of this
+    Python process: its start (a JVM loading its paraphrase tables) takes ~8 s, a later call on 583 captions
+    under 1 s, so `glied demo` and scripts that score several runs start it once. Every EVAL request is scored
+    on its own, so reuse does not change a score (tests). A process that died is replaced once."""
+    global _METEOR
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    for attempt in (0, 1):
+        if _METEOR is None:
+            _METEOR = Meteor()
+            atexit.register(_close_meteor, _METEOR)
+        try:
+            return float(_METEOR.compute_score(gts, res)[0])
+        except (BrokenPipeError, ValueError, OSError):
+            dead, _METEOR = _METEOR, None
+            _close_meteor(dead)
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _close_meteor(meteor) -> None:
+    """End a METEOR process (pycocoevalcap's wrapper has no close method in some versions)."""
+    proc = getattr(meteor, "meteor_p", None)
+    if proc is None or proc.poll() is not None:
+        return
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        try:
+            if stream is not None:
+                stream.close()
+        except OSError:
+            pass
+    proc.kill()
+    proc.wait()
+
+
 def coco_metrics(refs: dict[str, list[str]], preds: dict[str, str]) -> dict[str, Any]:
     """pycocoevalcap scores of raw-text predictions against raw-text references (PTB-tokenized first)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -83,13 +123,7 @@ def coco_metrics(refs: dict[str, list[str]], preds: dict[str, str]) -> dict[str,
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     for i, b in enumerate(bleu):
         scores[f"BLEU-{i + 1}"] = float(b)
-    meteor = Meteor()
-    try:
-        scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
-    finally:
-        close = getattr(meteor, "close", None)
-        if close is not None:
-            close()
+    scores["METEOR"] = _meteor_score(gts, res)
     scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     if spice_available():
