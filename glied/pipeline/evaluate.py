@@ -95,18 +95,27 @@ def _meteor_score(gts: dict, res: dict) -> float:
 
 
 def _close_meteor(meteor) -> None:
-    """End a METEOR process (pycocoevalcap's wrapper has no close method in some versions)."""
+    """End a METEOR process (pycocoevalcap's wrapper has no close method in some versions). A scoring that
+    raised leaves the wrapper's lock held, and its ``__del__`` takes that lock: release it, or the interpreter
+    hangs at exit."""
+    lock = getattr(meteor, "lock", None)
+    if lock is not None and lock.locked():
+        lock.release()
     proc = getattr(meteor, "meteor_p", None)
-    if proc is None or proc.poll() is not None:
+    if proc is None:
         return
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
+    for name in ("stdin", "stdout", "stderr"):
+        stream = getattr(proc, name)
+        if stream is None:
+            continue
         try:
-            if stream is not None:
-                stream.close()
-        except OSError:
-            pass
-    proc.kill()
-    proc.wait()
+            stream.close()
+        except OSError:  # input left unflushed for a process that died: the wrapper's __del__ closes it again
+            setattr(proc, name, open(os.devnull, "rb"))
+            getattr(proc, name).close()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def coco_metrics(refs: dict[str, list[str]], preds: dict[str, str]) -> dict[str, Any]:
