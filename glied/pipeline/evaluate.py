@@ -86,7 +86,7 @@ def _meteor_score(gts: dict, res: dict) -> float:
             atexit.register(_close_meteor, _METEOR)
         try:
             return float(_METEOR.compute_score(gts, res)[0])
-        except (BrokenPipeError, ValueError, OSError):
+        except (OSError, ValueError):  # the process died (a broken pipe, an empty reply)
             dead, _METEOR = _METEOR, None
             _close_meteor(dead)
             if attempt:

@@ -91,20 +91,18 @@ def _shape_box(shape: str, cx: float, cy: float, r: float, angle: float) -> tupl
     return (float(poly[:, 0].min()), float(poly[:, 1].min()), float(poly[:, 0].max()), float(poly[:, 1].max()))
 
 
-def _iou(a: tuple, b: tuple) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / area if area > 0 else 0.0
-
-
 def _intersection(a: tuple, b: tuple) -> float:
     return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def _area(a: tuple) -> float:
     return (a[2] - a[0]) * (a[3] - a[1])
+
+
+def _iou(a: tuple, b: tuple) -> float:
+    inter = _intersection(a, b)
+    area = _area(a) + _area(b) - inter
+    return inter / area if area > 0 else 0.0
 
 
 def sample_scene(rng: np.random.Generator, size: int, max_objects: int = 4,
